@@ -1,0 +1,99 @@
+"""One access line per request, and the single place where ProxydError becomes an HTTP answer."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from proxyd.errors import ProxydError, error_response
+from proxyd.forward import Outcome
+from proxyd.log import get_logger
+
+access_log = get_logger("proxyd.access")
+
+_RECORD_KEY = "proxyd.access"
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@dataclass(slots=True)
+class AccessRecord:
+    app: str | None = None
+    user: str | None = None
+    client: str | None = None
+    session: str | None = None  # "cached" | "new"
+    reason: str | None = None
+    outcome: Outcome | None = None
+
+
+def access_record(request: web.Request) -> AccessRecord:
+    record: AccessRecord = request[_RECORD_KEY]
+    return record
+
+
+def resource_metadata_url(public_url: str, request: web.Request) -> str | None:
+    app = request.match_info.get("app")
+    if app is None:
+        return None
+    # RFC 9728 §3.1: the well-known suffix is inserted before the resource's path.
+    return f"{public_url}/.well-known/oauth-protected-resource/mcp/apps/{app}"
+
+
+def access_middleware(public_url: str) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        started = time.perf_counter()
+        record = AccessRecord()
+        request[_RECORD_KEY] = record
+        status = 0
+        try:
+            try:
+                response = await handler(request)
+            except ProxydError as err:
+                record.reason = err.reason
+                response = error_response(
+                    err, resource_metadata=resource_metadata_url(public_url, request)
+                )
+            status = response.status
+            return response
+        except asyncio.CancelledError:
+            status = 499  # nginx's "client closed request"
+            record.reason = "client_disconnected"
+            raise
+        except Exception:
+            status = 500  # aiohttp logs the traceback and answers 500
+            raise
+        finally:
+            _log(request, record, status, time.perf_counter() - started)
+
+    return middleware
+
+
+def _log(request: web.Request, record: AccessRecord, status: int, elapsed: float) -> None:
+    outcome = record.outcome
+    fields: dict[str, object] = {
+        "method": request.method,
+        "path": request.path,
+        "status": status,
+        "duration_ms": round(elapsed * 1000, 2),
+        "client": record.client or request.remote,
+    }
+    if record.app is not None:
+        fields["app"] = record.app
+    if record.user is not None:
+        fields["user"] = record.user
+        fields["session"] = record.session
+    if record.reason is not None:
+        fields["reason"] = record.reason
+    if outcome is not None:
+        fields["upstream"] = outcome.upstream
+        fields["upstream_status"] = outcome.status
+        fields["bytes_in"] = outcome.bytes_up
+        fields["bytes_out"] = outcome.bytes_down
+        if outcome.broken:
+            fields["broken"] = outcome.broken
+    access_log.info("request", **fields)

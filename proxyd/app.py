@@ -1,0 +1,116 @@
+"""create_app(settings): routes and the owners of every long-lived resource. Wiring only."""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+from aiocache import SimpleMemoryCache  # type: ignore[import-untyped]
+from aiohttp import web
+
+from proxyd.access import access_middleware
+from proxyd.auth.appauth import AppAuthStore, Authenticator
+from proxyd.auth.assertion import AssertionSigner, load_or_create_key
+from proxyd.auth.jwks import JwksCache
+from proxyd.auth.session import SessionStore
+from proxyd.config import Settings
+from proxyd.forward import Forwarder
+from proxyd.handler import Clocks, McpHandler
+from proxyd.registry import Registry
+from proxyd.wellknown import WellKnown
+
+MCP_HANDLER = web.AppKey("mcp_handler", McpHandler)
+WELL_KNOWN = web.AppKey("well_known", WellKnown)
+JWKS_CACHE = web.AppKey("jwks_cache", JwksCache)
+AUTH_STORE = web.AppKey("auth_store", AppAuthStore)
+SESSIONS = web.AppKey("sessions", SessionStore)
+
+DEFAULT_CLOCKS = Clocks(monotonic=time.monotonic, wall=time.time)
+
+
+def create_app(
+    settings: Settings,
+    *,
+    clocks: Clocks = DEFAULT_CLOCKS,
+    rng: random.Random | None = None,
+) -> web.Application:
+    app = web.Application(
+        middlewares=[access_middleware(settings.server.public_url)],
+        handler_args={"max_field_size": _parser_ceiling(settings), "max_line_size": _parser_ceiling(settings)},
+    )
+    registry = Registry(settings.apps, rng or random.Random())
+    store = AppAuthStore(settings.app_auth_configs)
+    app[AUTH_STORE] = store
+
+    async def resources(app: web.Application) -> AsyncIterator[None]:
+        # One shared client for upstreams and JWKS; no cap on connections, so open SSE
+        # streams never queue behind each other (aiohttp's default limit is 100).
+        http = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, limit_per_host=0),
+            cookie_jar=aiohttp.DummyCookieJar(),
+            trust_env=False,
+        )
+        jwks = JwksCache(http, settings.jwks, clocks.monotonic)
+        sessions = SessionStore(SimpleMemoryCache(), clocks.wall, settings.sessions.max_ttl)
+        key = load_or_create_key(settings.identity.key_file, settings.server.state_dir)
+        signer = AssertionSigner(key, settings.server.public_url, settings.identity.ttl)
+        app[JWKS_CACHE] = jwks
+        app[SESSIONS] = sessions
+        app[MCP_HANDLER] = McpHandler(
+            settings,
+            registry,
+            sessions,
+            Authenticator(store, jwks, clocks.wall),
+            Forwarder(http, settings.upstream, settings.server.max_request_body),
+            signer,
+            clocks,
+        )
+        app[WELL_KNOWN] = WellKnown(settings.server.public_url, registry, store, signer)
+        try:
+            yield
+        finally:
+            await jwks.close()
+            await sessions.close()
+            await http.close()
+
+    app.cleanup_ctx.append(resources)
+    app.router.add_route("*", "/mcp/apps/{app}", _mcp)
+    app.router.add_get("/.well-known/jwks.json", _jwks)
+    app.router.add_get("/.well-known/oauth-protected-resource/mcp/apps/{app}", _resource_metadata)
+    return app
+
+
+def _parser_ceiling(settings: Settings) -> int:
+    # aiohttp's own per-line limit sits above ours so handler.check_header_size can answer 431.
+    return max(8190, settings.server.max_header_size * 2)
+
+
+async def _mcp(request: web.Request) -> web.StreamResponse:
+    return await request.app[MCP_HANDLER].handle(request)
+
+
+async def _jwks(request: web.Request) -> web.StreamResponse:
+    return await request.app[WELL_KNOWN].jwks(request)
+
+
+async def _resource_metadata(request: web.Request) -> web.StreamResponse:
+    return await request.app[WELL_KNOWN].protected_resource(request)
+
+
+def create_admin_app(ready: dict[str, Any]) -> web.Application:
+    """The admin listener: /healthz (process alive), /readyz (serving)."""
+    admin = web.Application()
+
+    async def healthz(_: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def readyz(_: web.Request) -> web.Response:
+        ok = bool(ready.get("ready"))
+        return web.json_response({"ready": ok}, status=200 if ok else 503)
+
+    admin.router.add_get("/healthz", healthz)
+    admin.router.add_get("/readyz", readyz)
+    return admin

@@ -1,0 +1,177 @@
+"""JWKS fetching and caching, done so that identity-provider key rotation never causes an outage.
+
+* Cached per URL with a TTL from ``Cache-Control: max-age`` clamped to [min_ttl, max_ttl].
+* A token naming an unknown ``kid`` triggers an immediate refetch (OIDC Core §10.1.1), at most
+  once per ``refetch_interval`` per URL, so a flood of forged kids cannot hammer the IdP.
+* Single flight: concurrent requests share one fetch; a caller that goes away never cancels
+  the fetch the others wait for.
+* On failure the last good key set keeps serving (logged), and the next try waits
+  ``refetch_interval``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import aiohttp
+
+from proxyd.auth.keys import KeySet, KeySetError, parse_jwks
+from proxyd.config import JwksSettings
+from proxyd.log import get_logger
+
+log = get_logger("proxyd.jwks")
+
+_MAX_AGE_RE = re.compile(r"(?:^|,)\s*max-age\s*=\s*\"?(\d+)\"?", re.IGNORECASE)
+_NO_CACHE_RE = re.compile(r"(?:^|,)\s*(no-store|no-cache)\b", re.IGNORECASE)
+
+
+class JwksUnavailable(Exception):
+    """No key set for this URL could ever be fetched."""
+
+
+class _FetchFailed(Exception):
+    pass
+
+
+@dataclass
+class _Entry:
+    raw: bytes | None = None
+    fetched_at: float = 0.0
+    expires_at: float = 0.0
+    last_attempt: float = float("-inf")
+    inflight: asyncio.Task[None] | None = None
+    parsed: dict[frozenset[str], KeySet] = field(default_factory=dict)
+    fetch_errors: int = 0
+    last_error: str | None = None
+
+
+def ttl_from_cache_control(value: str | None, settings: JwksSettings) -> float:
+    if value:
+        if _NO_CACHE_RE.search(value):
+            return settings.min_ttl
+        match = _MAX_AGE_RE.search(value)
+        if match:
+            return min(settings.max_ttl, max(settings.min_ttl, float(match.group(1))))
+    return settings.default_ttl
+
+
+class JwksCache:
+    def __init__(
+        self,
+        http: aiohttp.ClientSession,
+        settings: JwksSettings,
+        clock: Callable[[], float],
+    ) -> None:
+        self._http = http
+        self._settings = settings
+        self._clock = clock
+        self._entries: dict[str, _Entry] = {}
+        self.fetches = 0  # observable by tests and metrics
+
+    async def keys(self, url: str, algorithms: frozenset[str], kid: str | None) -> KeySet:
+        """The key set to verify a token with ``kid``; may refetch; raises JwksUnavailable."""
+        entry = self._entries.setdefault(url, _Entry())
+        now = self._clock()
+        if entry.raw is not None:
+            keyset = self._parsed(entry, algorithms)
+            fresh = now < entry.expires_at
+            if fresh and keyset is not None and (kid is None or keyset.find(kid) is not None):
+                return keyset
+            may_refetch = not fresh or now - entry.last_attempt >= self._settings.refetch_interval
+            if may_refetch:
+                await self._refresh(url, entry)
+                keyset = self._parsed(entry, algorithms)
+            if keyset is None:
+                raise JwksUnavailable(f"JWKS at {url} has no usable key")
+            return keyset
+        await self._refresh(url, entry)
+        keyset = self._parsed(entry, algorithms) if entry.raw is not None else None
+        if keyset is None:
+            raise JwksUnavailable(entry.last_error or f"JWKS at {url} unavailable")
+        return keyset
+
+    def age(self, url: str) -> float | None:
+        entry = self._entries.get(url)
+        if entry is None or entry.raw is None:
+            return None
+        return self._clock() - entry.fetched_at
+
+    def _parsed(self, entry: _Entry, algorithms: frozenset[str]) -> KeySet | None:
+        keyset = entry.parsed.get(algorithms)
+        if keyset is None and entry.raw is not None:
+            try:
+                keyset = parse_jwks(entry.raw, algorithms)
+            except KeySetError:
+                return None
+            entry.parsed[algorithms] = keyset
+        return keyset
+
+    async def _refresh(self, url: str, entry: _Entry) -> None:
+        if entry.inflight is None:
+            entry.inflight = asyncio.create_task(self._fetch(url, entry), name=f"jwks:{url}")
+        # shield: a client that disconnects must not cancel the fetch others are waiting on.
+        await asyncio.shield(entry.inflight)
+
+    async def _fetch(self, url: str, entry: _Entry) -> None:
+        entry.last_attempt = self._clock()
+        self.fetches += 1
+        try:
+            raw, cache_control = await self._download(url)
+            parse_jwks(raw, frozenset())  # structural check; per-config algs apply later
+        except _FetchFailed as exc:
+            self._failed(url, entry, str(exc))
+        except KeySetError as exc:
+            self._failed(url, entry, f"invalid JWKS: {exc}")
+        else:
+            now = self._clock()
+            ttl = ttl_from_cache_control(cache_control, self._settings)
+            entry.raw, entry.parsed = raw, {}
+            entry.fetched_at, entry.expires_at = now, now + ttl
+            entry.last_error = None
+            log.info("jwks_fetched", url=url, ttl=ttl, bytes=len(raw))
+        finally:
+            entry.inflight = None
+
+    def _failed(self, url: str, entry: _Entry, error: str) -> None:
+        entry.fetch_errors += 1
+        entry.last_error = f"JWKS fetch from {url} failed: {error}"
+        # Keep serving the last good key set; try again after refetch_interval.
+        entry.expires_at = entry.last_attempt + self._settings.refetch_interval
+        log.warning(
+            "jwks_fetch_failed",
+            url=url,
+            error=error,
+            serving_cached=entry.raw is not None,
+            cached_age=None if entry.raw is None else round(self._clock() - entry.fetched_at, 1),
+        )
+
+    async def _download(self, url: str) -> tuple[bytes, str | None]:
+        timeout = aiohttp.ClientTimeout(total=self._settings.fetch_timeout)
+        limit = self._settings.max_size
+        try:
+            async with self._http.get(
+                url, timeout=timeout, allow_redirects=False, headers={"Accept": "application/json"}
+            ) as resp:
+                if resp.status != 200:
+                    raise _FetchFailed(f"HTTP {resp.status}")
+                if resp.content_length is not None and resp.content_length > limit:
+                    raise _FetchFailed(f"larger than {limit} bytes")
+                body = bytearray()
+                async for chunk in resp.content.iter_chunked(65536):
+                    body += chunk
+                    if len(body) > limit:
+                        raise _FetchFailed(f"larger than {limit} bytes")
+                return bytes(body), resp.headers.get("Cache-Control")
+        except TimeoutError:
+            raise _FetchFailed(f"timed out after {self._settings.fetch_timeout:g}s") from None
+        except aiohttp.ClientError as exc:
+            raise _FetchFailed(f"{type(exc).__name__}: {exc}") from None
+
+    async def close(self) -> None:
+        tasks = [e.inflight for e in self._entries.values() if e.inflight is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

@@ -1,0 +1,178 @@
+"""JWT verification against one app auth config: pure functions, the clock passed in.
+
+Rules (Teleport's CreateAppSessionWithJWT, go-jose's 60 s leeway, RFC 7519 §4.1, RFC 8725):
+signature with a key chosen by ``kid`` and an asymmetric algorithm that key allows; ``iss``
+exact; ``aud`` contains the audience; ``exp`` and ``iat`` required; ``exp``/``nbf``/``iat``
+checked with the leeway; ``iat`` no older than ``max_token_age``; the username claim a
+non-empty string.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from joserfc import jws
+from joserfc.errors import JoseError, SecurityWarning
+
+from proxyd.auth.keys import KeySet, VerifyKey
+from proxyd.config import ASYMMETRIC_ALGORITHMS, JwtSettings
+from proxyd.errors import InvalidToken
+
+# RFC 9864 deprecates "EdDSA" in favour of "Ed25519"; IdPs still publish it and we accept it.
+warnings.filterwarnings("ignore", category=SecurityWarning, message=".*EdDSA.*")
+
+MAX_TOKEN_BYTES = 16 * 1024
+# Claims kept with a session for later policy (roles, issue 5); bounded so a token cannot bloat
+# the cache.
+MAX_KEPT_CLAIMS_BYTES = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class UnverifiedToken:
+    raw: str
+    header: Mapping[str, Any]
+    claims: Mapping[str, Any]
+
+    @property
+    def issuer(self) -> str | None:
+        iss = self.claims.get("iss")
+        return iss if isinstance(iss, str) else None
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    username: str
+    issuer: str
+    subject: str | None
+    config: str
+    expires_at: float
+    issued_at: float
+    claims: Mapping[str, Any]
+
+
+def _b64json(part: str) -> Any:
+    try:
+        return json.loads(base64.urlsafe_b64decode(part + "=" * (-len(part) % 4)))
+    except (binascii.Error, ValueError, UnicodeDecodeError):
+        raise InvalidToken("token is not a valid JWT", reason="malformed_token") from None
+
+
+def peek(raw: str) -> UnverifiedToken:
+    """Decode header and claims without trusting them (used to choose configs and keys)."""
+    if len(raw) > MAX_TOKEN_BYTES:
+        raise InvalidToken("token is too large", reason="malformed_token")
+    parts = raw.split(".")
+    if len(parts) != 3:
+        raise InvalidToken("token is not a signed JWT (JWS compact form)", reason="malformed_token")
+    header, claims = _b64json(parts[0]), _b64json(parts[1])
+    if not isinstance(header, dict) or not isinstance(claims, dict):
+        raise InvalidToken("token is not a valid JWT", reason="malformed_token")
+    if not isinstance(header.get("alg"), str):
+        raise InvalidToken("token header has no algorithm", reason="malformed_token")
+    if "crit" in header:
+        # RFC 7515 §4.1.11: we understand no critical extensions, so we must reject.
+        raise InvalidToken("token uses unsupported critical headers", reason="malformed_token")
+    return UnverifiedToken(raw=raw, header=header, claims=claims)
+
+
+def verify_signature(token: UnverifiedToken, keyset: KeySet) -> None:
+    alg = token.header["alg"]
+    if alg not in ASYMMETRIC_ALGORITHMS:
+        # Covers "none" and HS* (a public key must never be used as an HMAC secret).
+        raise InvalidToken(f"token algorithm {alg} is not allowed", reason="alg_not_allowed")
+    kid = token.header.get("kid")
+    if kid is not None and not isinstance(kid, str):
+        raise InvalidToken("token kid is not a string", reason="malformed_token")
+    found = keyset.find(kid)
+    if found is None:
+        raise InvalidToken("token signed with an unknown key", reason="unknown_kid")
+    candidates: tuple[VerifyKey, ...] = found if isinstance(found, tuple) else (found,)
+    usable = [vk for vk in candidates if alg in vk.algorithms]
+    if not usable:
+        raise InvalidToken(f"token algorithm {alg} is not allowed for its key", reason="alg_not_allowed")
+    for vk in usable:
+        try:
+            jws.deserialize_compact(token.raw, vk.key, algorithms=[alg])
+            return
+        except (JoseError, ValueError):
+            continue
+    raise InvalidToken("token signature is invalid", reason="bad_signature")
+
+
+def _numeric(claims: Mapping[str, Any], name: str) -> float | None:
+    value = claims.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InvalidToken(f"token claim {name!r} is not a NumericDate", reason=f"invalid_{name}")
+    return float(value)
+
+
+def check_claims(claims: Mapping[str, Any], settings: JwtSettings, now: float) -> None:
+    leeway = settings.leeway
+    if claims.get("iss") != settings.issuer:
+        raise InvalidToken("token issuer is not accepted", reason="wrong_issuer")
+    aud = claims.get("aud")
+    audiences = [aud] if isinstance(aud, str) else aud if isinstance(aud, list) else []
+    if settings.audience not in audiences:
+        raise InvalidToken("token audience is not accepted", reason="wrong_audience")
+    exp = _numeric(claims, "exp")
+    if exp is None:
+        raise InvalidToken("token must have an 'exp' claim", reason="missing_exp")
+    iat = _numeric(claims, "iat")
+    if iat is None:
+        raise InvalidToken("token must have an 'iat' claim", reason="missing_iat")
+    if now - leeway >= exp:
+        raise InvalidToken("token has expired", reason="expired")
+    nbf = _numeric(claims, "nbf")
+    if nbf is not None and nbf > now + leeway:
+        raise InvalidToken("token is not valid yet", reason="not_yet_valid")
+    if iat > now + leeway:
+        raise InvalidToken("token was issued in the future", reason="issued_in_future")
+    if now - iat > settings.max_token_age:
+        # Teleport's jwtMaxIssuedAtAfter: sessions only start from recently issued tokens.
+        raise InvalidToken("token was issued too long ago", reason="too_old")
+    username = claims.get(settings.username_claim)
+    if not isinstance(username, str) or not username.strip():
+        raise InvalidToken(
+            f"token must have a non-empty string {settings.username_claim!r} claim",
+            reason="missing_username_claim",
+        )
+
+
+def kept_claims(claims: Mapping[str, Any]) -> dict[str, Any]:
+    """Scalar and string-list claims, up to MAX_KEPT_CLAIMS_BYTES of JSON, for later policy."""
+    kept: dict[str, Any] = {}
+    size = 0
+    for name, value in claims.items():
+        if isinstance(value, str | int | float | bool) or (
+            isinstance(value, list) and all(isinstance(v, str) for v in value)
+        ):
+            cost = len(json.dumps([name, value]))
+            if size + cost > MAX_KEPT_CLAIMS_BYTES:
+                continue
+            kept[name] = value
+            size += cost
+    return kept
+
+
+def verify(token: UnverifiedToken, keyset: KeySet, settings: JwtSettings, config: str, now: float) -> Identity:
+    verify_signature(token, keyset)
+    claims = token.claims
+    check_claims(claims, settings, now)
+    sub = claims.get("sub")
+    return Identity(
+        username=claims[settings.username_claim],
+        issuer=settings.issuer,
+        subject=sub if isinstance(sub, str) else None,
+        config=config,
+        expires_at=float(claims["exp"]),
+        issued_at=float(claims["iat"]),
+        claims=kept_claims(claims),
+    )

@@ -1,0 +1,708 @@
+"""TOML configuration → an immutable, validated settings snapshot.
+
+Every problem is collected with its key path (``apps[1].servers[0]: not an http(s) URL``) so an
+operator fixes a file in one pass. Unknown keys are errors: a typo must never pass silently.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import re
+import tomllib
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+from proxyd.labels import LabelSelector, SelectorError, parse_selector
+
+T = TypeVar("T")
+
+# The JWS algorithms proxyd accepts from an identity provider: asymmetric only, so a public key
+# can never be used as an HMAC secret (RFC 8725 §2.1, §3.1) and "none" is impossible.
+ASYMMETRIC_ALGORITHMS = frozenset(
+    {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA", "Ed25519"}
+)
+# MCP 2025-06-18 §Authorization recommends Bearer tokens of IdPs; Entra tokens with group claims
+# reach 8 KiB, so the default header budget is larger than aiohttp's 8190-byte field limit.
+DEFAULT_MAX_HEADER_SIZE = 32 * 1024
+
+_DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*(B|KB|KiB|MB|MiB|GB|GiB)?\s*$")
+_SIZE_UNITS = {
+    None: 1, "B": 1, "KB": 1000, "KiB": 1024, "MB": 1000**2, "MiB": 1024**2,
+    "GB": 1000**3, "GiB": 1024**3,
+}
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+_HEADER_NAME_RE = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")
+
+
+class ConfigError(Exception):
+    """The configuration is invalid; ``problems`` lists every ``path: message``."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+# ---------------------------------------------------------------------------------------------
+# Settings (immutable snapshot)
+
+
+@dataclass(frozen=True, slots=True)
+class ServerSettings:
+    listen_host: str = "127.0.0.1"
+    listen_port: int = 8443
+    public_url: str = "http://127.0.0.1:8443"
+    trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    allowed_origins: frozenset[str] = frozenset()
+    max_request_body: int = 4 * 1024 * 1024
+    max_header_size: int = DEFAULT_MAX_HEADER_SIZE
+    state_dir: str = "/var/lib/proxyd"
+    shutdown_grace: float = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class AdminSettings:
+    listen_host: str = "127.0.0.1"
+    listen_port: int = 9090
+    enabled: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class LogSettings:
+    level: str = "info"
+    format: str = "auto"
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimitSettings:
+    average: int = 20
+    period: float = 60.0
+    burst: int = 40
+
+
+@dataclass(frozen=True, slots=True)
+class SessionSettings:
+    max_ttl: float = 12 * 3600.0
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamSettings:
+    connect_timeout: float = 5.0
+    # Between two reads from the upstream; an SSE stream that stays silent longer is closed
+    # (clients reconnect a GET stream). Never a total timeout: streams live as long as needed.
+    idle_timeout: float = 300.0
+
+
+@dataclass(frozen=True, slots=True)
+class IdentitySettings:
+    header: str = "X-Proxyd-Identity"
+    ttl: float = 300.0
+    key_file: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class JwksSettings:
+    default_ttl: float = 900.0
+    min_ttl: float = 60.0
+    max_ttl: float = 86400.0
+    fetch_timeout: float = 5.0
+    max_size: int = 1024 * 1024
+    # At most one refetch per URL in this interval when a token names an unknown kid
+    # (OIDC Core §10.1.1: a new kid is the IdP's signal of rotation).
+    refetch_interval: float = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class JwtSettings:
+    issuer: str
+    audience: str
+    jwks_url: str | None
+    static_jwks: str | None
+    username_claim: str = "email"
+    algorithms: frozenset[str] = frozenset()
+    max_token_age: float = 1800.0
+    leeway: float = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class AppAuthConfig:
+    name: str
+    app_labels: LabelSelector
+    jwt: JwtSettings
+    source: str = "main"  # "main" or the file it came from
+
+
+@dataclass(frozen=True, slots=True)
+class AppSettings:
+    name: str
+    labels: Mapping[str, str]
+    servers: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    server: ServerSettings = field(default_factory=ServerSettings)
+    admin: AdminSettings = field(default_factory=AdminSettings)
+    log: LogSettings = field(default_factory=LogSettings)
+    unauthenticated_limit: RateLimitSettings = field(default_factory=RateLimitSettings)
+    sessions: SessionSettings = field(default_factory=SessionSettings)
+    upstream: UpstreamSettings = field(default_factory=UpstreamSettings)
+    identity: IdentitySettings = field(default_factory=IdentitySettings)
+    jwks: JwksSettings = field(default_factory=JwksSettings)
+    apps: tuple[AppSettings, ...] = ()
+    app_auth_configs: tuple[AppAuthConfig, ...] = ()
+    app_auth_config_dir: str | None = None
+    path: str | None = None
+
+
+# ---------------------------------------------------------------------------------------------
+# Value parsers: each returns the parsed value or raises ValueError with a short message.
+
+
+def parse_duration(value: object) -> float:
+    """``"30s"``, ``"5m"``, ``"1h30m"``, ``"250ms"`` or a number of seconds."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration such as \"30s\" or \"5m\"")
+    if isinstance(value, int | float):
+        if value < 0:
+            raise ValueError("must not be negative")
+        return float(value)
+    if not isinstance(value, str):
+        raise ValueError("expected a duration such as \"30s\" or \"5m\"")
+    text = value.strip()
+    pos, total = 0, 0.0
+    for match in _DURATION_RE.finditer(text):
+        if match.start() != pos:
+            break
+        total += float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+        pos = match.end()
+    if pos != len(text) or not text:
+        raise ValueError(f"not a duration: {value!r} (use e.g. \"30s\", \"5m\", \"1h30m\")")
+    return total
+
+
+def parse_size(value: object) -> int:
+    """``"4MiB"``, ``"512KiB"``, ``"1000"`` or a number of bytes."""
+    if isinstance(value, bool):
+        raise ValueError("expected a size such as \"4MiB\"")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError("must not be negative")
+        return value
+    if not isinstance(value, str):
+        raise ValueError("expected a size such as \"4MiB\"")
+    match = _SIZE_RE.match(value)
+    if match is None:
+        raise ValueError(f"not a size: {value!r} (use e.g. \"512KiB\", \"4MiB\")")
+    return int(match.group(1)) * _SIZE_UNITS[match.group(2)]
+
+
+def parse_hostport(value: object) -> tuple[str, int]:
+    if not isinstance(value, str) or not value:
+        raise ValueError("expected \"host:port\"")
+    host, sep, port_text = value.rpartition(":")
+    if not sep or not port_text.isdigit():
+        raise ValueError(f"not host:port: {value!r}")
+    port = int(port_text)
+    if not 0 <= port <= 65535:
+        raise ValueError(f"port out of range: {port}")
+    host = host.strip("[]")
+    if not host:
+        raise ValueError(f"missing host in {value!r}")
+    return host, port
+
+
+def parse_http_url(value: object) -> str:
+    if not isinstance(value, str):
+        raise ValueError("not an http(s) URL")
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("not an http(s) URL")
+    if parts.username or parts.password:
+        raise ValueError("credentials in URLs are not allowed (they would reach logs)")
+    if parts.fragment:
+        raise ValueError("URL must not have a fragment")
+    return value
+
+
+def parse_origin(value: object) -> str:
+    if not isinstance(value, str):
+        raise ValueError("expected an origin such as \"https://app.example.com\"")
+    if value == "null":
+        raise ValueError("the \"null\" origin cannot be allowed safely")
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.path not in ("", "/"):
+        raise ValueError(f"not an origin (scheme://host[:port]): {value!r}")
+    return f"{parts.scheme}://{parts.netloc}".lower()
+
+
+# ---------------------------------------------------------------------------------------------
+# The walker: typed access to a TOML table with problem collection.
+
+
+class _Table:
+    """A view of one TOML table that records problems and which keys were read."""
+
+    def __init__(self, data: Mapping[str, Any], path: str, problems: list[str]) -> None:
+        self.data = data
+        self.path = path
+        self.problems = problems
+        self._seen: set[str] = set()
+
+    def _key(self, key: str) -> str:
+        return f"{self.path}.{key}" if self.path else key
+
+    def problem(self, key: str | None, message: str) -> None:
+        where = self._key(key) if key is not None else (self.path or "<top>")
+        self.problems.append(f"{where}: {message}")
+
+    def get(self, key: str, parse: Callable[[object], T], default: T) -> T:
+        self._seen.add(key)
+        if key not in self.data:
+            return default
+        try:
+            return parse(self.data[key])
+        except ValueError as exc:
+            self.problem(key, str(exc))
+            return default
+
+    def require(self, key: str, parse: Callable[[object], T], default: T) -> T:
+        if key not in self.data:
+            self._seen.add(key)
+            self.problem(key, "required")
+            return default
+        return self.get(key, parse, default)
+
+    def table(self, key: str) -> _Table:
+        self._seen.add(key)
+        value = self.data.get(key, {})
+        if not isinstance(value, Mapping):
+            self.problem(key, "expected a table")
+            value = {}
+        return _Table(value, self._key(key), self.problems)
+
+    def tables(self, key: str) -> Iterator[_Table]:
+        self._seen.add(key)
+        value = self.data.get(key, [])
+        if not isinstance(value, list):
+            self.problem(key, "expected an array of tables ([[...]])")
+            return
+        for index, item in enumerate(value):
+            where = f"{self._key(key)}[{index}]"
+            if not isinstance(item, Mapping):
+                self.problems.append(f"{where}: expected a table")
+                continue
+            yield _Table(item, where, self.problems)
+
+    def mark(self, *keys: str) -> None:
+        self._seen.update(keys)
+
+    @contextmanager
+    def closed(self) -> Iterator[_Table]:
+        """Report every key of this table that no reader asked for."""
+        yield self
+        for key in self.data:
+            if key not in self._seen:
+                self.problem(key, "unknown key")
+
+
+def _str(value: object) -> str:
+    if not isinstance(value, str):
+        raise ValueError("expected a string")
+    return value
+
+
+def _nonempty_str(value: object) -> str:
+    text = _str(value)
+    if not text.strip():
+        raise ValueError("must not be empty")
+    return text
+
+
+def _bool(value: object) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError("expected true or false")
+    return value
+
+
+def _positive_int(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError("expected a positive integer")
+    return value
+
+
+def _positive_duration(value: object) -> float:
+    seconds = parse_duration(value)
+    if seconds <= 0:
+        raise ValueError("must be greater than zero")
+    return seconds
+
+
+def _name(value: object) -> str:
+    text = _str(value)
+    if not _NAME_RE.match(text):
+        raise ValueError("names are 1-63 characters of letters, digits, '.', '_' and '-'")
+    return text
+
+
+def _list_of(parse: Callable[[object], T]) -> Callable[[object], tuple[T, ...]]:
+    def parse_list(value: object) -> tuple[T, ...]:
+        if not isinstance(value, list):
+            raise ValueError("expected a list")
+        out: list[T] = []
+        errors: list[str] = []
+        for index, item in enumerate(value):
+            try:
+                out.append(parse(item))
+            except ValueError as exc:
+                errors.append(f"[{index}]: {exc}")
+        if errors:
+            raise ValueError("; ".join(errors))
+        return tuple(out)
+
+    return parse_list
+
+
+def _network(value: object) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    if not isinstance(value, str):
+        raise ValueError("expected a CIDR such as \"10.0.0.0/8\"")
+    try:
+        return ipaddress.ip_network(value, strict=False)
+    except ValueError:
+        raise ValueError(f"not a CIDR: {value!r}") from None
+
+
+def _labels(value: object) -> dict[str, str]:
+    if not isinstance(value, Mapping):
+        raise ValueError("expected a table of label = \"value\"")
+    out: dict[str, str] = {}
+    for key, item in value.items():
+        if not isinstance(item, str):
+            raise ValueError(f"label {key!r}: value must be a string")
+        out[str(key)] = item
+    return out
+
+
+def _selector(value: object) -> LabelSelector:
+    if not isinstance(value, Mapping):
+        raise ValueError("expected a table of label = value | [values]")
+    try:
+        return parse_selector(value)
+    except SelectorError as exc:
+        raise ValueError(str(exc)) from None
+
+
+def _server_url(value: object) -> str:
+    return parse_http_url(value)
+
+
+def _level(value: object) -> str:
+    text = _str(value).lower()
+    if text not in ("debug", "info", "warning", "error"):
+        raise ValueError("one of debug, info, warning, error")
+    return text
+
+
+def _log_format(value: object) -> str:
+    text = _str(value).lower()
+    if text not in ("json", "console", "auto"):
+        raise ValueError("one of json, console, auto")
+    return text
+
+
+def _header_name(value: object) -> str:
+    text = _str(value)
+    if not _HEADER_NAME_RE.match(text):
+        raise ValueError("not a valid HTTP header name")
+    if text.lower() in ("authorization", "host", "cookie", "x-forwarded-for"):
+        raise ValueError(f"{text} is reserved")
+    return text
+
+
+def _algorithms(value: object) -> frozenset[str]:
+    names = _list_of(_str)(value)
+    bad = sorted(set(names) - ASYMMETRIC_ALGORITHMS)
+    if bad:
+        raise ValueError(
+            f"not allowed: {', '.join(bad)} (only {', '.join(sorted(ASYMMETRIC_ALGORITHMS))})"
+        )
+    return frozenset(names)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sections
+
+
+def _parse_server(t: _Table) -> ServerSettings:
+    d = ServerSettings()
+    with t.closed():
+        host, port = t.get("listen", parse_hostport, (d.listen_host, d.listen_port))
+        public_url = t.get("public_url", parse_http_url, f"http://{_netloc(host, port)}")
+        server = ServerSettings(
+            listen_host=host,
+            listen_port=port,
+            public_url=public_url.rstrip("/"),
+            trusted_proxies=t.get("trusted_proxies", _list_of(_network), ()),
+            allowed_origins=frozenset(t.get("allowed_origins", _list_of(parse_origin), ())),
+            max_request_body=t.get("max_request_body", parse_size, d.max_request_body),
+            max_header_size=t.get("max_header_size", parse_size, d.max_header_size),
+            state_dir=t.get("state_dir", _nonempty_str, d.state_dir),
+            shutdown_grace=t.get("shutdown_grace", parse_duration, d.shutdown_grace),
+        )
+    if server.max_header_size < 1024:
+        t.problem("max_header_size", "must be at least 1KiB")
+    return server
+
+
+def _netloc(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _parse_admin(t: _Table) -> AdminSettings:
+    d = AdminSettings()
+    with t.closed():
+        host, port = t.get("listen", parse_hostport, (d.listen_host, d.listen_port))
+        enabled = t.get("enabled", _bool, d.enabled)
+    return AdminSettings(listen_host=host, listen_port=port, enabled=enabled)
+
+
+def _parse_log(t: _Table) -> LogSettings:
+    with t.closed():
+        return LogSettings(
+            level=t.get("level", _level, "info"), format=t.get("format", _log_format, "auto")
+        )
+
+
+def _parse_limits(t: _Table) -> RateLimitSettings:
+    d = RateLimitSettings()
+    limit = d
+    with t.closed():
+        unauth = t.table("unauthenticated")
+        with unauth.closed():
+            limit = RateLimitSettings(
+                average=unauth.get("average", _positive_int, d.average),
+                period=unauth.get("period", _positive_duration, d.period),
+                burst=unauth.get("burst", _positive_int, d.burst),
+            )
+    return limit
+
+
+def _parse_sessions(t: _Table) -> SessionSettings:
+    with t.closed():
+        return SessionSettings(max_ttl=t.get("max_ttl", _positive_duration, 12 * 3600.0))
+
+
+def _parse_upstream(t: _Table) -> UpstreamSettings:
+    d = UpstreamSettings()
+    with t.closed():
+        return UpstreamSettings(
+            connect_timeout=t.get("connect_timeout", _positive_duration, d.connect_timeout),
+            idle_timeout=t.get("idle_timeout", _positive_duration, d.idle_timeout),
+        )
+
+
+def _parse_identity(t: _Table) -> IdentitySettings:
+    d = IdentitySettings()
+    with t.closed():
+        settings = IdentitySettings(
+            header=t.get("header", _header_name, d.header),
+            ttl=t.get("ttl", _positive_duration, d.ttl),
+            key_file=t.get("key_file", _str, d.key_file),
+        )
+    if settings.ttl > 600:
+        t.problem("ttl", "at most 10m: the assertion is a short-lived credential")
+    return settings
+
+
+def _parse_jwks(t: _Table) -> JwksSettings:
+    d = JwksSettings()
+    with t.closed():
+        s = JwksSettings(
+            default_ttl=t.get("default_ttl", _positive_duration, d.default_ttl),
+            min_ttl=t.get("min_ttl", _positive_duration, d.min_ttl),
+            max_ttl=t.get("max_ttl", _positive_duration, d.max_ttl),
+            fetch_timeout=t.get("fetch_timeout", _positive_duration, d.fetch_timeout),
+            max_size=t.get("max_size", parse_size, d.max_size),
+            refetch_interval=t.get("refetch_interval", _positive_duration, d.refetch_interval),
+        )
+    if s.min_ttl > s.max_ttl:
+        t.problem("min_ttl", "must not exceed max_ttl")
+    return s
+
+
+def _parse_apps(root: _Table) -> tuple[AppSettings, ...]:
+    apps: list[AppSettings] = []
+    names: set[str] = set()
+    for t in root.tables("apps"):
+        with t.closed():
+            name = t.require("name", _name, "")
+            labels = t.get("labels", _labels, {})
+            servers = t.require("servers", _list_of(_server_url), ())
+        if "servers" in t.data and not servers and isinstance(t.data["servers"], list):
+            t.problem("servers", "at least one server is required")
+        if name and name in names:
+            t.problem("name", f"duplicate app name {name!r}")
+        names.add(name)
+        apps.append(AppSettings(name=name, labels=labels, servers=servers))
+    return tuple(apps)
+
+
+def parse_app_auth_config(t: _Table, source: str) -> AppAuthConfig:
+    """One app auth config: an ``[[app_auth_configs]]`` entry or a file in ``config_dir``."""
+    with t.closed():
+        name = t.require("name", _name, "")
+        selector = t.require("app_labels", _selector, LabelSelector(()))
+        jt = t.table("jwt")
+        if "jwt" not in t.data:
+            t.problem("jwt", "required")
+        jwt = _parse_jwt(jt)
+    if "app_labels" in t.data and not selector.terms and not selector.match_all and isinstance(t.data["app_labels"], Mapping):
+        # Teleport's rule (ValidateAppAuthConfig): a config selecting nothing is a mistake.
+        t.problem("app_labels", "must select at least one label (use { \"*\" = \"*\" } for all)")
+    return AppAuthConfig(name=name, app_labels=selector, jwt=jwt, source=source)
+
+
+def _parse_jwt(t: _Table) -> JwtSettings:
+    with t.closed():
+        issuer = t.require("issuer", _nonempty_str, "")
+        audience = t.require("audience", _nonempty_str, "")
+        jwks_url = t.get("jwks_url", parse_http_url, None)
+        static_jwks = t.get("static_jwks", _static_jwks, None)
+        settings = JwtSettings(
+            issuer=issuer,
+            audience=audience,
+            jwks_url=jwks_url,
+            static_jwks=static_jwks,
+            username_claim=t.get("username_claim", _nonempty_str, "email"),
+            algorithms=t.get("algorithms", _algorithms, frozenset()),
+            max_token_age=t.get("max_token_age", _positive_duration, 1800.0),
+            leeway=t.get("leeway", parse_duration, 60.0),
+        )
+    has_url, has_static = "jwks_url" in t.data, "static_jwks" in t.data
+    if has_url == has_static:
+        t.problem(None, "exactly one of jwks_url or static_jwks is required")
+    if settings.leeway > 300:
+        t.problem("leeway", "at most 5m")
+    return settings
+
+
+def _static_jwks(value: object) -> str:
+    from proxyd.auth.keys import KeySetError, parse_jwks  # local: keys imports config
+
+    text = value if isinstance(value, str) else None
+    if isinstance(value, Mapping):
+        text = json.dumps(value)
+    if text is None:
+        raise ValueError("expected a JWKS as a JSON string or an inline table")
+    try:
+        parse_jwks(text.encode(), frozenset())
+    except KeySetError as exc:
+        raise ValueError(str(exc)) from None
+    return text
+
+
+def _parse_app_auth_section(t: _Table) -> str | None:
+    with t.closed():
+        return t.get("config_dir", _nonempty_str, None)
+
+
+def load_app_auth_dir(directory: str) -> tuple[list[AppAuthConfig], list[str]]:
+    """Every ``*.toml`` in ``directory``: the configs that parsed and the problems of the rest."""
+    configs: list[AppAuthConfig] = []
+    problems: list[str] = []
+    base = Path(directory)
+    if not base.is_dir():
+        return [], [f"app_auth.config_dir: not a directory: {directory}"]
+    for path in sorted(base.glob("*.toml")):
+        file_problems: list[str] = []
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+            problems.append(f"{path}: {exc}")
+            continue
+        config = parse_app_auth_config(_Table(data, "", file_problems), str(path))
+        if file_problems:
+            problems.extend(f"{path}: {p}" for p in file_problems)
+            continue
+        configs.append(config)
+    return configs, problems
+
+
+def merge_app_auth_configs(
+    main: tuple[AppAuthConfig, ...], extra: list[AppAuthConfig]
+) -> tuple[tuple[AppAuthConfig, ...], list[str]]:
+    """Merge by name; a duplicate is an error for the later source, never a silent override."""
+    merged: dict[str, AppAuthConfig] = {}
+    problems: list[str] = []
+    for config in (*main, *extra):
+        if config.name in merged:
+            problems.append(
+                f"{config.source}: app auth config {config.name!r} is already defined in "
+                f"{merged[config.name].source}"
+            )
+            continue
+        merged[config.name] = config
+    return tuple(sorted(merged.values(), key=lambda c: c.name)), problems
+
+
+def parse_settings(data: Mapping[str, Any], path: str | None = None) -> Settings:
+    """Validate a parsed TOML document; raise ConfigError listing every problem."""
+    problems: list[str] = []
+    root = _Table(data, "", problems)
+    with root.closed():
+        server = _parse_server(root.table("server"))
+        admin = _parse_admin(root.table("admin"))
+        log = _parse_log(root.table("log"))
+        limit = _parse_limits(root.table("limits"))
+        sessions = _parse_sessions(root.table("sessions"))
+        upstream = _parse_upstream(root.table("upstream"))
+        identity = _parse_identity(root.table("identity"))
+        jwks = _parse_jwks(root.table("jwks"))
+        apps = _parse_apps(root)
+        main_configs = tuple(
+            parse_app_auth_config(t, "main") for t in root.tables("app_auth_configs")
+        )
+        config_dir = _parse_app_auth_section(root.table("app_auth"))
+    extra: list[AppAuthConfig] = []
+    if config_dir is not None:
+        extra, dir_problems = load_app_auth_dir(config_dir)
+        problems.extend(dir_problems)
+    configs, merge_problems = merge_app_auth_configs(main_configs, extra)
+    problems.extend(merge_problems)
+    if problems:
+        raise ConfigError(problems)
+    return Settings(
+        server=server,
+        admin=admin,
+        log=log,
+        unauthenticated_limit=limit,
+        sessions=sessions,
+        upstream=upstream,
+        identity=identity,
+        jwks=jwks,
+        apps=apps,
+        app_auth_configs=configs,
+        app_auth_config_dir=config_dir,
+        path=path,
+    )
+
+
+def load_settings(path: str) -> Settings:
+    """Read and validate a TOML file; raise ConfigError on any problem, including I/O."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read: {exc.strerror or exc}"]) from None
+    except UnicodeDecodeError:
+        raise ConfigError([f"{path}: not UTF-8 text"]) from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"{path}: {exc}"]) from None
+    return parse_settings(data, path)

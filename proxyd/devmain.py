@@ -1,0 +1,30 @@
+"""Runs ``proxyd dev``: the demo app on a free loopback port, then proxyd in front of it."""
+
+from __future__ import annotations
+
+import sys
+
+from aiohttp import web
+
+from proxyd.demo import DemoServer
+from proxyd.dev import DevIssuer, dev_settings, instructions
+from proxyd.server import serve
+
+
+async def run_dev(listen: str) -> None:
+    demo = web.AppRunner(DemoServer().app(), access_log=None)
+    await demo.setup()
+    try:
+        site = web.TCPSite(demo, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        issuer = DevIssuer()
+        settings = dev_settings(listen, f"http://127.0.0.1:{port}/mcp", issuer)
+        token = issuer.token()
+
+        def ready() -> None:
+            print(instructions(settings.server.public_url, token), file=sys.stderr, flush=True)
+
+        await serve(settings, on_ready=ready)
+    finally:
+        await demo.cleanup()

@@ -1,0 +1,166 @@
+"""The one error tree of proxyd and its mapping to HTTP answers (DESIGN.md "HTTP answers").
+
+Handlers raise; ``error_response`` is the only place a ProxydError becomes a response. On the
+MCP endpoint the body is a JSON-RPC error object so MCP clients show the message.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+
+from aiohttp import web
+
+# JSON-RPC 2.0 §5.1 codes; -32020 is the MCP 2026-07-28 header/body mismatch (SEP-2243).
+INVALID_REQUEST = -32600
+INTERNAL_ERROR = -32603
+HEADER_MISMATCH = -32020
+
+
+class ProxydError(Exception):
+    status = 500
+    jsonrpc_code = INTERNAL_ERROR
+    reason = "internal"
+
+    def __init__(self, message: str, *, reason: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if reason is not None:
+            self.reason = reason
+
+    def extra_headers(self) -> Mapping[str, str]:
+        return {}
+
+
+class BadRequest(ProxydError):
+    status = 400
+    jsonrpc_code = INVALID_REQUEST
+    reason = "bad_request"
+
+
+class McpHeaderMismatch(BadRequest):
+    jsonrpc_code = HEADER_MISMATCH
+    reason = "header_mismatch"
+
+
+class Unauthenticated(ProxydError):
+    """No usable credentials (RFC 6750 §3.1: no error code when none were sent)."""
+
+    status = 401
+    jsonrpc_code = INVALID_REQUEST
+    reason = "missing_token"
+    oauth_error: str | None = None
+
+
+class MalformedToken(Unauthenticated):
+    reason = "malformed_header"
+    oauth_error = "invalid_request"
+
+
+class InvalidToken(Unauthenticated):
+    """The token was presented and refused; ``reason`` is a stable snake_case code."""
+
+    reason = "invalid_token"
+    oauth_error = "invalid_token"
+
+
+class Forbidden(ProxydError):
+    status = 403
+    jsonrpc_code = INVALID_REQUEST
+    reason = "forbidden"
+
+
+class NotFound(ProxydError):
+    status = 404
+    jsonrpc_code = INVALID_REQUEST
+    reason = "not_found"
+
+
+class MethodNotAllowed(ProxydError):
+    status = 405
+    jsonrpc_code = INVALID_REQUEST
+    reason = "method_not_allowed"
+
+    def __init__(self, message: str, allow: tuple[str, ...]) -> None:
+        super().__init__(message)
+        self.allow = allow
+
+    def extra_headers(self) -> Mapping[str, str]:
+        return {"Allow": ", ".join(self.allow)}
+
+
+class PayloadTooLarge(ProxydError):
+    status = 413
+    jsonrpc_code = INVALID_REQUEST
+    reason = "body_too_large"
+
+
+class HeadersTooLarge(ProxydError):
+    status = 431
+    jsonrpc_code = INVALID_REQUEST
+    reason = "headers_too_large"
+
+
+class RateLimited(ProxydError):
+    status = 429
+    jsonrpc_code = INVALID_REQUEST
+    reason = "rate_limited"
+
+    def __init__(self, message: str, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+    def extra_headers(self) -> Mapping[str, str]:
+        # RFC 9110 §10.2.3: delay-seconds is a non-negative integer; never advertise 0.
+        return {"Retry-After": str(max(1, math.ceil(self.retry_after)))}
+
+
+class UpstreamError(ProxydError):
+    status = 502
+    reason = "upstream_unreachable"
+
+
+class UpstreamTimeout(UpstreamError):
+    status = 504
+    reason = "upstream_timeout"
+
+
+class ServiceUnavailable(ProxydError):
+    status = 503
+    reason = "unavailable"
+
+
+def error_body(code: int, message: str, status: int, reason: str) -> bytes:
+    return json.dumps(
+        {
+            "jsonrpc": "2.0",
+            "id": None,
+            "error": {"code": code, "message": message, "data": {"status": status, "reason": reason}},
+        },
+        separators=(",", ":"),
+    ).encode()
+
+
+def _quote(value: str) -> str:
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def error_response(err: ProxydError, *, resource_metadata: str | None = None) -> web.Response:
+    headers: dict[str, str] = dict(err.extra_headers())
+    if isinstance(err, Unauthenticated):
+        # RFC 6750 §3 + RFC 9728 §5.1: point MCP clients at the protected resource metadata
+        # so they can start OAuth against the right authorization server.
+        params = []
+        if resource_metadata:
+            params.append(f"resource_metadata={_quote(resource_metadata)}")
+        if err.oauth_error:
+            params.append(f"error={_quote(err.oauth_error)}")
+            params.append(f"error_description={_quote(err.message)}")
+        headers["WWW-Authenticate"] = "Bearer" + (" " + ", ".join(params) if params else "")
+    return web.Response(
+        status=err.status,
+        body=error_body(err.jsonrpc_code, err.message, err.status, err.reason),
+        content_type="application/json",
+        headers=headers,
+    )

@@ -1,0 +1,200 @@
+"""The streaming forwarder: request body up, response down, each chunk flushed as it arrives.
+
+This is the only module that translates aiohttp client errors into proxyd errors. Bytes pass
+untouched (no decompression, no re-encoding); Content-Length is kept when the upstream gives
+one, chunked otherwise. A client that goes away cancels the handler (aiohttp
+``handler_cancellation``), which closes the upstream request at once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from typing import Final
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from proxyd.config import UpstreamSettings
+from proxyd.errors import PayloadTooLarge, UpstreamError, UpstreamTimeout
+from proxyd.log import get_logger
+
+log = get_logger("proxyd.forward")
+
+# RFC 9110 §7.6.1 connection-specific fields, plus the de-facto ones.
+HOP_BY_HOP: Final = frozenset(
+    {
+        "connection", "keep-alive", "proxy-connection", "transfer-encoding", "te", "trailer",
+        "upgrade", "proxy-authenticate", "proxy-authorization",
+    }
+)
+# Never forwarded from the client: its credentials are for proxyd (MCP authorization: no token
+# passthrough), forwarding headers are rebuilt by proxyd, and Host is the upstream's.
+_STRIP_REQUEST: Final = HOP_BY_HOP | {
+    "authorization", "host", "content-length", "x-forwarded-for", "x-forwarded-proto",
+    "x-forwarded-host", "forwarded", "x-real-ip",
+}
+_STRIP_RESPONSE: Final = HOP_BY_HOP | {"content-length"}
+# aiohttp would add these by itself; a proxy must send exactly what the client asked for
+# (an added Accept-Encoding would make the upstream compress for a client that cannot inflate).
+_SKIP_AUTO: Final = ("Accept-Encoding", "User-Agent", "Accept", "Content-Type")
+
+
+@dataclass(slots=True)
+class Outcome:
+    """What happened upstream, for the access log."""
+
+    upstream: str
+    status: int = 0
+    bytes_up: int = 0
+    bytes_down: int = 0
+    broken: str | None = None
+
+
+def _connection_tokens(headers: Mapping[str, str]) -> set[str]:
+    value = headers.get("Connection")
+    return {t.strip().lower() for t in value.split(",")} if value else set()
+
+
+def request_headers(
+    incoming: CIMultiDictProxy[str], extra: Mapping[str, str], identity_header: str
+) -> CIMultiDict[str]:
+    drop = _STRIP_REQUEST | _connection_tokens(incoming) | {identity_header.lower()}
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in incoming.items():
+        if name.lower() not in drop:
+            out.add(name, value)
+    out.update(extra)
+    return out
+
+
+def response_headers(upstream: CIMultiDictProxy[str]) -> CIMultiDict[str]:
+    drop = _STRIP_RESPONSE | _connection_tokens(upstream)
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in upstream.items():
+        if name.lower() not in drop:
+            out.add(name, value)
+    return out
+
+
+class _BodyCounter:
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.total = 0
+        self.too_large = False
+
+    async def stream(self, content: aiohttp.StreamReader) -> AsyncIterator[bytes]:
+        async for chunk in content.iter_any():
+            self.total += len(chunk)
+            if self.total > self.limit:
+                self.too_large = True
+                raise PayloadTooLarge(_too_large(self.limit))
+            yield chunk
+
+
+def _too_large(limit: int) -> str:
+    return f"request body exceeds the limit of {limit} bytes"
+
+
+class Forwarder:
+    def __init__(
+        self, http: aiohttp.ClientSession, settings: UpstreamSettings, max_body: int
+    ) -> None:
+        self._http = http
+        self._max_body = max_body
+        self._timeout = aiohttp.ClientTimeout(
+            total=None,  # streams live as long as they need
+            connect=settings.connect_timeout,
+            sock_connect=settings.connect_timeout,
+            sock_read=settings.idle_timeout,
+        )
+
+    async def forward(
+        self,
+        request: web.Request,
+        target: str,
+        headers: CIMultiDict[str],
+        outcome: Outcome,
+    ) -> web.StreamResponse:
+        declared = request.content_length
+        if declared is not None and declared > self._max_body:
+            raise PayloadTooLarge(_too_large(self._max_body))
+        counter = _BodyCounter(self._max_body)
+        data: AsyncIterator[bytes] | None = None
+        if request.body_exists:
+            data = counter.stream(request.content)
+            if declared is not None:
+                headers["Content-Length"] = str(declared)
+        url = target if not request.query_string else f"{target}?{request.query_string}"
+        try:
+            async with self._http.request(
+                request.method,
+                url,
+                headers=headers,
+                data=data,
+                allow_redirects=False,
+                auto_decompress=False,
+                skip_auto_headers=_SKIP_AUTO,
+                timeout=self._timeout,
+            ) as upstream:
+                outcome.status = upstream.status
+                outcome.bytes_up = counter.total
+                return await self._relay(request, upstream, outcome)
+        except PayloadTooLarge:
+            raise
+        except aiohttp.ClientError as exc:
+            if counter.too_large:
+                raise PayloadTooLarge(_too_large(self._max_body)) from None
+            raise _translate(exc, target) from None
+        except TimeoutError:
+            raise UpstreamTimeout(f"upstream {_host(target)} timed out") from None
+
+    async def _relay(
+        self, request: web.Request, upstream: aiohttp.ClientResponse, outcome: Outcome
+    ) -> web.StreamResponse:
+        out = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+        out.headers.extend(response_headers(upstream.headers))
+        chunked = "chunked" in upstream.headers.get("Transfer-Encoding", "").lower()
+        if upstream.content_length is not None and not chunked:
+            out.content_length = upstream.content_length
+        if upstream.headers.get("Content-Type", "").startswith("text/event-stream"):
+            # Tell any buffering proxy in front of us (nginx) to pass events through at once.
+            out.headers["X-Accel-Buffering"] = "no"
+        await out.prepare(request)
+        try:
+            async for chunk in upstream.content.iter_any():
+                await out.write(chunk)  # aiohttp writes straight to the transport: a flush
+                outcome.bytes_down += len(chunk)
+        except ConnectionResetError:
+            # The client went away while we wrote; leaving the `async with` closes upstream.
+            outcome.broken = "client_disconnected"
+            return out
+        except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError) as exc:
+            # Headers are gone already: the only honest signal left is to cut the connection,
+            # so the client sees a truncated response, never a clean end.
+            outcome.broken = _broken_reason(exc)
+            if request.transport is not None:
+                request.transport.abort()
+            return out
+        await out.write_eof()
+        return out
+
+
+def _broken_reason(exc: BaseException) -> str:
+    if isinstance(exc, TimeoutError):
+        return "upstream_idle_timeout"
+    return "upstream_reset"
+
+
+def _host(target: str) -> str:
+    return target.split("/")[2] if "://" in target else target
+
+
+def _translate(exc: aiohttp.ClientError, target: str) -> UpstreamError:
+    host = _host(target)
+    if isinstance(exc, aiohttp.ServerTimeoutError):
+        return UpstreamTimeout(f"upstream {host} timed out")
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return UpstreamError(f"upstream {host} is unreachable")
+    return UpstreamError(f"upstream {host} failed: {type(exc).__name__}")

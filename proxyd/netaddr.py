@@ -1,0 +1,63 @@
+"""Who is the client: the peer, or the right-most untrusted X-Forwarded-For hop when the peer
+is a trusted proxy. A spoofed X-Forwarded-For from an untrusted peer changes nothing."""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@dataclass(frozen=True, slots=True)
+class ClientView:
+    address: str  # the client's IP as proxyd believes it
+    forwarded_for: str  # the X-Forwarded-For chain to send upstream
+    proto: str
+    host: str
+
+
+def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        addr = ipaddress.ip_address(text.strip().strip("[]"))
+    except ValueError:
+        return None
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        return addr.ipv4_mapped
+    return addr
+
+
+def is_trusted(address: str | None, trusted: Sequence[Network]) -> bool:
+    if not trusted or address is None:
+        return False
+    addr = _ip(address)
+    return addr is not None and any(addr in net for net in trusted)
+
+
+def client_view(
+    peer: str | None,
+    *,
+    xff: str | None,
+    xfp: str | None,
+    xfh: str | None,
+    scheme: str,
+    host: str,
+    trusted: Sequence[Network],
+) -> ClientView:
+    peer_text = peer or "unknown"
+    if not is_trusted(peer, trusted):
+        return ClientView(peer_text, peer_text, scheme, host)
+    hops = [h.strip() for h in xff.split(",")] if xff else []
+    hops = [h for h in hops if h]
+    client = peer_text
+    # Walk right to left: the first hop that is not one of our proxies is the client.
+    for hop in reversed(hops):
+        client = hop
+        if not is_trusted(hop, trusted):
+            break
+    chain = ", ".join([*hops, peer_text])
+    proto = xfp.split(",")[0].strip().lower() if xfp else scheme
+    if proto not in ("http", "https"):
+        proto = scheme
+    return ClientView(client, chain, proto, (xfh.split(",")[0].strip() if xfh else host) or host)
