@@ -16,7 +16,9 @@ log = get_logger("proxyd")
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="proxyd", description="Identity-aware proxy for remote MCP servers")
+    parser = argparse.ArgumentParser(
+        prog="proxyd", description="Identity-aware proxy for remote MCP servers"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the daemon")
     run.add_argument("-c", "--config", required=True, help="TOML configuration file")

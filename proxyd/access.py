@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from aiohttp import web
+from aiohttp.typedefs import Handler, Middleware
 
 from proxyd.errors import ProxydError, error_response
 from proxyd.forward import Outcome
@@ -15,9 +15,6 @@ from proxyd.log import get_logger
 
 access_log = get_logger("proxyd.access")
 
-_RECORD_KEY = "proxyd.access"
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 @dataclass(slots=True)
@@ -30,9 +27,11 @@ class AccessRecord:
     outcome: Outcome | None = None
 
 
+_RECORD_KEY = web.RequestKey("proxyd_access", AccessRecord)
+
+
 def access_record(request: web.Request) -> AccessRecord:
-    record: AccessRecord = request[_RECORD_KEY]
-    return record
+    return request[_RECORD_KEY]
 
 
 def resource_metadata_url(public_url: str, request: web.Request) -> str | None:
@@ -43,7 +42,7 @@ def resource_metadata_url(public_url: str, request: web.Request) -> str | None:
     return f"{public_url}/.well-known/oauth-protected-resource/mcp/apps/{app}"
 
 
-def access_middleware(public_url: str) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
+def access_middleware(public_url: str) -> Middleware:
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         started = time.perf_counter()

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
-from aiocache import SimpleMemoryCache  # type: ignore[import-untyped]
+from aiocache import SimpleMemoryCache
 from aiohttp import web
 
 from proxyd.access import access_middleware
@@ -37,11 +37,13 @@ def create_app(
     clocks: Clocks = DEFAULT_CLOCKS,
     rng: random.Random | None = None,
 ) -> web.Application:
+    ceiling = _parser_ceiling(settings)
     app = web.Application(
         middlewares=[access_middleware(settings.server.public_url)],
-        handler_args={"max_field_size": _parser_ceiling(settings), "max_line_size": _parser_ceiling(settings)},
+        handler_args={"max_field_size": ceiling, "max_line_size": ceiling},
     )
-    registry = Registry(settings.apps, rng or random.Random())
+    # Spreads load over app servers; not a security decision, so any PRNG will do.
+    registry = Registry(settings.apps, rng or random.Random())  # noqa: S311
     store = AppAuthStore(settings.app_auth_configs)
     app[AUTH_STORE] = store
 

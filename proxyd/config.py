@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import math
 import re
 import tomllib
 from collections.abc import Callable, Iterator, Mapping
@@ -24,7 +25,10 @@ T = TypeVar("T")
 # The JWS algorithms proxyd accepts from an identity provider: asymmetric only, so a public key
 # can never be used as an HMAC secret (RFC 8725 §2.1, §3.1) and "none" is impossible.
 ASYMMETRIC_ALGORITHMS = frozenset(
-    {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA", "Ed25519"}
+    {
+        "RS256", "RS384", "RS512", "PS256", "PS384", "PS512",
+        "ES256", "ES384", "ES512", "EdDSA", "Ed25519",
+    }
 )
 # MCP 2025-06-18 §Authorization recommends Bearer tokens of IdPs; Entra tokens with group claims
 # reach 8 KiB, so the default header budget is larger than aiohttp's 8190-byte field limit.
@@ -39,6 +43,8 @@ _SIZE_UNITS = {
 }
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 _HEADER_NAME_RE = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")
+# Typed empty defaults for _Table.get (a bare () or {} would make mypy infer T too narrowly).
+_NO_STRS: tuple[str, ...] = ()
 
 
 class ConfigError(Exception):
@@ -170,6 +176,9 @@ def parse_duration(value: object) -> float:
     if isinstance(value, bool):
         raise ValueError("expected a duration such as \"30s\" or \"5m\"")
     if isinstance(value, int | float):
+        # TOML has inf and nan; neither is a usable duration (nan even passes "<= 0" checks).
+        if not math.isfinite(value):
+            raise ValueError("must be a finite number of seconds")
         if value < 0:
             raise ValueError("must not be negative")
         return float(value)
@@ -449,7 +458,7 @@ def _parse_server(t: _Table) -> ServerSettings:
             listen_port=port,
             public_url=public_url.rstrip("/"),
             trusted_proxies=t.get("trusted_proxies", _list_of(_network), ()),
-            allowed_origins=frozenset(t.get("allowed_origins", _list_of(parse_origin), ())),
+            allowed_origins=frozenset(t.get("allowed_origins", _list_of(parse_origin), _NO_STRS)),
             max_request_body=t.get("max_request_body", parse_size, d.max_request_body),
             max_header_size=t.get("max_header_size", parse_size, d.max_header_size),
             state_dir=t.get("state_dir", _nonempty_str, d.state_dir),
@@ -542,8 +551,8 @@ def _parse_apps(root: _Table) -> tuple[AppSettings, ...]:
     for t in root.tables("apps"):
         with t.closed():
             name = t.require("name", _name, "")
-            labels = t.get("labels", _labels, {})
-            servers = t.require("servers", _list_of(_server_url), ())
+            labels: dict[str, str] = t.get("labels", _labels, {})
+            servers = t.require("servers", _list_of(_server_url), _NO_STRS)
         if "servers" in t.data and not servers and isinstance(t.data["servers"], list):
             t.problem("servers", "at least one server is required")
         if name and name in names:
@@ -562,7 +571,12 @@ def parse_app_auth_config(t: _Table, source: str) -> AppAuthConfig:
         if "jwt" not in t.data:
             t.problem("jwt", "required")
         jwt = _parse_jwt(jt)
-    if "app_labels" in t.data and not selector.terms and not selector.match_all and isinstance(t.data["app_labels"], Mapping):
+    if (
+        "app_labels" in t.data
+        and not selector.terms
+        and not selector.match_all
+        and isinstance(t.data["app_labels"], Mapping)
+    ):
         # Teleport's rule (ValidateAppAuthConfig): a config selecting nothing is a mistake.
         t.problem("app_labels", "must select at least one label (use { \"*\" = \"*\" } for all)")
     return AppAuthConfig(name=name, app_labels=selector, jwt=jwt, source=source)
@@ -574,13 +588,16 @@ def _parse_jwt(t: _Table) -> JwtSettings:
         audience = t.require("audience", _nonempty_str, "")
         jwks_url = t.get("jwks_url", parse_http_url, None)
         static_jwks = t.get("static_jwks", _static_jwks, None)
+        before = len(t.problems)
+        algorithms: frozenset[str] = t.get("algorithms", _algorithms, frozenset())
+        algorithms_ok = len(t.problems) == before
         settings = JwtSettings(
             issuer=issuer,
             audience=audience,
             jwks_url=jwks_url,
             static_jwks=static_jwks,
             username_claim=t.get("username_claim", _nonempty_str, "email"),
-            algorithms=t.get("algorithms", _algorithms, frozenset()),
+            algorithms=algorithms,
             max_token_age=t.get("max_token_age", _positive_duration, 1800.0),
             leeway=t.get("leeway", parse_duration, 60.0),
         )
@@ -589,22 +606,37 @@ def _parse_jwt(t: _Table) -> JwtSettings:
         t.problem(None, "exactly one of jwks_url or static_jwks is required")
     if settings.leeway > 300:
         t.problem("leeway", "at most 5m")
+    if settings.static_jwks is not None and algorithms_ok:
+        # Check the keys with the config's own algorithms, exactly as AppAuthStore will parse
+        # them: keys without an "alg" are usable once `algorithms` is set, and a key set that
+        # `algorithms` filters down to nothing must fail here, not crash the daemon at start.
+        _check_static_jwks(t, settings.static_jwks, settings.algorithms)
     return settings
 
 
 def _static_jwks(value: object) -> str:
-    from proxyd.auth.keys import KeySetError, parse_jwks  # local: keys imports config
-
+    """The JWKS as JSON text; whether its keys are usable depends on `algorithms` (below)."""
     text = value if isinstance(value, str) else None
     if isinstance(value, Mapping):
         text = json.dumps(value)
     if text is None:
         raise ValueError("expected a JWKS as a JSON string or an inline table")
     try:
-        parse_jwks(text.encode(), frozenset())
-    except KeySetError as exc:
-        raise ValueError(str(exc)) from None
+        doc = json.loads(text)
+    except ValueError:
+        raise ValueError("JWKS is not valid JSON") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("keys"), list):
+        raise ValueError('JWKS must be an object with a "keys" array')
     return text
+
+
+def _check_static_jwks(t: _Table, text: str, algorithms: frozenset[str]) -> None:
+    from proxyd.auth.keys import KeySetError, parse_jwks  # local: keys imports config
+
+    try:
+        parse_jwks(text.encode(), algorithms)
+    except KeySetError as exc:
+        t.problem("static_jwks", str(exc))
 
 
 def _parse_app_auth_section(t: _Table) -> str | None:

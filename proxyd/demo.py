@@ -156,8 +156,12 @@ class DemoServer:
             note = {
                 "jsonrpc": "2.0",
                 "method": "notifications/progress",
-                "params": {"progressToken": token, "progress": step, "total": steps,
-                           "message": f"{steps - step} to go"},
+                "params": {
+                    "progressToken": token,
+                    "progress": step,
+                    "total": steps,
+                    "message": f"{steps - step} to go",
+                },
             }
             await resp.write(f"event: message\ndata: {json.dumps(note)}\n\n".encode())
             await asyncio.sleep(interval)

@@ -37,7 +37,9 @@ class DevIssuer:
         public = self._key.as_dict(private=False)
         return {"keys": [{**public, "kid": self.kid, "alg": "ES256", "use": "sig"}]}
 
-    def token(self, username: str = DEV_USER, ttl: float = 12 * 3600, now: float | None = None) -> str:
+    def token(
+        self, username: str = DEV_USER, ttl: float = 12 * 3600, now: float | None = None
+    ) -> str:
         issued = int(time.time() if now is None else now)
         claims = {
             "iss": self.issuer,
@@ -47,7 +49,9 @@ class DevIssuer:
             "iat": issued,
             "exp": issued + int(ttl),
         }
-        return jwt.encode({"alg": "ES256", "kid": self.kid}, claims, self._key, algorithms=["ES256"])
+        return jwt.encode(
+            {"alg": "ES256", "kid": self.kid}, claims, self._key, algorithms=["ES256"]
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,9 +61,14 @@ class DevSetup:
     token: str
 
 
-def dev_settings(listen: str, demo_url: str, issuer: DevIssuer, state_dir: str | None = None) -> Settings:
+def dev_settings(
+    listen: str, demo_url: str, issuer: DevIssuer, state_dir: str | None = None
+) -> Settings:
     doc: dict[str, Any] = {
-        "server": {"listen": listen, "state_dir": state_dir or tempfile.mkdtemp(prefix="proxyd-dev-")},
+        "server": {
+            "listen": listen,
+            "state_dir": state_dir or tempfile.mkdtemp(prefix="proxyd-dev-"),
+        },
         "admin": {"enabled": False},
         "log": {"format": "console"},
         "apps": [{"name": "demo", "labels": {"env": "dev"}, "servers": [demo_url]}],
@@ -87,18 +96,27 @@ def instructions(public_url: str, token: str) -> str:
             "jsonrpc": "2.0",
             "id": 1,
             "method": "tools/call",
-            "params": {"name": "countdown", "arguments": {"steps": 5}, "_meta": {"progressToken": 1}},
+            "params": {
+                "name": "countdown",
+                "arguments": {"steps": 5},
+                "_meta": {"progressToken": 1},
+            },
         }
     )
     curl = " ".join(
         [
             "curl -N",
             shlex.quote(url),
-            "-H", shlex.quote(f"Authorization: Bearer {token}"),
-            "-H", shlex.quote("Content-Type: application/json"),
-            "-H", shlex.quote("Accept: application/json, text/event-stream"),
-            "-H", shlex.quote("MCP-Protocol-Version: 2025-11-25"),
-            "-d", shlex.quote(body),
+            "-H",
+            shlex.quote(f"Authorization: Bearer {token}"),
+            "-H",
+            shlex.quote("Content-Type: application/json"),
+            "-H",
+            shlex.quote("Accept: application/json, text/event-stream"),
+            "-H",
+            shlex.quote("MCP-Protocol-Version: 2025-11-25"),
+            "-d",
+            shlex.quote(body),
         ]
     )
     return "\n".join(

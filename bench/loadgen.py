@@ -1,0 +1,324 @@
+"""The benchmark's Python load generator, run as its own process by bench/run.py.
+
+    python bench/loadgen.py        # then one JSON job per line on stdin, one JSON result per line
+
+It speaks HTTP/1.1 over raw asyncio streams (keep-alive, Content-Length and chunked bodies) so
+that the client costs far less per request than the servers it measures; uvloop is used when
+it is installed. Jobs:
+
+- ``once``: one request; status, body (first 2 KiB) and latency;
+- ``post``: ``concurrency`` connections sending the same request in a loop for ``duration``
+  seconds; requests, per-status counts, elapsed time, latency percentiles (µs);
+- ``sse``: ``streams`` GET streams on fresh connections; time to first event, and per event
+  the receive time (CLOCK_MONOTONIC) minus the upstream's stamp ``t`` (µs);
+- ``big``: ``repeat`` GETs of a large body on one connection; bytes and elapsed time.
+
+Every result carries ``statuses`` so the caller can insist on 200.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+from collections import Counter
+from typing import Any
+
+Job = dict[str, Any]
+Result = dict[str, Any]
+
+_READ_SIZE = 1 << 20
+_BODY_KEEP = 2048
+
+
+class HttpError(Exception):
+    pass
+
+
+def build_request(job: Job, method: str) -> bytes:
+    body: bytes = str(job.get("body", "")).encode()
+    lines = [f"{method} {job['path']} HTTP/1.1", f"Host: {job['host']}:{job['port']}"]
+    lines += [f"{name}: {value}" for name, value in dict(job.get("headers", {})).items()]
+    if body or method == "POST":
+        lines.append(f"Content-Length: {len(body)}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+
+
+class Response:
+    __slots__ = ("chunked", "length", "status", "will_close")
+
+    def __init__(self, head: bytes) -> None:
+        try:
+            status_line, *header_lines = head.decode("latin-1").split("\r\n")
+            self.status = int(status_line.split(" ", 2)[1])
+        except (IndexError, ValueError):
+            raise HttpError(f"malformed response head: {head[:200]!r}") from None
+        self.length: int | None = None
+        self.chunked = False
+        self.will_close = False
+        for line in header_lines:
+            name, _, value = line.partition(":")
+            key = name.strip().lower()
+            if key == "content-length":
+                self.length = int(value.strip())
+            elif key == "transfer-encoding":
+                self.chunked = "chunked" in value.lower()
+            elif key == "connection":
+                self.will_close = "close" in value.lower()
+
+
+async def read_head(reader: asyncio.StreamReader) -> Response:
+    try:
+        head = await reader.readuntil(b"\r\n\r\n")
+    except asyncio.IncompleteReadError as exc:
+        raise HttpError("connection closed before a response") from exc
+    return Response(head)
+
+
+async def iter_body(reader: asyncio.StreamReader, response: Response) -> Any:
+    """Yield the body as it arrives (chunk framing removed)."""
+    if response.chunked:
+        while True:
+            size_line = await reader.readuntil(b"\r\n")
+            size = int(size_line.split(b";", 1)[0].strip(), 16)
+            if size == 0:
+                await reader.readuntil(b"\r\n")  # no trailers from our servers
+                return
+            remaining = size
+            while remaining:
+                data = await reader.read(min(remaining, _READ_SIZE))
+                if not data:
+                    raise HttpError("connection closed inside a chunk")
+                remaining -= len(data)
+                yield data
+            await reader.readexactly(2)
+    elif response.length is not None:
+        remaining = response.length
+        while remaining:
+            data = await reader.read(min(remaining, _READ_SIZE))
+            if not data:
+                raise HttpError("connection closed inside a body")
+            remaining -= len(data)
+            yield data
+    else:
+        while data := await reader.read(_READ_SIZE):
+            yield data
+
+
+async def read_body(reader: asyncio.StreamReader, response: Response) -> bytes:
+    if response.length is not None and not response.chunked:
+        return await reader.readexactly(response.length)
+    parts = [part async for part in iter_body(reader, response)]
+    return b"".join(parts)
+
+
+class Connection:
+    def __init__(self, host: str, port: int) -> None:
+        self.host = host
+        self.port = port
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def open(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        if self.reader is None or self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection(
+                self.host, self.port, limit=_READ_SIZE
+            )
+        return self.reader, self.writer
+
+    async def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            try:
+                await self.writer.wait_closed()
+            except OSError:
+                pass
+        self.reader = self.writer = None
+
+    async def roundtrip(self, raw: bytes) -> tuple[int, bytes]:
+        reader, writer = await self.open()
+        writer.write(raw)
+        response = await read_head(reader)
+        body = await read_body(reader, response)
+        if response.will_close:
+            await self.close()
+        return response.status, body
+
+
+def percentiles(values: list[int]) -> dict[str, float]:
+    if not values:
+        return {"count": 0}
+    ordered = sorted(values)
+
+    def pick(q: float) -> float:
+        return float(ordered[min(len(ordered) - 1, int(q * len(ordered)))])
+
+    return {
+        "count": len(ordered),
+        "mean": sum(ordered) / len(ordered),
+        "p50": pick(0.50),
+        "p90": pick(0.90),
+        "p99": pick(0.99),
+        "max": float(ordered[-1]),
+    }
+
+
+async def job_once(job: Job) -> Result:
+    conn = Connection(job["host"], job["port"])
+    try:
+        started = time.perf_counter_ns()
+        status, body = await conn.roundtrip(build_request(job, job.get("method", "POST")))
+        elapsed = time.perf_counter_ns() - started
+    finally:
+        await conn.close()
+    return {
+        "statuses": {str(status): 1},
+        "body": body[:_BODY_KEEP].decode("utf-8", "replace"),
+        "latency_us": elapsed / 1000,
+    }
+
+
+async def job_post(job: Job) -> Result:
+    raw = build_request(job, "POST")
+    duration = float(job["duration"])
+    statuses: Counter[int] = Counter()
+    latencies: list[int] = []
+    bad_body: list[str] = []
+
+    async def worker(deadline: float) -> None:
+        conn = Connection(job["host"], job["port"])
+        clock = time.perf_counter_ns
+        try:
+            while clock() < deadline:
+                started = clock()
+                status, body = await conn.roundtrip(raw)
+                latencies.append(clock() - started)
+                statuses[status] += 1
+                if status != 200 and not bad_body:
+                    bad_body.append(body[:_BODY_KEEP].decode("utf-8", "replace"))
+        finally:
+            await conn.close()
+
+    started = time.perf_counter_ns()
+    deadline = started + int(duration * 1e9)
+    await asyncio.gather(*(worker(deadline) for _ in range(int(job["concurrency"]))))
+    elapsed = (time.perf_counter_ns() - started) / 1e9
+    return {
+        "requests": len(latencies),
+        "elapsed": elapsed,
+        "statuses": {str(k): v for k, v in statuses.items()},
+        "latency_us": percentiles([ns // 1000 for ns in latencies]),
+        "body": bad_body[0] if bad_body else "",
+    }
+
+
+async def one_stream(job: Job) -> tuple[int, float | None, list[int], str]:
+    """One SSE stream on a fresh connection: status, first event (µs), per-event delays (µs)."""
+    conn = Connection(job["host"], job["port"])
+    delays: list[int] = []
+    first: float | None = None
+    try:
+        started = time.monotonic_ns()
+        reader, writer = await conn.open()
+        writer.write(build_request(job, "GET"))
+        response = await read_head(reader)
+        if response.status != 200:
+            body = await read_body(reader, response)
+            return response.status, None, [], body[:_BODY_KEEP].decode("utf-8", "replace")
+        buffer = b""
+        async for data in iter_body(reader, response):
+            received = time.monotonic_ns()
+            buffer += data
+            *events, buffer = buffer.split(b"\n\n")
+            for event in events:
+                for line in event.split(b"\n"):
+                    if line.startswith(b"data:"):
+                        stamp = int(json.loads(line[5:])["t"])
+                        delays.append(received - stamp)
+                        if first is None:
+                            first = (received - started) / 1000
+    finally:
+        await conn.close()
+    return response.status, first, [d // 1000 for d in delays], ""
+
+
+async def job_sse(job: Job) -> Result:
+    results = await asyncio.gather(*(one_stream(job) for _ in range(int(job.get("streams", 1)))))
+    statuses: Counter[int] = Counter(status for status, _, _, _ in results)
+    firsts = [int(first) for _, first, _, _ in results if first is not None]
+    delays = [d for _, _, ds, _ in results for d in ds]
+    return {
+        "statuses": {str(k): v for k, v in statuses.items()},
+        "first_event_us": percentiles(firsts),
+        "delay_us": percentiles(delays),
+        "events": len(delays),
+        "body": next((body for _, _, _, body in results if body), ""),
+    }
+
+
+async def job_big(job: Job) -> Result:
+    raw = build_request(job, "GET")
+    conn = Connection(job["host"], job["port"])
+    statuses: Counter[int] = Counter()
+    total = 0
+    elapsed_ns = 0
+    body_text = ""
+    try:
+        for _ in range(int(job["repeat"])):
+            reader, writer = await conn.open()
+            started = time.perf_counter_ns()
+            writer.write(raw)
+            response = await read_head(reader)
+            size = 0
+            async for data in iter_body(reader, response):
+                size += len(data)
+                if response.status != 200 and len(body_text) < _BODY_KEEP:
+                    body_text += data.decode("utf-8", "replace")
+            elapsed_ns += time.perf_counter_ns() - started
+            statuses[response.status] += 1
+            total += size
+            if response.will_close:
+                await conn.close()
+    finally:
+        await conn.close()
+    return {
+        "statuses": {str(k): v for k, v in statuses.items()},
+        "bytes": total,
+        "elapsed": elapsed_ns / 1e9,
+        "body": body_text[:_BODY_KEEP],
+    }
+
+
+JOBS = {"once": job_once, "post": job_post, "sse": job_sse, "big": job_big}
+
+
+async def serve() -> None:
+    loop = asyncio.get_running_loop()
+    for line in sys.stdin:  # one job at a time: the measured run is the only thing running
+        if not line.strip():
+            continue
+        job: Job = json.loads(line)
+        try:
+            result = await JOBS[job["kind"]](job)
+        except (OSError, HttpError, asyncio.IncompleteReadError, ValueError) as exc:
+            result = {"error": f"{type(exc).__name__}: {exc}", "statuses": {}}
+        result["client_cpu"] = time.process_time()
+        sys.stdout.write(json.dumps(result) + "\n")
+        sys.stdout.flush()
+        del loop  # the loop is only held to make clear jobs share it
+        loop = asyncio.get_running_loop()
+
+
+def main() -> int:
+    try:
+        import uvloop  # noqa: PLC0415 - optional accelerator
+    except ImportError:
+        asyncio.run(serve())
+    else:
+        uvloop.run(serve())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
