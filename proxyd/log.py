@@ -20,7 +20,9 @@ SECRET_KEYS = frozenset(
 
 
 def get_logger(name: str) -> Any:
-    return structlog.get_logger().bind(logger=name)
+    # Initial values on a lazy proxy (not .bind(), which would freeze the logger with the
+    # configuration of import time and ignore configure()).
+    return structlog.wrap_logger(None, logger_name=name)
 
 
 def _redact(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
