@@ -9,8 +9,8 @@ it is installed. Jobs:
 - ``once``: one request; status, body (first 2 KiB) and latency;
 - ``post``: ``concurrency`` connections sending the same request in a loop for ``duration``
   seconds; requests, per-status counts, elapsed time, latency percentiles (µs);
-- ``sse``: ``streams`` GET streams on fresh connections; time to first event, and per event
-  the receive time (CLOCK_MONOTONIC) minus the upstream's stamp ``t`` (µs);
+- ``sse``: ``streams`` GET streams on fresh connections; each stream's time to first event,
+  and each event's receive time (CLOCK_MONOTONIC) minus the upstream's stamp ``t`` (µs lists);
 - ``big``: ``repeat`` GETs of a large body on one connection; bytes and elapsed time.
 
 Every result carries ``statuses`` so the caller can insist on 200.
@@ -19,6 +19,7 @@ Every result carries ``statuses`` so the caller can insist on 200.
 from __future__ import annotations
 
 import asyncio
+import importlib
 import json
 import sys
 import time
@@ -250,9 +251,8 @@ async def job_sse(job: Job) -> Result:
     delays = [d for _, _, ds, _ in results for d in ds]
     return {
         "statuses": {str(k): v for k, v in statuses.items()},
-        "first_event_us": percentiles(firsts),
-        "delay_us": percentiles(delays),
-        "events": len(delays),
+        "first_event_us": firsts,
+        "delay_us": delays,
         "body": next((body for _, _, _, body in results if body), ""),
     }
 
@@ -293,8 +293,7 @@ async def job_big(job: Job) -> Result:
 JOBS = {"once": job_once, "post": job_post, "sse": job_sse, "big": job_big}
 
 
-async def serve() -> None:
-    loop = asyncio.get_running_loop()
+async def serve(loop_name: str) -> None:
     for line in sys.stdin:  # one job at a time: the measured run is the only thing running
         if not line.strip():
             continue
@@ -303,20 +302,18 @@ async def serve() -> None:
             result = await JOBS[job["kind"]](job)
         except (OSError, HttpError, asyncio.IncompleteReadError, ValueError) as exc:
             result = {"error": f"{type(exc).__name__}: {exc}", "statuses": {}}
-        result["client_cpu"] = time.process_time()
+        result["loop"] = loop_name
         sys.stdout.write(json.dumps(result) + "\n")
         sys.stdout.flush()
-        del loop  # the loop is only held to make clear jobs share it
-        loop = asyncio.get_running_loop()
 
 
 def main() -> int:
     try:
-        import uvloop  # noqa: PLC0415 - optional accelerator
+        uvloop: Any = importlib.import_module("uvloop")  # optional: a cheaper client
     except ImportError:
-        asyncio.run(serve())
+        asyncio.run(serve("asyncio"))
     else:
-        uvloop.run(serve())
+        uvloop.run(serve("uvloop"))
     return 0
 
 

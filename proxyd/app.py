@@ -56,7 +56,10 @@ def create_app(
             trust_env=False,
         )
         jwks = JwksCache(http, settings.jwks, clocks.monotonic)
-        sessions = SessionStore(SimpleMemoryCache(), clocks.wall, settings.sessions.max_ttl)
+        # timeout=None: aiocache's default 5 s timeout wraps every get in asyncio.wait_for,
+        # a task per lookup on the hot path, for an in-memory dict that cannot block.
+        cache = SimpleMemoryCache(timeout=None)
+        sessions = SessionStore(cache, clocks.wall, settings.sessions.max_ttl)
         key = load_or_create_key(settings.identity.key_file, settings.server.state_dir)
         signer = AssertionSigner(key, settings.server.public_url, settings.identity.ttl)
         app[JWKS_CACHE] = jwks

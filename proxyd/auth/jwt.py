@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from proxyd.errors import InvalidToken
 warnings.filterwarnings("ignore", category=SecurityWarning, message=".*EdDSA.*")
 
 MAX_TOKEN_BYTES = 16 * 1024
+_MAX_NUMERIC_DATE = 2**53  # beyond this an int is not exactly a float (and may overflow one)
 # Claims kept with a session for later policy (roles, issue 5); bounded so a token cannot bloat
 # the cache.
 MAX_KEPT_CLAIMS_BYTES = 4096
@@ -59,7 +61,8 @@ class Identity:
 def _b64json(part: str) -> Any:
     try:
         return json.loads(base64.urlsafe_b64decode(part + "=" * (-len(part) % 4)))
-    except (binascii.Error, ValueError, UnicodeDecodeError):
+    # RecursionError: deeply nested JSON ("[[[[…") fits in 16 KiB and must be a 401, not a 500.
+    except (binascii.Error, ValueError, UnicodeDecodeError, RecursionError):
         raise InvalidToken("token is not a valid JWT", reason="malformed_token") from None
 
 
@@ -95,7 +98,9 @@ def verify_signature(token: UnverifiedToken, keyset: KeySet) -> None:
     candidates: tuple[VerifyKey, ...] = found if isinstance(found, tuple) else (found,)
     usable = [vk for vk in candidates if alg in vk.algorithms]
     if not usable:
-        raise InvalidToken(f"token algorithm {alg} is not allowed for its key", reason="alg_not_allowed")
+        raise InvalidToken(
+            f"token algorithm {alg} is not allowed for its key", reason="alg_not_allowed"
+        )
     for vk in usable:
         try:
             jws.deserialize_compact(token.raw, vk.key, algorithms=[alg])
@@ -109,7 +114,11 @@ def _numeric(claims: Mapping[str, Any], name: str) -> float | None:
     value = claims.get(name)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int | float):
+    # Non-finite values (JSON NaN/Infinity, which Python's json accepts) and ints too large for a
+    # float are not NumericDates: NaN compares false with everything, so it would never expire,
+    # and float(10**400) raises OverflowError (a 500).
+    numeric = isinstance(value, int | float) and not isinstance(value, bool)
+    if not numeric or abs(value) > _MAX_NUMERIC_DATE or not math.isfinite(value):
         raise InvalidToken(f"token claim {name!r} is not a NumericDate", reason=f"invalid_{name}")
     return float(value)
 
@@ -162,7 +171,9 @@ def kept_claims(claims: Mapping[str, Any]) -> dict[str, Any]:
     return kept
 
 
-def verify(token: UnverifiedToken, keyset: KeySet, settings: JwtSettings, config: str, now: float) -> Identity:
+def verify(
+    token: UnverifiedToken, keyset: KeySet, settings: JwtSettings, config: str, now: float
+) -> Identity:
     verify_signature(token, keyset)
     claims = token.claims
     check_claims(claims, settings, now)
