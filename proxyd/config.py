@@ -277,6 +277,11 @@ class _Table:
             return default
         try:
             return parse(self.data[key])
+        except _ItemErrors as exc:
+            # One problem per bad item, with its own path: ``apps[1].servers[0]: …``.
+            for index, message in exc.items:
+                self.problems.append(f"{self._key(key)}[{index}]: {message}")
+            return default
         except ValueError as exc:
             self.problem(key, str(exc))
             return default
@@ -360,19 +365,27 @@ def _name(value: object) -> str:
     return text
 
 
+class _ItemErrors(ValueError):
+    """Problems of individual list items; _Table.get reports each as ``key[index]: message``."""
+
+    def __init__(self, items: list[tuple[int, str]]) -> None:
+        super().__init__("; ".join(f"[{index}]: {message}" for index, message in items))
+        self.items = items
+
+
 def _list_of(parse: Callable[[object], T]) -> Callable[[object], tuple[T, ...]]:
     def parse_list(value: object) -> tuple[T, ...]:
         if not isinstance(value, list):
             raise ValueError("expected a list")
         out: list[T] = []
-        errors: list[str] = []
+        errors: list[tuple[int, str]] = []
         for index, item in enumerate(value):
             try:
                 out.append(parse(item))
             except ValueError as exc:
-                errors.append(f"[{index}]: {exc}")
+                errors.append((index, str(exc)))
         if errors:
-            raise ValueError("; ".join(errors))
+            raise _ItemErrors(errors)
         return tuple(out)
 
     return parse_list
@@ -553,7 +566,9 @@ def _parse_apps(root: _Table) -> tuple[AppSettings, ...]:
             name = t.require("name", _name, "")
             labels: dict[str, str] = t.get("labels", _labels, {})
             servers = t.require("servers", _list_of(_server_url), _NO_STRS)
-        if "servers" in t.data and not servers and isinstance(t.data["servers"], list):
+        # Only an empty list: when items were invalid, `servers` is the () default and the
+        # item problems are already reported (claiming "none given" would be wrong).
+        if t.data.get("servers") == []:
             t.problem("servers", "at least one server is required")
         if name and name in names:
             t.problem("name", f"duplicate app name {name!r}")
@@ -570,16 +585,29 @@ def parse_app_auth_config(t: _Table, source: str) -> AppAuthConfig:
         jt = t.table("jwt")
         if "jwt" not in t.data:
             t.problem("jwt", "required")
+            # Parse the missing table quietly: "jwt: required" says it all.
+            jt = _Table({}, jt.path, [])
         jwt = _parse_jwt(jt)
-    if (
-        "app_labels" in t.data
-        and not selector.terms
-        and not selector.match_all
-        and isinstance(t.data["app_labels"], Mapping)
-    ):
+    # Only an empty table selects nothing; an invalid one is already reported (and left the
+    # empty default selector, which must not add a second, misleading problem).
+    if isinstance(t.data.get("app_labels"), Mapping) and not t.data["app_labels"]:
         # Teleport's rule (ValidateAppAuthConfig): a config selecting nothing is a mistake.
         t.problem("app_labels", "must select at least one label (use { \"*\" = \"*\" } for all)")
     return AppAuthConfig(name=name, app_labels=selector, jwt=jwt, source=source)
+
+
+def _parse_main_app_auth_configs(root: _Table) -> tuple[AppAuthConfig, ...]:
+    configs: list[AppAuthConfig] = []
+    names: set[str] = set()
+    for t in root.tables("app_auth_configs"):
+        config = parse_app_auth_config(t, "main")
+        if config.name and config.name in names:
+            # Reported here with its key path (merge_app_auth_configs could only say "main").
+            t.problem("name", f"duplicate app auth config name {config.name!r}")
+            continue
+        names.add(config.name)
+        configs.append(config)
+    return tuple(configs)
 
 
 def _parse_jwt(t: _Table) -> JwtSettings:
@@ -697,9 +725,7 @@ def parse_settings(data: Mapping[str, Any], path: str | None = None) -> Settings
         identity = _parse_identity(root.table("identity"))
         jwks = _parse_jwks(root.table("jwks"))
         apps = _parse_apps(root)
-        main_configs = tuple(
-            parse_app_auth_config(t, "main") for t in root.tables("app_auth_configs")
-        )
+        main_configs = _parse_main_app_auth_configs(root)
         config_dir = _parse_app_auth_section(root.table("app_auth"))
     extra: list[AppAuthConfig] = []
     if config_dir is not None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-
 from proxyd.auth.jwks import JwksCache, JwksUnavailable
 from proxyd.auth.jwt import Identity, UnverifiedToken, peek, verify
 from proxyd.auth.keys import KeySet, parse_jwks
@@ -56,7 +55,9 @@ class AppAuthStore:
 class Authenticator:
     """Verifies a bearer token for an app against the matching app auth configs, in name order."""
 
-    def __init__(self, store: AppAuthStore, jwks: JwksCache, wall_clock: Callable[[], float]) -> None:
+    def __init__(
+        self, store: AppAuthStore, jwks: JwksCache, wall_clock: Callable[[], float]
+    ) -> None:
         self._store = store
         self._jwks = jwks
         self._now = wall_clock
@@ -81,18 +82,25 @@ class Authenticator:
                 continue
             except JwksUnavailable as exc:
                 unavailable.append(config.name)
-                log.warning("app_auth_keys_unavailable", app=app, config=config.name, error=str(exc))
+                log.warning(
+                    "app_auth_keys_unavailable", app=app, config=config.name, error=str(exc)
+                )
                 continue
             return identity
+        if unavailable:
+            # Some config that might accept this token could not be checked: "try again" is
+            # the honest answer, not a definitive 401.
+            raise ServiceUnavailable(
+                "identity provider keys are unavailable; try again shortly",
+                reason="jwks_unavailable",
+            )
         if failures:
             raise failures[0]
-        if unavailable:
-            raise ServiceUnavailable(
-                "identity provider keys are unavailable; try again shortly", reason="jwks_unavailable"
-            )
         raise InvalidToken("token issuer is not accepted for this app", reason="wrong_issuer")
 
-    async def _keys(self, snapshot: AuthSnapshot, config: AppAuthConfig, token: UnverifiedToken) -> KeySet:
+    async def _keys(
+        self, snapshot: AuthSnapshot, config: AppAuthConfig, token: UnverifiedToken
+    ) -> KeySet:
         static = snapshot.static_keys.get(config.name)
         if static is not None:
             return static

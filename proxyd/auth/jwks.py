@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import aiohttp
 
 from proxyd.auth.keys import KeySet, KeySetError, parse_jwks
-from proxyd.config import JwksSettings
+from proxyd.config import ASYMMETRIC_ALGORITHMS, JwksSettings
 from proxyd.log import get_logger
 
 log = get_logger("proxyd.jwks")
@@ -87,7 +87,11 @@ class JwksCache:
             if keyset is None:
                 raise JwksUnavailable(f"JWKS at {url} has no usable key")
             return keyset
-        await self._refresh(url, entry)
+        recently_failed = now - entry.last_attempt < self._settings.refetch_interval
+        if entry.inflight is not None or not recently_failed:
+            await self._refresh(url, entry)
+        # else: never fetched and the last try failed moments ago. Answer at once instead of
+        # sending every new token's request to an identity provider that is down.
         keyset = self._parsed(entry, algorithms) if entry.raw is not None else None
         if keyset is None:
             raise JwksUnavailable(entry.last_error or f"JWKS at {url} unavailable")
@@ -120,7 +124,10 @@ class JwksCache:
         self.fetches += 1
         try:
             raw, cache_control = await self._download(url)
-            parse_jwks(raw, frozenset())  # structural check; per-config algs apply later
+            # Structural check: at least one key usable by SOME config. Not frozenset(): keys
+            # without "alg" (Entra, …) are usable by configs that list `algorithms`, and must
+            # not turn every fetch into a failure. Per-config algorithms apply in _parsed.
+            parse_jwks(raw, ASYMMETRIC_ALGORITHMS)
         except _FetchFailed as exc:
             self._failed(url, entry, str(exc))
         except KeySetError as exc:

@@ -70,7 +70,8 @@ def parse_jwks(raw: bytes, configured_algorithms: frozenset[str]) -> KeySet:
     """Parse a JWKS; keys that cannot verify anything are skipped, an empty result is an error."""
     try:
         doc = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
+    # RecursionError: deeply nested JSON must be "invalid", not escape the fetch task.
+    except (ValueError, UnicodeDecodeError, RecursionError):
         raise KeySetError("JWKS is not valid JSON") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("keys"), list):
         raise KeySetError('JWKS must be an object with a "keys" array')
