@@ -9,7 +9,8 @@ it is installed. Jobs:
 - ``once``: one request; status, body (first 2 KiB) and latency;
 - ``post``: ``concurrency`` connections sending the same request in a loop for ``duration``
   seconds; requests, per-status counts, elapsed time, latency percentiles (µs);
-- ``sse``: ``streams`` GET streams on fresh connections; each stream's time to first event,
+- ``sse``: ``repeat`` times ``streams`` parallel GET streams on fresh connections; each
+  stream's time to first event,
   and each event's receive time (CLOCK_MONOTONIC) minus the upstream's stamp ``t`` (µs lists);
 - ``big``: ``repeat`` GETs of a large body on one connection; bytes and elapsed time.
 
@@ -19,6 +20,7 @@ Every result carries ``statuses`` so the caller can insist on 200.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib
 import json
 import sys
@@ -131,10 +133,8 @@ class Connection:
     async def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
-            try:
+            with contextlib.suppress(OSError):
                 await self.writer.wait_closed()
-            except OSError:
-                pass
         self.reader = self.writer = None
 
     async def roundtrip(self, raw: bytes) -> tuple[int, bytes]:
@@ -245,7 +245,10 @@ async def one_stream(job: Job) -> tuple[int, float | None, list[int], str]:
 
 
 async def job_sse(job: Job) -> Result:
-    results = await asyncio.gather(*(one_stream(job) for _ in range(int(job.get("streams", 1)))))
+    results: list[tuple[int, float | None, list[int], str]] = []
+    for _ in range(int(job.get("repeat", 1))):
+        streams = int(job.get("streams", 1))
+        results += await asyncio.gather(*(one_stream(job) for _ in range(streams)))
     statuses: Counter[int] = Counter(status for status, _, _, _ in results)
     firsts = [int(first) for _, first, _, _ in results if first is not None]
     delays = [d for _, _, ds, _ in results for d in ds]

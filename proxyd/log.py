@@ -3,6 +3,10 @@
 Event names are constant snake_case facts; data goes in keys. Access lines go to
 ``proxyd.access``, audit events to ``proxyd.audit``. Values under secret-looking keys are
 dropped by the last processor before rendering, as a safety net: no token ever reaches a log.
+
+Loggers are cached on first use (assembling a structlog logger per call showed up in the
+profile of the hot path), so what ``configure`` may change later — level, format, stream —
+lives in one routing object that the cached processors consult.
 """
 
 from __future__ import annotations
@@ -19,10 +23,39 @@ SECRET_KEYS = frozenset(
 )
 
 
+class _Routing:
+    def __init__(self) -> None:
+        self.level = logging.INFO
+        self.stream: TextIO = sys.stdout
+        self.renderer: Any = structlog.processors.JSONRenderer()
+
+    # The file-like object structlog's PrintLogger writes to.
+    def write(self, text: str) -> int:
+        return self.stream.write(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
+_routing = _Routing()
+_LEVELS = {name.lower(): number for name, number in logging.getLevelNamesMapping().items()}
+
+
 def get_logger(name: str) -> Any:
-    # Initial values on a lazy proxy (not .bind(), which would freeze the logger with the
-    # configuration of import time and ignore configure()).
+    # Initial values on a lazy proxy (not .bind(), which would assemble the logger now, before
+    # configure() ran).
     return structlog.wrap_logger(None, logger_name=name)
+
+
+def is_enabled(level: int) -> bool:
+    """Callers building costly fields can skip them for a level that is filtered out."""
+    return level >= _routing.level
+
+
+def _filter(_: Any, method: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    if _LEVELS.get(method, logging.INFO) < _routing.level:
+        raise structlog.DropEvent
+    return event
 
 
 def _redact(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
@@ -31,26 +64,32 @@ def _redact(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[
     return event
 
 
+def _render(logger: Any, method: str, event: MutableMapping[str, Any]) -> Any:
+    return _routing.renderer(logger, method, event)
+
+
 def configure(level: str = "info", fmt: str = "auto", stream: TextIO | None = None) -> None:
     out = stream or sys.stdout
     if fmt == "auto":
         fmt = "console" if out.isatty() else "json"
-    renderer: Any = (
+    _routing.level = _LEVELS[level.lower()]
+    _routing.stream = out
+    _routing.renderer = (
         structlog.dev.ConsoleRenderer(colors=out.isatty())
         if fmt == "console"
         else structlog.processors.JSONRenderer()
     )
+    if structlog.is_configured():
+        return
     structlog.configure(
         processors=[
+            _filter,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info,
             _redact,
-            renderer,
+            _render,
         ],
-        wrapper_class=structlog.make_filtering_bound_logger(
-            logging.getLevelNamesMapping()[level.upper()]
-        ),
-        logger_factory=structlog.PrintLoggerFactory(out),
-        cache_logger_on_first_use=False,
+        logger_factory=structlog.PrintLoggerFactory(_routing),  # type: ignore[arg-type]
+        cache_logger_on_first_use=True,
     )
