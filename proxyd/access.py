@@ -63,6 +63,11 @@ def access_middleware(public_url: str) -> Middleware:
             status = 499  # nginx's "client closed request"
             record.reason = "client_disconnected"
             raise
+        except web.HTTPException as exc:
+            # aiohttp's own answers (no route: 404, wrong method on a fixed route: 405) are
+            # raised, not returned; without this they were logged as 500.
+            status = exc.status
+            raise
         except Exception:
             status = 500  # aiohttp logs the traceback and answers 500
             raise

@@ -40,7 +40,13 @@ def create_app(
     ceiling = _parser_ceiling(settings)
     app = web.Application(
         middlewares=[access_middleware(settings.server.public_url)],
-        handler_args={"max_field_size": ceiling, "max_line_size": ceiling},
+        handler_args={
+            "max_field_size": ceiling,
+            "max_line_size": ceiling,
+            # Request bodies pass through untouched: aiohttp would otherwise inflate a gzip
+            # body while its Content-Encoding and Content-Length still went upstream.
+            "auto_decompress": False,
+        },
     )
     # Spreads load over app servers; not a security decision, so any PRNG will do.
     registry = Registry(settings.apps, rng or random.Random())  # noqa: S311

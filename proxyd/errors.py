@@ -136,10 +136,26 @@ def error_body(code: int, message: str, status: int, reason: str) -> bytes:
         {
             "jsonrpc": "2.0",
             "id": None,
-            "error": {"code": code, "message": message, "data": {"status": status, "reason": reason}},
+            "error": {
+                "code": code,
+                "message": message,
+                "data": {"status": status, "reason": reason},
+            },
         },
         separators=(",", ":"),
     ).encode()
+
+
+# RFC 6750 §3: error_description is limited to %x20-21 / %x23-5B / %x5D-7E.
+_DESCRIPTION_CHARS = frozenset(chr(c) for c in range(0x20, 0x7F)) - {'"', "\\"}
+_DESCRIPTION_MAX = 200
+
+
+def _description(message: str) -> str:
+    # Messages may quote attacker-controlled token fields (e.g. ``alg``): a CR/LF there made
+    # aiohttp refuse to write the headers and drop the connection instead of answering 401.
+    text = "".join(c if c in _DESCRIPTION_CHARS else "?" for c in message)
+    return text[:_DESCRIPTION_MAX]
 
 
 def _quote(value: str) -> str:
@@ -156,7 +172,7 @@ def error_response(err: ProxydError, *, resource_metadata: str | None = None) ->
             params.append(f"resource_metadata={_quote(resource_metadata)}")
         if err.oauth_error:
             params.append(f"error={_quote(err.oauth_error)}")
-            params.append(f"error_description={_quote(err.message)}")
+            params.append(f"error_description={_quote(_description(err.message))}")
         headers["WWW-Authenticate"] = "Bearer" + (" " + ", ".join(params) if params else "")
     return web.Response(
         status=err.status,

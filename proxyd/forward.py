@@ -15,6 +15,7 @@ from typing import Final
 import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
 
 from proxyd.config import UpstreamSettings
 from proxyd.errors import PayloadTooLarge, UpstreamError, UpstreamTimeout
@@ -126,7 +127,10 @@ class Forwarder:
             data = counter.stream(request.content)
             if declared is not None:
                 headers["Content-Length"] = str(declared)
-        url = target if not request.query_string else f"{target}?{request.query_string}"
+        # The raw query, never the decoded one: decoding and re-encoding changes bytes (and
+        # meaning: %20 came back as "+"), and an upstream may sign or compare them.
+        raw_query = request.rel_url.raw_query_string
+        url = URL(target) if not raw_query else URL(f"{URL(target)}?{raw_query}", encoded=True)
         try:
             async with self._http.request(
                 request.method,

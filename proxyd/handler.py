@@ -18,7 +18,14 @@ from proxyd.auth.assertion import AssertionSigner
 from proxyd.auth.bearer import bearer_token
 from proxyd.auth.session import Session, SessionStore, session_key
 from proxyd.config import Settings
-from proxyd.errors import Forbidden, HeadersTooLarge, MethodNotAllowed, NotFound, ProxydError
+from proxyd.errors import (
+    Forbidden,
+    HeadersTooLarge,
+    InvalidToken,
+    MethodNotAllowed,
+    NotFound,
+    ProxydError,
+)
 from proxyd.forward import Forwarder, Outcome, request_headers
 from proxyd.log import get_logger
 from proxyd.netaddr import ClientView, client_view
@@ -88,7 +95,10 @@ class McpHandler:
         h = request.headers
         view = client_view(
             request.remote,
-            xff=h.get("X-Forwarded-For"),
+            # Every X-Forwarded-For line, in order (RFC 9110 §5.3: same as one comma-joined
+            # line). Reading only the first let a client's own line shadow the hop a trusted
+            # proxy added as a separate line (HAProxy's `option forwardfor` does so).
+            xff=", ".join(h.getall("X-Forwarded-For", ())) or None,
             xfp=h.get("X-Forwarded-Proto"),
             xfh=h.get("X-Forwarded-Host"),
             scheme=request.scheme,
@@ -108,6 +118,10 @@ class McpHandler:
             return session
         try:
             identity = await self.authenticator.authenticate(app.name, app.labels, token)
+            if identity.expires_at <= self.clocks.wall():
+                # Past exp, accepted only by the verification leeway: the session would have
+                # TTL 0 and the upstream an assertion expired at birth, so the session is over.
+                raise InvalidToken("token has expired", reason="expired")
         except ProxydError as err:
             log.info("auth_rejected", app=app.name, client=client.address, reason=err.reason)
             raise

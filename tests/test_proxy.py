@@ -1,0 +1,967 @@
+"""The MCP endpoint end to end: the error table, sessions, the identity assertion, access logs
+and the RFC 9728 resource metadata. Real upstreams and a real IdP on 127.0.0.1; only time is
+faked (FakeClock). Forwarding and streaming details live in tests/test_forward.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+from collections.abc import AsyncIterator, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+from joserfc import jwt
+from joserfc.jwk import KeySet
+from multidict import CIMultiDictProxy
+
+from proxyd.app import AUTH_STORE
+from proxyd.auth.session import session_key
+from tests.conftest import FakeClock, LogCapture, ProxyFactory, base_config
+from tests.issuer import MINTED, TestIssuer, b64url
+
+Client = TestClient[web.Request, web.Application]
+
+PUBLIC_URL = "https://mcp.example.com"
+IDENTITY = "X-Proxyd-Identity"
+GUARD = 10.0  # seconds; a failure guard for awaited conditions, never a timing assumption
+RPC = {"jsonrpc": "2.0", "id": 1, "method": "tools/list"}
+
+
+# --------------------------------------------------------------------------------------------
+# Shared helpers (also imported by tests/test_forward.py)
+
+
+@dataclass
+class SeenRequest:
+    method: str
+    path: str
+    raw_query: str
+    headers: CIMultiDictProxy[str]
+    raw_headers: tuple[tuple[bytes, bytes], ...]
+    body: bytes
+
+
+@dataclass
+class Echo:
+    """An upstream MCP server that records what reaches it and answers a small JSON body."""
+
+    seen: list[SeenRequest] = field(default_factory=list)
+    called: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.router.add_route("*", "/mcp", self.handle)
+        return app
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        self.called.set()
+        body = await request.read()
+        self.seen.append(
+            SeenRequest(
+                request.method,
+                request.path,
+                request.raw_path.partition("?")[2],
+                request.headers,
+                request.raw_headers,
+                body,
+            )
+        )
+        return web.json_response(
+            {"jsonrpc": "2.0", "id": 1, "result": {"n": len(self.seen)}},
+            headers={"Mcp-Session-Id": "s-1"},
+        )
+
+    @property
+    def last(self) -> SeenRequest:
+        assert self.seen, "the upstream was never called"
+        return self.seen[-1]
+
+
+class Upstreams:
+    """Real aiohttp servers on 127.0.0.1, closed at teardown."""
+
+    def __init__(self) -> None:
+        self.servers: list[TestServer] = []
+
+    async def start(self, app: web.Application, **runner_kwargs: Any) -> str:
+        server = TestServer(app, host="127.0.0.1")
+        # A failing test may leave a handler parked on its gate: cut it short at teardown.
+        await server.start_server(**{"shutdown_timeout": 1.0, **runner_kwargs})
+        self.servers.append(server)
+        return str(server.make_url("/mcp"))
+
+    async def close(self) -> None:
+        for server in self.servers:
+            await server.close()
+
+
+@pytest.fixture
+async def upstreams() -> AsyncIterator[Upstreams]:
+    ups = Upstreams()
+    yield ups
+    await ups.close()
+
+
+@pytest.fixture
+def refused_url() -> Iterator[str]:
+    """A port that refuses connections: bound, never listening (no race with other tests)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    yield f"http://127.0.0.1:{port}/mcp"
+    sock.close()
+
+
+def config(
+    issuer: TestIssuer, apps: Mapping[str, str | list[str]], tmp_path: Path, **sections: Any
+) -> dict[str, Any]:
+    servers = {name: [url] if isinstance(url, str) else url for name, url in apps.items()}
+    server = {"public_url": PUBLIC_URL, **sections.pop("server", {})}
+    return base_config(issuer, servers, tmp_path, server=server, **sections)
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+async def rpc_error(resp: aiohttp.ClientResponse, status: int) -> dict[str, Any]:
+    """The answer is ``status`` with a JSON-RPC error object carrying a message."""
+    text = await resp.text()
+    assert resp.status == status, text
+    assert resp.content_type == "application/json", text
+    body: dict[str, Any] = await resp.json()
+    assert body["jsonrpc"] == "2.0"
+    assert body["id"] is None
+    assert isinstance(body["error"]["code"], int)
+    assert isinstance(body["error"]["message"], str) and body["error"]["message"].strip()
+    return body
+
+
+def access_lines(logs: LogCapture) -> list[dict[str, Any]]:
+    return logs.events("request")
+
+
+async def proxy_keys(client: Client) -> KeySet:
+    resp = await client.get("/.well-known/jwks.json")
+    assert resp.status == 200
+    return KeySet.import_key_set(await resp.json())
+
+
+def decode_assertion(value: str, keys: KeySet) -> dict[str, Any]:
+    token = jwt.decode(value, keys, algorithms=["ES256"])
+    assert token.header["alg"] == "ES256"
+    return dict(token.claims)
+
+
+def resource_metadata_header(app: str) -> str:
+    return f'resource_metadata="{PUBLIC_URL}/.well-known/oauth-protected-resource/mcp/apps/{app}"'
+
+
+# --------------------------------------------------------------------------------------------
+# The error table
+
+
+@pytest.mark.parametrize("method", ["PUT", "PATCH", "OPTIONS"])
+async def test_other_methods_are_405_with_allow(
+    method: str,
+    issuer: TestIssuer,
+    make_proxy: ProxyFactory,
+    upstreams: Upstreams,
+    clock: FakeClock,
+    tmp_path: Path,
+) -> None:
+    echo = Echo()
+    client = await make_proxy(config(issuer, {"a": await upstreams.start(echo.app())}, tmp_path))
+    token = issuer.token(clock.wall())
+    resp = await client.request(method, "/mcp/apps/a", json=RPC, headers=bearer(token))
+    body = await rpc_error(resp, 405)
+    assert resp.headers["Allow"] == "POST, GET, DELETE"
+    assert method in body["error"]["message"]
+    assert echo.seen == []
+
+
+async def test_head_is_405_too(
+    issuer: TestIssuer, make_proxy: ProxyFactory, upstreams: Upstreams, tmp_path: Path
+) -> None:
+    client = await make_proxy(config(issuer, {"a": await upstreams.start(Echo().app())}, tmp_path))
+    resp = await client.head("/mcp/apps/a")
+    assert resp.status == 405
+    assert resp.headers["Allow"] == "POST, GET, DELETE"
+
+
+async def test_unknown_app_is_404(
+    issuer: TestIssuer,
+    make_proxy: ProxyFactory,
+    upstreams: Upstreams,
+    clock: FakeClock,
+    tmp_path: Path,
+    logs: LogCapture,
+) -> None:
+    client = await make_proxy(config(issuer, {"a": await upstreams.start(Echo().app())}, tmp_path))
+    token = issuer.token(clock.wall())
+    resp = await client.post("/mcp/apps/nope", json=RPC, headers=bearer(token))
+    body = await rpc_error(resp, 404)
+    assert "unknown app" in body["error"]["message"]
+    # Without a token too: the app's existence is checked before credentials.
+    await rpc_error(await client.post("/mcp/apps/nope", json=RPC), 404)
+    assert [line["reason"] for line in access_lines(logs)] == ["unknown_app", "unknown_app"]
+
+
+@pytest.mark.parametrize(
+    ("origin", "status"),
+    [
+        ("https://evil.example", 403),
+        ("null", 403),
+        ("https://app.example.com.evil.example", 403),
+        ("http://app.example.com", 403),  # scheme is part of the origin
+        ("https://app.example.com", 200),
+        ("HTTPS://APP.EXAMPLE.COM", 200),
+        (PUBLIC_URL, 200),
+        (None, 200),
+    ],
+)
+async def test_origin_check(
+    origin: str | None,
+    status: int,
+    issuer: TestIssuer,
+    make_proxy: ProxyFactory,
+    upstreams: Upstreams,
+    clock: FakeClock,
+    tmp_path: Path,
+) -> None:
+    echo = Echo()
+    doc = config(
+        issuer,
+        {"a": await upstreams.start(echo.app())},
+        tmp_path,
+        server={"allowed_origins": ["https://app.example.com"]},
+    )
+    client = await make_proxy(doc)
+    headers = bearer(issuer.token(clock.wall()))
+    if origin is not None:
+        headers["Origin"] = origin
+    resp = await client.post("/mcp/apps/a", json=RPC, headers=headers)
+    if status == 403:
+        body = await rpc_error(resp, 403)
+        assert "origin" in body["error"]["message"]
+        assert echo.seen == []
+    else:
+        assert resp.status == 200, await resp.text()
+        assert len(echo.seen) == 1
+
+
+async def test_forbidden_origin_is_refused_before_any_token_work(
+    issuer: TestIssuer, make_proxy: ProxyFactory, upstreams: Upstreams, tmp_path: Path
+) -> None:
+    client = await make_proxy(config(issuer, {"a": await upstreams.start(Echo().app())}, tmp_path))
+    resp = await client.post("/mcp/apps/a", json=RPC, headers={"Origin": "https://evil.example"})
+    await rpc_error(resp, 403)
+    assert issuer.fetches == 0
+
+
+async def test_missing_token_is_401_with_resource_metadata(
+    issuer: TestIssuer,
+    make_proxy: ProxyFactory,
+    upstreams: Upstreams,
+    tmp_path: Path,
+    logs: LogCapture,
+) -> None:
+    echo = Echo()
+    client = await make_proxy(config(issuer, {"a": await upstreams.start(echo.app())}, tmp_path))
+    for method in ("POST", "GET", "DELETE"):
+        resp = await client.request(method, "/mcp/apps/a")
+        await rpc_error(resp, 401)
+        challenge = resp.headers["WWW-Authenticate"]
+        assert challenge == f"Bearer {resource_metadata_header('a')}"
+    assert echo.seen == []
+    assert issuer.fetches == 0
+    assert {line["reason"] for line in access_lines(logs)} == {"missing_token"}
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        "Basic YWxpY2U6c2VjcmV0",
+        "Bearer",
+        "Bearer   ",
+        "Bearer abc def",
+        'Bearer a"b',
+        "Bearer a,b",
+        "Token abc",
+    ],
+)
+async def test_malformed_authorization_is_401_invalid_request(
+    header: str,
+    issuer: TestIssuer,
+    make_proxy: ProxyFactory,
+    upstreams: Upstreams,
+    tmp_path: Path,
+    logs: LogCapture,
+) -> None:
+    echo = Echo()
+    client = await make_proxy(config(issuer, {"a": await upstreams.start(echo.app())}, tmp_path))
+    resp = await client.post("/mcp/apps/a", json=RPC, headers={"Authorization": header})
+    await rpc_error(resp, 401)
+    challenge = resp.headers["WWW-Authenticate"]
+    assert challenge.startswith(f"Bearer {resource_metadata_header('a')}")
+    assert 'error="invalid_request"' in challenge
+    assert echo.seen == []
+    assert [line["reason"] for line in access_lines(logs)] == ["malformed_header"]
+
+
+@pytest.mark.parametrize("case", ["expired", "bad_signature", "alg_none", "wrong_audience", "hmac"])
+async def test_rejected_tokens_are_401_invalid_token(
+    case: str,
+    issuer: TestIssuer,
+    make_proxy: ProxyFactory,
+    upstreams: Upstreams,
+    clock: FakeClock,
+    tmp_path: Path,
+    logs: LogCapture,
+) -> None:
+    echo = Echo()
+    client = await make_proxy(config(issuer, {"a": await upstreams.start(echo.app())}, tmp_path))
+    now = clock.wall()
+    if case == "expired":
+        token = issuer.token(now - 7200, exp=int(now) - 3600)
+    elif case == "bad_signature":
+        token = issuer.tampered(issuer.token(now), email="mallory@example.com")
+        MINTED.add(token)  # the log guard must watch the forged token too
+    elif case == "alg_none":
+        token = issuer.unsigned_token(now)
+    elif case == "wrong_audience":
+        token = issuer.token(now, aud="someone-else")
+    else:
+        token = issuer.hmac_with_public_key(now, "k1")
+    reason = {"alg_none": "alg_not_allowed", "hmac": "alg_not_allowed"}.get(case, case)
+    resp = await client.post("/mcp/apps/a", json=RPC, headers=bearer(token))
+    body = await rpc_error(resp, 401)
+    challenge = resp.headers["WWW-Authenticate"]
+    assert challenge.startswith(f"Bearer {resource_metadata_header('a')}")
+    assert 'error="invalid_token"' in challenge
+    assert body["error"]["data"]["reason"] == reason
+    assert echo.seen == []
+    rejected = logs.events("auth_rejected")
+    assert [(e["app"], e["reason"]) for e in rejected] == [("a", reason)]
+    assert [line["reason"] for line in access_lines(logs)] == [reason]
+    assert logs.events("session_created") == []
+
+
+@pytest.mark.parametrize(
+    "alg", ["RS256\r\nX-Injected: 1", "RS256\n", "\u03a9", "x" * 3000, 'a"b\\']
+)
+async def test_hostile_token_header_still_gets_a_clean_401(
+    alg: str,
+    issuer: TestIssuer,
+    make_proxy: ProxyFactory,
+    upstreams: Upstreams,
+    clock: FakeClock,
+    tmp_path: Path,
+) -> None:
+    """The 401's error_description quotes the token's alg: it must stay a valid header value
+    (RFC 6750 §3 character set), bounded, and never inject a header."""
+    client = await make_proxy(config(issuer, {"a": await upstreams.start(Echo().app())}, tmp_path))
+    head = b64url(json.dumps({"alg": alg, "kid": "k1"}).encode())
+    claims = b64url(json.dumps(issuer.claims(clock.wall())).encode())
+    token = f"{head}.{claims}.c2lnbmF0dXJl"
+    MINTED.add(token)
+    resp = await client.post("/mcp/apps/a", json=RPC, headers=bearer(token))
+    body = await rpc_error(resp, 401)
+    assert body["error"]["data"]["reason"] == "alg_not_allowed"
+    assert "X-Injected" not in resp.headers
+    challenge = resp.headers["WWW-Authenticate"]
+    assert challenge.startswith(f"Bearer {resource_metadata_header('a')}")
+    description = challenge.split('error_description="', 1)[1].removesuffix('"')
+    assert 0 < len(description) <= 200
+    assert all(0x20 <= ord(c) <= 0x7E and c not in '"\\' for c in description), description
+
+
+async def test_token_for_app_a_is_refused_on_app_b_without_matching_config(
+    issuer: TestIssuer,
+    make_proxy: ProxyFactory,
+    upstreams: Upstreams,
+    clock: FakeClock,
+    tmp_path: Path,
+    logs: LogCapture,
+) -> None:
+    echo_a, echo_b = Echo(), Echo()
+    doc = config(
+        issuer,
+        {"a": await upstreams.start(echo_a.app()), "b": await upstreams.start(echo_b.app())},
+        tmp_path,
+    )
+    doc["apps"][1]["labels"] = {"env": "other", "app": "b"}  # no app auth config selects b
+    client = await make_proxy(doc)
+    token = issuer.token(clock.wall())
+    assert (await client.post("/mcp/apps/a", json=RPC, headers=bearer(token))).status == 200
+    resp = await client.post("/mcp/apps/b", json=RPC, headers=bearer(token))
+    body = await rpc_error(resp, 401)
+    assert 'error="invalid_token"' in resp.headers["WWW-Authenticate"]
+    assert resource_metadata_header("b") in resp.headers["WWW-Authenticate"]
+    assert body["error"]["data"]["reason"] == "no_matching_config"
+    assert len(echo_a.seen) == 1
+    assert echo_b.seen == []
+    # The established session on app a is no session for app b, even on a second try.
+    assert (await client.post("/mcp/apps/b", json=RPC, headers=bearer(token))).status == 401
+    assert session_key("a", token) != session_key("b", token)
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+async def test_body_over_limit_is_413(
+    chunked: bool,
+    issuer: TestIssuer,
+    make_proxy: ProxyFactory,
+    upstreams: Upstreams,
+    clock: FakeClock,
+    tmp_path: Path,
+    logs: LogCapture,
+) -> None:
+    echo = Echo()
+    doc = config(
+        issuer,
+        {"a": await upstreams.start(echo.app())},
+        tmp_path,
+        server={"max_request_body": "1KiB"},
+    )
+    client = await make_proxy(doc)
+    token = issuer.token(clock.wall())
+    payload = b"x" * (64 * 1024)
+
+    async def chunks() -> AsyncIterator[bytes]:
+        for offset in range(0, len(payload), 4096):
+            yield payload[offset : offset + 4096]
+
+    data: Any = chunks() if chunked else payload
+    headers = {**bearer(token), "Content-Type": "application/json"}
+    resp = await client.post("/mcp/apps/a", data=data, headers=headers)
+    body = await rpc_error(resp, 413)
+    assert "1024" in body["error"]["message"]
+    if chunked:
+        # The upstream may have started reading, but never got a complete body.
+        assert all(len(seen.body) < len(payload) for seen in echo.seen)
+    else:
+        # Content-Length over the limit: refused before any upstream work.
+        assert not echo.called.is_set()
+    assert [line["status"] for line in access_lines(logs)] == [413]
+    # A body at the limit still passes.
+    resp = await client.post("/mcp/apps/a", data=b"y" * 1024, headers=headers)
+    assert resp.status == 200
+    assert echo.last.body == b"y" * 1024
+
+
+async def test_headers_over_limit_are_431(
+    issuer: TestIssuer,
+    make_proxy: ProxyFactory,
+    upstreams: Upstreams,
+    clock: FakeClock,
+    tmp_path: Path,
+) -> None:
+    echo = Echo()
+    doc = config(
+        issuer,
+        {"a": await upstreams.start(echo.app())},
+        tmp_path,
+        server={"max_header_size": "2KiB"},
+    )
+    client = await make_proxy(doc)
+    token = issuer.token(clock.wall())
+    resp = await client.post(
+        "/mcp/apps/a", json=RPC, headers={**bearer(token), "X-Big": "v" * 3000}
+    )
+    await rpc_error(resp, 431)
+    assert echo.seen == []
+    # Many small headers count too.
+    many = {f"X-H{i}": "v" * 40 for i in range(60)}
+    resp = await client.post("/mcp/apps/a", json=RPC, headers={**bearer(token), **many})
+    await rpc_error(resp, 431)
+    assert echo.seen == []
+    # Under the limit it passes.
+    assert (await client.post("/mcp/apps/a", json=RPC, headers=bearer(token))).status == 200
+
+
+async def test_upstream_refusing_connections_is_502(
+    issuer: TestIssuer,
+    make_proxy: ProxyFactory,
+    clock: FakeClock,
+    tmp_path: Path,
+    refused_url: str,
+    logs: LogCapture,
+) -> None:
+    client = await make_proxy(config(issuer, {"a": refused_url}, tmp_path))
+    token = issuer.token(clock.wall())
+    body = await rpc_error(await client.post("/mcp/apps/a", json=RPC, headers=bearer(token)), 502)
+    assert "unreachable" in body["error"]["message"]
+    [line] = access_lines(logs)
+    assert line["status"] == 502
+    assert line["upstream"] == refused_url
+    assert line["user"] == "alice@example.com"
+
+
+async def test_upstream_reset_before_answering_is_502(
+    issuer: TestIssuer,
+    make_proxy: ProxyFactory,
+    upstreams: Upstreams,
+    clock: FakeClock,
+    tmp_path: Path,
+) -> None:
+    async def reset(request: web.Request) -> web.StreamResponse:
+        assert request.transport is not None
+        request.transport.abort()
+        await asyncio.Event().wait()  # cancelled when the connection is gone
+        raise AssertionError("unreachable")
+
+    up = web.Application()
+    up.router.add_post("/mcp", reset)
+    client = await make_proxy(config(issuer, {"a": await upstreams.start(up)}, tmp_path))
+    token = issuer.token(clock.wall())
+    await rpc_error(await client.post("/mcp/apps/a", json=RPC, headers=bearer(token)), 502)
+
+
+async def test_upstream_silent_past_idle_timeout_is_504(
+    issuer: TestIssuer,
+    make_proxy: ProxyFactory,
+    upstreams: Upstreams,
+    clock: FakeClock,
+    tmp_path: Path,
+    logs: LogCapture,
+) -> None:
+    called = asyncio.Event()
+    release = asyncio.Event()
+
+    async def silent(request: web.Request) -> web.StreamResponse:
+        called.set()
+        await release.wait()
+        return web.json_response({})
+
+    up = web.Application()
+    up.router.add_post("/mcp", silent)
+    doc = config(
+        issuer, {"a": await upstreams.start(up)}, tmp_path, upstream={"idle_timeout": "200ms"}
+    )
+    client = await make_proxy(doc)
+    token = issuer.token(clock.wall())
+    resp = await asyncio.wait_for(
+        client.post("/mcp/apps/a", json=RPC, headers=bearer(token)), GUARD
+    )
+    body = await rpc_error(resp, 504)
+    assert "timed out" in body["error"]["message"]
+    assert called.is_set()  # the upstream was reached: this is no connect failure
+    release.set()
+    assert [line["reason"] for line in access_lines(logs)] == ["upstream_timeout"]
+
+
+async def test_unrouted_path_is_404_and_logged_as_such(
+    issuer: TestIssuer, make_proxy: ProxyFactory, tmp_path: Path, logs: LogCapture
+) -> None:
+    client = await make_proxy(config(issuer, {"a": "http://127.0.0.1:9/mcp"}, tmp_path))
+    resp = await client.get("/mcp/apps/a/extra")
+    assert resp.status == 404
+    assert [line["status"] for line in access_lines(logs)] == [404]
+
+
+# --------------------------------------------------------------------------------------------
+# Sessions
+
+
+async def test_cached_session_skips_verification(
+    issuer: TestIssuer,
+    make_proxy: ProxyFactory,
+    upstreams: Upstreams,
+    clock: FakeClock,
+    tmp_path: Path,
+    logs: LogCapture,
+) -> None:
+    echo = Echo()
+    client = await make_proxy(config(issuer, {"a": await upstreams.start(echo.app())}, tmp_path))
+    token = issuer.token(clock.wall())
+    spare = issuer.token(clock.wall(), email="bob@example.com")
+    assert (await client.post("/mcp/apps/a", json=RPC, headers=bearer(token))).status == 200
+    fetches = issuer.fetches
+    # Break every way the token could be verified again: the IdP is down with other keys, no
+    # app auth config applies any more, and the token is past max_token_age (30m).
+    issuer.remove_key("k1")
+    issuer.add_key("k2")
+    issuer.behaviour.down = True
+    assert client.app is not None
+    client.app[AUTH_STORE].swap(())
+    clock.advance(31 * 60)
+    for _ in range(3):
+        resp = await client.post("/mcp/apps/a", json=RPC, headers=bearer(token))
+        assert resp.status == 200, await resp.text()
+    assert len(echo.seen) == 4
+    assert issuer.fetches == fetches
+    created = logs.events("session_created")
+    assert [(e["app"], e["user"], e["config"]) for e in created] == [
+        ("a", "alice@example.com", "test-idp")
+    ]
+    assert [line["session"] for line in access_lines(logs)] == ["new", "cached", "cached", "cached"]
+    # The proof can fail: a token without a session is refused in the same state.
+    await rpc_error(await client.post("/mcp/apps/a", json=RPC, headers=bearer(spare)), 401)
+
+
+async def test_same_token_on_two_apps_makes_two_sessions(
+    issuer: TestIssuer,
+    make_proxy: ProxyFactory,
+    upstreams: Upstreams,
+    clock: FakeClock,
+    tmp_path: Path,
+    logs: LogCapture,
+) -> None:
+    echo_a, echo_b = Echo(), Echo()
+    doc = config(
+        issuer,
+        {"a": await upstreams.start(echo_a.app()), "b": await upstreams.start(echo_b.app())},
+        tmp_path,
+    )
+    client = await make_proxy(doc)
+    token = issuer.token(clock.wall())
+    for app in ("a", "b", "a", "b"):
+        resp = await client.post(f"/mcp/apps/{app}", json=RPC, headers=bearer(token))
+        assert resp.status == 200, await resp.text()
+    created = logs.events("session_created")
+    assert sorted(e["app"] for e in created) == ["a", "b"]
+    lines = access_lines(logs)
+    assert [(line["app"], line["session"]) for line in lines] == [
+        ("a", "new"),
+        ("b", "new"),
+        ("a", "cached"),
+        ("b", "cached"),
+    ]
+    keys = await proxy_keys(client)
+    assert decode_assertion(echo_a.last.headers[IDENTITY], keys)["aud"] == "a"
+    assert decode_assertion(echo_b.last.headers[IDENTITY], keys)["aud"] == "b"
+
+
+async def test_session_ends_with_the_token(
+    issuer: TestIssuer,
+    make_proxy: ProxyFactory,
+    upstreams: Upstreams,
+    clock: FakeClock,
+    tmp_path: Path,
+    logs: LogCapture,
+) -> None:
+    echo = Echo()
+    client = await make_proxy(config(issuer, {"a": await upstreams.start(echo.app())}, tmp_path))
+    now = clock.wall()
+    token = issuer.token(now, exp=int(now) + 120)
+    assert (await client.post("/mcp/apps/a", json=RPC, headers=bearer(token))).status == 200
+    clock.advance(100)
+    assert (await client.post("/mcp/apps/a", json=RPC, headers=bearer(token))).status == 200
+    clock.advance(20 + 61)  # past exp and past the verification leeway
+    resp = await client.post("/mcp/apps/a", json=RPC, headers=bearer(token))
+    body = await rpc_error(resp, 401)
+    assert body["error"]["data"]["reason"] == "expired"
+    assert 'error="invalid_token"' in resp.headers["WWW-Authenticate"]
+    assert len(echo.seen) == 2
+    assert [e["reason"] for e in logs.events("auth_rejected")] == ["expired"]
+
+
+async def test_no_request_is_forwarded_after_the_token_expired(
+    issuer: TestIssuer,
+    make_proxy: ProxyFactory,
+    upstreams: Upstreams,
+    clock: FakeClock,
+    tmp_path: Path,
+) -> None:
+    """Past ``exp`` but inside the 60 s verification leeway the token still verifies, but a
+    session would have no time left and the upstream an already expired assertion."""
+    echo = Echo()
+    client = await make_proxy(config(issuer, {"a": await upstreams.start(echo.app())}, tmp_path))
+    now = clock.wall()
+    token = issuer.token(now, exp=int(now) + 120)
+    assert (await client.post("/mcp/apps/a", json=RPC, headers=bearer(token))).status == 200
+    clock.advance(130)
+    resp = await client.post("/mcp/apps/a", json=RPC, headers=bearer(token))
+    body = await rpc_error(resp, 401)
+    assert body["error"]["data"]["reason"] == "expired"
+    assert len(echo.seen) == 1
+
+
+async def test_max_ttl_caps_the_session(
+    issuer: TestIssuer,
+    make_proxy: ProxyFactory,
+    upstreams: Upstreams,
+    clock: FakeClock,
+    tmp_path: Path,
+    logs: LogCapture,
+) -> None:
+    echo = Echo()
+    doc = config(
+        issuer, {"a": await upstreams.start(echo.app())}, tmp_path, sessions={"max_ttl": "10m"}
+    )
+    doc["app_auth_configs"][0]["jwt"]["max_token_age"] = "5m"
+    client = await make_proxy(doc)
+    token = issuer.token(clock.wall())  # valid for 1h
+    assert (await client.post("/mcp/apps/a", json=RPC, headers=bearer(token))).status == 200
+    clock.advance(9 * 60)  # token too old to verify again, but the session still holds
+    assert (await client.post("/mcp/apps/a", json=RPC, headers=bearer(token))).status == 200
+    clock.advance(2 * 60)  # past max_ttl, long before exp: verification again, now too old
+    body = await rpc_error(await client.post("/mcp/apps/a", json=RPC, headers=bearer(token)), 401)
+    assert body["error"]["data"]["reason"] == "too_old"
+    assert len(echo.seen) == 2
+    assert len(logs.events("session_created")) == 1
+    assert logs.events("session_created")[0]["expires_in"] == 600
+
+
+async def test_max_ttl_expiry_creates_a_new_session(
+    issuer: TestIssuer,
+    make_proxy: ProxyFactory,
+    upstreams: Upstreams,
+    clock: FakeClock,
+    tmp_path: Path,
+    logs: LogCapture,
+) -> None:
+    echo = Echo()
+    doc = config(
+        issuer, {"a": await upstreams.start(echo.app())}, tmp_path, sessions={"max_ttl": "5m"}
+    )
+    client = await make_proxy(doc)
+    token = issuer.token(clock.wall())
+    for step in (0, 4 * 60, 2 * 60, 60):
+        clock.advance(step)
+        assert (await client.post("/mcp/apps/a", json=RPC, headers=bearer(token))).status == 200
+    assert [line["session"] for line in access_lines(logs)] == ["new", "cached", "new", "cached"]
+    assert len(logs.events("session_created")) == 2
+
+
+# --------------------------------------------------------------------------------------------
+# The identity assertion
+
+
+async def test_identity_assertion_claims(
+    issuer: TestIssuer,
+    make_proxy: ProxyFactory,
+    upstreams: Upstreams,
+    clock: FakeClock,
+    tmp_path: Path,
+) -> None:
+    echo = Echo()
+    client = await make_proxy(config(issuer, {"a": await upstreams.start(echo.app())}, tmp_path))
+    now = clock.wall()
+    token = issuer.token(now)
+    headers = {**bearer(token), IDENTITY: "forged", "x-proxyd-identity": "forged-too"}
+    assert (await client.post("/mcp/apps/a", json=RPC, headers=headers)).status == 200
+    values = echo.last.headers.getall(IDENTITY)
+    assert len(values) == 1
+    assert values[0] not in ("forged", "forged-too")
+    keys = await proxy_keys(client)
+    claims = decode_assertion(values[0], keys)
+    assert claims["iss"] == PUBLIC_URL
+    assert claims["aud"] == "a"
+    assert claims["sub"] == claims["username"] == "alice@example.com"
+    assert 0 < claims["exp"] - now <= 600
+    assert claims["iat"] <= now
+    assert token not in values[0]
+
+
+async def test_identity_assertion_never_outlives_the_session(
+    issuer: TestIssuer,
+    make_proxy: ProxyFactory,
+    upstreams: Upstreams,
+    clock: FakeClock,
+    tmp_path: Path,
+) -> None:
+    echo = Echo()
+    client = await make_proxy(config(issuer, {"a": await upstreams.start(echo.app())}, tmp_path))
+    now = clock.wall()
+    exp = int(now) + 120
+    token = issuer.token(now, exp=exp)
+    assert (await client.post("/mcp/apps/a", json=RPC, headers=bearer(token))).status == 200
+    claims = decode_assertion(echo.last.headers[IDENTITY], await proxy_keys(client))
+    assert now < claims["exp"] <= exp
+
+
+async def test_identity_assertion_is_reused_then_reminted(
+    issuer: TestIssuer,
+    make_proxy: ProxyFactory,
+    upstreams: Upstreams,
+    clock: FakeClock,
+    tmp_path: Path,
+) -> None:
+    echo = Echo()
+    doc = config(issuer, {"a": await upstreams.start(echo.app())}, tmp_path, identity={"ttl": "5m"})
+    client = await make_proxy(doc)
+    token = issuer.token(clock.wall())
+    for _ in range(3):
+        assert (await client.post("/mcp/apps/a", json=RPC, headers=bearer(token))).status == 200
+    first = {s.headers[IDENTITY] for s in echo.seen}
+    assert len(first) == 1  # no signature per request
+    clock.advance(100)  # under half of the 300 s lifetime
+    assert (await client.post("/mcp/apps/a", json=RPC, headers=bearer(token))).status == 200
+    assert echo.last.headers[IDENTITY] in first
+    clock.advance(60)  # 160 s: past half-life
+    assert (await client.post("/mcp/apps/a", json=RPC, headers=bearer(token))).status == 200
+    fresh = echo.last.headers[IDENTITY]
+    assert fresh not in first
+    keys = await proxy_keys(client)
+    old_claims = decode_assertion(first.pop(), keys)
+    new_claims = decode_assertion(fresh, keys)
+    assert new_claims["exp"] - old_claims["exp"] == 160
+    assert new_claims["exp"] - clock.wall() <= 300
+
+
+async def test_jwks_endpoint_serves_only_public_keys(
+    issuer: TestIssuer, make_proxy: ProxyFactory, tmp_path: Path
+) -> None:
+    client = await make_proxy(config(issuer, {"a": "http://127.0.0.1:9/mcp"}, tmp_path))
+    resp = await client.get("/.well-known/jwks.json")
+    assert resp.status == 200
+    doc = await resp.json()
+    [key] = doc["keys"]
+    assert key["kty"] == "EC"
+    assert key["alg"] == "ES256"
+    assert "d" not in key
+    assert key["kid"]
+
+
+# --------------------------------------------------------------------------------------------
+# Access logs
+
+
+async def test_one_access_line_per_request(
+    issuer: TestIssuer,
+    make_proxy: ProxyFactory,
+    upstreams: Upstreams,
+    clock: FakeClock,
+    tmp_path: Path,
+    logs: LogCapture,
+) -> None:
+    echo = Echo()
+    url = await upstreams.start(echo.app())
+    client = await make_proxy(config(issuer, {"a": url}, tmp_path))
+    token = issuer.token(clock.wall())
+    payload = b'{"jsonrpc":"2.0","id":7,"method":"ping"}'
+    headers = {**bearer(token), "Content-Type": "application/json"}
+    answers = []
+    for _ in range(3):
+        resp = await client.post("/mcp/apps/a", data=payload, headers=headers)
+        answers.append(await resp.read())
+    await client.post("/mcp/apps/a", data=payload)  # no token
+    lines = access_lines(logs)
+    assert len(lines) == 4
+    for line, answer in zip(lines[:3], answers, strict=True):
+        assert line["app"] == "a"
+        assert line["user"] == "alice@example.com"
+        assert line["status"] == 200
+        assert line["upstream"] == url
+        assert line["upstream_status"] == 200
+        assert line["bytes_in"] == len(payload)
+        assert line["bytes_out"] == len(answer)
+        assert isinstance(line["duration_ms"], float | int) and line["duration_ms"] >= 0
+        assert line["method"] == "POST"
+        assert line["path"] == "/mcp/apps/a"
+        assert line["client"] == "127.0.0.1"
+    unauth = lines[3]
+    assert unauth["status"] == 401
+    assert unauth["reason"] == "missing_token"
+    assert "user" not in unauth
+    assert "upstream" not in unauth
+
+
+async def test_tokens_never_reach_logs_on_failing_paths(
+    issuer: TestIssuer,
+    make_proxy: ProxyFactory,
+    upstreams: Upstreams,
+    clock: FakeClock,
+    tmp_path: Path,
+    refused_url: str,
+    logs: LogCapture,
+) -> None:
+    """Tokens pass through every failing path; the autouse guard checks the logs at teardown."""
+    echo = Echo()
+    doc = config(
+        issuer,
+        {"a": await upstreams.start(echo.app()), "down": refused_url, "other": refused_url},
+        tmp_path,
+        server={"max_request_body": "1KiB", "max_header_size": "4KiB"},
+    )
+    doc["apps"][2]["labels"] = {"env": "elsewhere"}
+    client = await make_proxy(doc)
+    now = clock.wall()
+    good = issuer.token(now)
+    forged = issuer.tampered(issuer.token(now), email="root@example.com")
+    MINTED.add(forged)
+    statuses = []
+    for path, token, extra in [
+        ("/mcp/apps/a", good, {}),
+        ("/mcp/apps/a", issuer.token(now, exp=int(now) - 3600, iat=int(now) - 7200), {}),
+        ("/mcp/apps/a", forged, {}),
+        ("/mcp/apps/a", issuer.unsigned_token(now), {}),
+        ("/mcp/apps/a", issuer.token(now, iss="https://other.idp"), {}),
+        ("/mcp/apps/nope", good, {}),
+        ("/mcp/apps/down", good, {}),
+        ("/mcp/apps/other", good, {}),
+        ("/mcp/apps/a", good, {"Origin": "https://evil.example"}),
+        ("/mcp/apps/a", good, {"X-Pad": "p" * 5000}),
+    ]:
+        resp = await client.post(path, json=RPC, headers={**bearer(token), **extra})
+        statuses.append(resp.status)
+    resp = await client.post("/mcp/apps/a", data=b"z" * 4096, headers=bearer(good))
+    statuses.append(resp.status)
+    resp = await client.put("/mcp/apps/a", headers=bearer(good))
+    statuses.append(resp.status)
+    assert statuses == [200, 401, 401, 401, 401, 404, 502, 401, 403, 431, 413, 405]
+    reasons = [e["reason"] for e in logs.events("auth_rejected")]
+    assert reasons == [
+        "expired",
+        "bad_signature",
+        "alg_not_allowed",
+        "wrong_issuer",
+        "no_matching_config",
+    ]
+    assert len(access_lines(logs)) == len(statuses)
+
+
+# --------------------------------------------------------------------------------------------
+# RFC 9728 protected resource metadata
+
+
+async def test_protected_resource_metadata(
+    issuer: TestIssuer, make_proxy: ProxyFactory, tmp_path: Path
+) -> None:
+    doc = config(issuer, {"a": "http://127.0.0.1:9/mcp", "b": "http://127.0.0.1:9/mcp"}, tmp_path)
+    doc["app_auth_configs"] += [
+        {
+            "name": "idp-b",
+            "app_labels": {"app": "b"},
+            "jwt": {"issuer": "https://idp-b.test", "audience": "x", "jwks_url": issuer.url},
+        },
+        {
+            "name": "idp-prod",
+            "app_labels": {"env": "prod"},
+            "jwt": {"issuer": "https://idp-prod.test", "audience": "x", "jwks_url": issuer.url},
+        },
+    ]
+    client = await make_proxy(doc)
+    for app, servers in (
+        ("a", [issuer.issuer]),
+        ("b", sorted([issuer.issuer, "https://idp-b.test"])),
+    ):
+        resp = await client.get(f"/.well-known/oauth-protected-resource/mcp/apps/{app}")
+        assert resp.status == 200
+        meta = await resp.json()
+        assert meta["resource"] == f"{PUBLIC_URL}/mcp/apps/{app}"
+        assert sorted(meta["authorization_servers"]) == servers
+        assert meta["bearer_methods_supported"] == ["header"]
+    await rpc_error(await client.get("/.well-known/oauth-protected-resource/mcp/apps/zzz"), 404)
+
+
+async def test_resource_metadata_url_of_401_is_served(
+    issuer: TestIssuer, make_proxy: ProxyFactory, tmp_path: Path
+) -> None:
+    client = await make_proxy(config(issuer, {"a": "http://127.0.0.1:9/mcp"}, tmp_path))
+    resp = await client.get("/mcp/apps/a")
+    assert resp.status == 401
+    challenge = resp.headers["WWW-Authenticate"]
+    url = challenge.split('resource_metadata="', 1)[1].split('"', 1)[0]
+    assert url.startswith(PUBLIC_URL)
+    meta = await client.get(url.removeprefix(PUBLIC_URL))
+    assert meta.status == 200
+    assert (await meta.json())["resource"] == f"{PUBLIC_URL}/mcp/apps/a"
