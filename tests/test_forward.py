@@ -548,6 +548,36 @@ async def test_upstream_answering_garbage_is_502(
         await server.wait_closed()
 
 
+async def test_small_answer_cut_short_is_502_not_a_truncated_200(
+    issuer: TestIssuer,
+    make_proxy: ProxyFactory,
+    clock: FakeClock,
+    tmp_path: Path,
+    logs: LogCapture,
+) -> None:
+    """A small Content-Length answer is read whole before anything goes to the client, so an
+    upstream that dies inside it still gets an honest 502."""
+
+    async def cut(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n")
+        writer.write(b"Content-Length: 100\r\n\r\n{\"jsonrpc\":")
+        await writer.drain()
+        writer.transport.abort()
+
+    server = await asyncio.start_server(cut, "127.0.0.1", 0)
+    try:
+        port = server.sockets[0].getsockname()[1]
+        client = await make_proxy(config(issuer, {"a": f"http://127.0.0.1:{port}/mcp"}, tmp_path))
+        token = issuer.token(clock.wall())
+        await rpc_error(await client.post("/mcp/apps/a", json=RPC, headers=bearer(token)), 502)
+    finally:
+        server.close()
+        await server.wait_closed()
+    [line] = access_lines(logs)
+    assert line["status"] == 502
+
+
 # --------------------------------------------------------------------------------------------
 # Streaming
 
