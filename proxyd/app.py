@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 import time
 from collections.abc import AsyncIterator
@@ -18,7 +19,12 @@ from proxyd.auth.jwks import JwksCache
 from proxyd.auth.session import SessionStore
 from proxyd.config import Settings
 from proxyd.forward import Forwarder
-from proxyd.handler import Clocks, McpHandler
+from proxyd.handler import Clocks, Limits, McpHandler
+from proxyd.health import HealthBook, HealthChecker
+from proxyd.log import get_logger
+from proxyd.mcp.pinning import SessionPinning
+from proxyd.mcp.sessionid import SessionIdCodec
+from proxyd.ratelimit import Limiter
 from proxyd.registry import Registry
 from proxyd.wellknown import WellKnown
 
@@ -27,8 +33,11 @@ WELL_KNOWN = web.AppKey("well_known", WellKnown)
 JWKS_CACHE = web.AppKey("jwks_cache", JwksCache)
 AUTH_STORE = web.AppKey("auth_store", AppAuthStore)
 SESSIONS = web.AppKey("sessions", SessionStore)
+HEALTH = web.AppKey("health", HealthBook)
 
 DEFAULT_CLOCKS = Clocks(monotonic=time.monotonic, wall=time.time)
+
+log = get_logger("proxyd")
 
 
 def create_app(
@@ -48,8 +57,10 @@ def create_app(
             "auto_decompress": False,
         },
     )
+    health = HealthBook(settings.apps, clocks.monotonic)
     # Spreads load over app servers; not a security decision, so any PRNG will do.
-    registry = Registry(settings.apps, rng or random.Random())  # noqa: S311
+    registry = Registry(settings.apps, rng or random.Random(), health)  # noqa: S311
+    app[HEALTH] = health
     store = AppAuthStore(settings.app_auth_configs)
     app[AUTH_STORE] = store
 
@@ -68,6 +79,12 @@ def create_app(
         sessions = SessionStore(cache, clocks.wall, settings.sessions.max_ttl)
         key = load_or_create_key(settings.identity.key_file, settings.server.state_dir)
         signer = AssertionSigner(key, settings.server.public_url, settings.identity.ttl)
+        limits = Limits(
+            Limiter(settings.limits.unauthenticated, clocks.monotonic),
+            Limiter(settings.limits.per_user, clocks.monotonic),
+        )
+        pinning = SessionPinning(SessionIdCodec(_mcp_keys(settings)), registry)
+        checker = HealthChecker(health, http)
         app[JWKS_CACHE] = jwks
         app[SESSIONS] = sessions
         app[MCP_HANDLER] = McpHandler(
@@ -78,11 +95,16 @@ def create_app(
             Forwarder(http, settings.upstream, settings.server.max_request_body),
             signer,
             clocks,
+            limits,
+            pinning,
         )
         app[WELL_KNOWN] = WellKnown(settings.server.public_url, registry, store, signer)
+        checker.start()
         try:
             yield
         finally:
+            await app[MCP_HANDLER].close()
+            await checker.stop()
             await jwks.close()
             await sessions.close()
             await http.close()
@@ -92,6 +114,17 @@ def create_app(
     app.router.add_get("/.well-known/jwks.json", _jwks)
     app.router.add_get("/.well-known/oauth-protected-resource/mcp/apps/{app}", _resource_metadata)
     return app
+
+
+def _mcp_keys(settings: Settings) -> list[bytes]:
+    if settings.sessions.mcp_keys:
+        return list(settings.sessions.mcp_keys)
+    log.warning(
+        "mcp_session_key_ephemeral",
+        detail="no sessions.mcp_keys configured: MCP sessions will not survive a restart "
+        "or work across proxyd instances",
+    )
+    return [os.urandom(32)]
 
 
 def _parser_ceiling(settings: Settings) -> int:

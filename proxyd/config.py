@@ -6,6 +6,9 @@ operator fixes a file in one pass. Unknown keys are errors: a typo must never pa
 
 from __future__ import annotations
 
+import base64
+import binascii
+import dataclasses
 import ipaddress
 import json
 import math
@@ -90,11 +93,27 @@ class RateLimitSettings:
     average: int = 20
     period: float = 60.0
     burst: int = 40
+    enabled: bool = True
+    # Client addresses are grouped: one bucket per IPv6 /64 by default (one host's share).
+    ipv6_prefix: int = 64
+    # Hard cap on tracked keys; a flood of distinct addresses evicts the least recent.
+    max_tracked: int = 100_000
+
+
+@dataclass(frozen=True, slots=True)
+class LimitSettings:
+    unauthenticated: RateLimitSettings = field(default_factory=RateLimitSettings)
+    # Per user on established sessions; off unless configured.
+    per_user: RateLimitSettings = field(
+        default_factory=lambda: RateLimitSettings(average=600, burst=300, enabled=False)
+    )
 
 
 @dataclass(frozen=True, slots=True)
 class SessionSettings:
     max_ttl: float = 12 * 3600.0
+    # AES-256-GCM keys for the MCP session ids handed to clients: the first seals, all open.
+    mcp_keys: tuple[bytes, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +122,8 @@ class UpstreamSettings:
     # Between two reads from the upstream; an SSE stream that stays silent longer is closed
     # (clients reconnect a GET stream). Never a total timeout: streams live as long as needed.
     idle_timeout: float = 300.0
+    # Tries for new work when connecting fails (never after a byte of the request was sent).
+    max_attempts: int = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,10 +166,28 @@ class AppAuthConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class HealthCheckSettings:
+    type: str = "tcp"  # "tcp" | "http" | "none"
+    path: str = "/"
+    method: str = "GET"
+    expected_statuses: frozenset[int] = frozenset({200})
+    interval: float = 10.0
+    timeout: float = 2.0
+    healthy_threshold: int = 2
+    unhealthy_threshold: int = 3
+    # Passive: this many consecutive failures of real traffic eject a server for `ejection`,
+    # doubling on each ejection in a row up to `max_ejection` (nginx max_fails, Envoy outlier).
+    passive_failures: int = 3
+    ejection: float = 10.0
+    max_ejection: float = 300.0
+
+
+@dataclass(frozen=True, slots=True)
 class AppSettings:
     name: str
     labels: Mapping[str, str]
     servers: tuple[str, ...]
+    health_check: HealthCheckSettings = field(default_factory=HealthCheckSettings)
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,7 +195,7 @@ class Settings:
     server: ServerSettings = field(default_factory=ServerSettings)
     admin: AdminSettings = field(default_factory=AdminSettings)
     log: LogSettings = field(default_factory=LogSettings)
-    unauthenticated_limit: RateLimitSettings = field(default_factory=RateLimitSettings)
+    limits: LimitSettings = field(default_factory=LimitSettings)
     sessions: SessionSettings = field(default_factory=SessionSettings)
     upstream: UpstreamSettings = field(default_factory=UpstreamSettings)
     identity: IdentitySettings = field(default_factory=IdentitySettings)
@@ -501,23 +540,50 @@ def _parse_log(t: _Table) -> LogSettings:
         )
 
 
-def _parse_limits(t: _Table) -> RateLimitSettings:
-    d = RateLimitSettings()
-    limit = d
+def _parse_limits(t: _Table) -> LimitSettings:
+    d = LimitSettings()
     with t.closed():
-        unauth = t.table("unauthenticated")
-        with unauth.closed():
-            limit = RateLimitSettings(
-                average=unauth.get("average", _positive_int, d.average),
-                period=unauth.get("period", _positive_duration, d.period),
-                burst=unauth.get("burst", _positive_int, d.burst),
-            )
+        unauth = _parse_limit(t.table("unauthenticated"), d.unauthenticated)
+        per_user_table = t.table("per_user")
+        per_user = _parse_limit(per_user_table, d.per_user)
+        if per_user_table.data and "enabled" not in per_user_table.data:
+            # Writing the section is the way to ask for it.
+            per_user = dataclasses.replace(per_user, enabled=True)
+    return LimitSettings(unauthenticated=unauth, per_user=per_user)
+
+
+def _parse_limit(t: _Table, d: RateLimitSettings) -> RateLimitSettings:
+    with t.closed():
+        limit = RateLimitSettings(
+            average=t.get("average", _positive_int, d.average),
+            period=t.get("period", _positive_duration, d.period),
+            burst=t.get("burst", _positive_int, d.burst),
+            enabled=t.get("enabled", _bool, d.enabled),
+            ipv6_prefix=t.get("ipv6_prefix", _positive_int, d.ipv6_prefix),
+            max_tracked=t.get("max_tracked", _positive_int, d.max_tracked),
+        )
+    if limit.ipv6_prefix > 128:
+        t.problem("ipv6_prefix", "at most 128")
     return limit
 
 
 def _parse_sessions(t: _Table) -> SessionSettings:
     with t.closed():
-        return SessionSettings(max_ttl=t.get("max_ttl", _positive_duration, 12 * 3600.0))
+        return SessionSettings(
+            max_ttl=t.get("max_ttl", _positive_duration, 12 * 3600.0),
+            mcp_keys=t.get("mcp_keys", _list_of(_aes_key), ()),
+        )
+
+
+def _aes_key(value: object) -> bytes:
+    text = _str(value)
+    try:
+        key = base64.b64decode(text + "=" * (-len(text) % 4), altchars=b"-_", validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError("not base64 (generate one with: openssl rand -base64 32)") from None
+    if len(key) != 32:
+        raise ValueError(f"must be 32 bytes (AES-256), got {len(key)}")
+    return key
 
 
 def _parse_upstream(t: _Table) -> UpstreamSettings:
@@ -526,6 +592,7 @@ def _parse_upstream(t: _Table) -> UpstreamSettings:
         return UpstreamSettings(
             connect_timeout=t.get("connect_timeout", _positive_duration, d.connect_timeout),
             idle_timeout=t.get("idle_timeout", _positive_duration, d.idle_timeout),
+            max_attempts=t.get("max_attempts", _positive_int, d.max_attempts),
         )
 
 
@@ -566,6 +633,7 @@ def _parse_apps(root: _Table) -> tuple[AppSettings, ...]:
             name = t.require("name", _name, "")
             labels: dict[str, str] = t.get("labels", _labels, {})
             servers = t.require("servers", _list_of(_server_url), _NO_STRS)
+            health = _parse_health(t.table("health_check"))
         # Only an empty list: when items were invalid, `servers` is the () default and the
         # item problems are already reported (claiming "none given" would be wrong).
         if t.data.get("servers") == []:
@@ -573,8 +641,55 @@ def _parse_apps(root: _Table) -> tuple[AppSettings, ...]:
         if name and name in names:
             t.problem("name", f"duplicate app name {name!r}")
         names.add(name)
-        apps.append(AppSettings(name=name, labels=labels, servers=servers))
+        apps.append(AppSettings(name=name, labels=labels, servers=servers, health_check=health))
     return tuple(apps)
+
+
+def _check_type(value: object) -> str:
+    text = _str(value)
+    if text not in ("tcp", "http", "none"):
+        raise ValueError("one of tcp, http, none")
+    return text
+
+
+def _status(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 100 <= value <= 599:
+        raise ValueError("expected an HTTP status code (100-599)")
+    return value
+
+
+def _path(value: object) -> str:
+    text = _str(value)
+    if not text.startswith("/"):
+        raise ValueError("must start with /")
+    return text
+
+
+def _parse_health(t: _Table) -> HealthCheckSettings:
+    d = HealthCheckSettings()
+    with t.closed():
+        h = HealthCheckSettings(
+            type=t.get("type", _check_type, d.type),
+            path=t.get("path", _path, d.path),
+            method=t.get("method", _nonempty_str, d.method).upper(),
+            expected_statuses=frozenset(
+                t.get("expected_statuses", _list_of(_status), tuple(d.expected_statuses))
+            ),
+            interval=t.get("interval", _positive_duration, d.interval),
+            timeout=t.get("timeout", _positive_duration, d.timeout),
+            healthy_threshold=t.get("healthy_threshold", _positive_int, d.healthy_threshold),
+            unhealthy_threshold=t.get("unhealthy_threshold", _positive_int, d.unhealthy_threshold),
+            passive_failures=t.get("passive_failures", _positive_int, d.passive_failures),
+            ejection=t.get("ejection", _positive_duration, d.ejection),
+            max_ejection=t.get("max_ejection", _positive_duration, d.max_ejection),
+        )
+    if h.timeout > h.interval:
+        t.problem("timeout", "must not exceed interval")
+    if h.ejection > h.max_ejection:
+        t.problem("ejection", "must not exceed max_ejection")
+    if not h.expected_statuses:
+        t.problem("expected_statuses", "at least one status")
+    return h
 
 
 def parse_app_auth_config(t: _Table, source: str) -> AppAuthConfig:
@@ -739,7 +854,7 @@ def parse_settings(data: Mapping[str, Any], path: str | None = None) -> Settings
         server=server,
         admin=admin,
         log=log,
-        unauthenticated_limit=limit,
+        limits=limit,
         sessions=sessions,
         upstream=upstream,
         identity=identity,

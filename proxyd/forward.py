@@ -8,7 +8,7 @@ one, chunked otherwise. A client that goes away cancels the handler (aiohttp
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from typing import Final
 
@@ -19,22 +19,34 @@ from yarl import URL
 
 from proxyd.config import UpstreamSettings
 from proxyd.errors import PayloadTooLarge, UpstreamError, UpstreamTimeout
-from proxyd.log import get_logger
 
-log = get_logger("proxyd.forward")
+HeaderHook = Callable[[CIMultiDict[str]], None]
 
 # RFC 9110 §7.6.1 connection-specific fields, plus the de-facto ones.
 HOP_BY_HOP: Final = frozenset(
     {
-        "connection", "keep-alive", "proxy-connection", "transfer-encoding", "te", "trailer",
-        "upgrade", "proxy-authenticate", "proxy-authorization",
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "transfer-encoding",
+        "te",
+        "trailer",
+        "upgrade",
+        "proxy-authenticate",
+        "proxy-authorization",
     }
 )
 # Never forwarded from the client: its credentials are for proxyd (MCP authorization: no token
 # passthrough), forwarding headers are rebuilt by proxyd, and Host is the upstream's.
 _STRIP_REQUEST: Final = HOP_BY_HOP | {
-    "authorization", "host", "content-length", "x-forwarded-for", "x-forwarded-proto",
-    "x-forwarded-host", "forwarded", "x-real-ip",
+    "authorization",
+    "host",
+    "content-length",
+    "x-forwarded-for",
+    "x-forwarded-proto",
+    "x-forwarded-host",
+    "forwarded",
+    "x-real-ip",
 }
 _STRIP_RESPONSE: Final = HOP_BY_HOP | {"content-length"}
 # aiohttp would add these by itself; a proxy must send exactly what the client asked for
@@ -98,6 +110,83 @@ class _BodyCounter:
             yield chunk
 
 
+class ConnectFailed(UpstreamError):
+    """No connection to the upstream was made: nothing of the request reached it."""
+
+    def __init__(self, message: str, *, timed_out: bool = False) -> None:
+        super().__init__(message, reason="upstream_connect_timeout" if timed_out else None)
+        if timed_out:
+            self.status = 504
+
+
+class RequestBody:
+    """The client's body for one or more upstream attempts.
+
+    Small bodies with a known length are read whole (and so can be replayed after a failed
+    connect); others stream once, and only a body not yet started may go to another server.
+    """
+
+    def __init__(self, request: web.Request, limit: int, preread: bytes | None = None) -> None:
+        self._request = request
+        self._counter = _BodyCounter(limit)
+        self._bytes = preread
+        self.declared = request.content_length
+        if preread is not None:
+            self._counter.total = len(preread)
+
+    @classmethod
+    async def of(cls, request: web.Request, limit: int) -> RequestBody:
+        declared = request.content_length
+        if declared is not None and declared > limit:
+            raise PayloadTooLarge(_too_large(limit))
+        if request.body_exists and declared is not None and declared <= SMALL_BODY:
+            # A typical JSON-RPC message: read it whole (bounded by its Content-Length) and
+            # send plain bytes; aiohttp's streaming-body machinery costs a write task and was
+            # a third of the CPU of a small proxied POST (bench/README.md).
+            return cls(request, limit, await request.read())
+        return cls(request, limit)
+
+    @classmethod
+    async def read_all(cls, request: web.Request, limit: int) -> RequestBody:
+        """The whole body in memory, bounded: for requests proxyd must look into."""
+        declared = request.content_length
+        if declared is not None and declared > limit:
+            raise PayloadTooLarge(_too_large(limit))
+        chunks: list[bytes] = []
+        total = 0
+        async for chunk in request.content.iter_any():
+            total += len(chunk)
+            if total > limit:
+                raise PayloadTooLarge(_too_large(limit))
+            chunks.append(chunk)
+        return cls(request, limit, b"".join(chunks))
+
+    @property
+    def data(self) -> bytes | None:
+        return self._bytes
+
+    @property
+    def sent(self) -> int:
+        return self._counter.total
+
+    @property
+    def too_large(self) -> bool:
+        return self._counter.too_large
+
+    @property
+    def replayable(self) -> bool:
+        return self._bytes is not None or self._counter.total == 0
+
+    def payload(self, headers: CIMultiDict[str]) -> bytes | AsyncIterator[bytes] | None:
+        if self._bytes is not None:
+            return self._bytes if (self._bytes or self._request.body_exists) else None
+        if not self._request.body_exists:
+            return None
+        if self.declared is not None:
+            headers["Content-Length"] = str(self.declared)
+        return self._counter.stream(self._request.content)
+
+
 def _too_large(limit: int) -> str:
     return f"request body exceeds the limit of {limit} bytes"
 
@@ -121,23 +210,15 @@ class Forwarder:
         target: str,
         headers: CIMultiDict[str],
         outcome: Outcome,
+        body: RequestBody,
+        on_response: HeaderHook | None = None,
     ) -> web.StreamResponse:
-        declared = request.content_length
-        if declared is not None and declared > self._max_body:
-            raise PayloadTooLarge(_too_large(self._max_body))
-        counter = _BodyCounter(self._max_body)
-        data: bytes | AsyncIterator[bytes] | None = None
-        if request.body_exists:
-            if declared is not None and declared <= SMALL_BODY:
-                # A typical JSON-RPC message: read it whole (bounded by its Content-Length)
-                # and send plain bytes; aiohttp's streaming-body machinery costs a write task
-                # and was a third of the CPU of a small proxied POST (bench/README.md).
-                data = await request.read()
-                counter.total = len(data)
-            else:
-                data = counter.stream(request.content)
-                if declared is not None:
-                    headers["Content-Length"] = str(declared)
+        """Send the request to ``target`` and relay the answer.
+
+        Raises ConnectFailed when no connection could be made (the caller may try another
+        server if ``body.replayable``), other UpstreamErrors when it failed later.
+        """
+        data = body.payload(headers)
         # The raw query, never the decoded one: decoding and re-encoding changes bytes (and
         # meaning: %20 came back as "+"), and an upstream may sign or compare them.
         raw_query = request.rel_url.raw_query_string
@@ -154,27 +235,34 @@ class Forwarder:
                 timeout=self._timeout,
             ) as upstream:
                 outcome.status = upstream.status
-                outcome.bytes_up = counter.total
-                return await self._relay(request, upstream, outcome)
+                outcome.bytes_up = body.sent
+                return await self._relay(request, upstream, outcome, on_response)
         except PayloadTooLarge:
             raise
         except aiohttp.ClientError as exc:
-            if counter.too_large:
+            if body.too_large:
                 raise PayloadTooLarge(_too_large(self._max_body)) from None
             raise _translate(exc, target) from None
         except TimeoutError:
             raise UpstreamTimeout(f"upstream {_host(target)} timed out") from None
 
     async def _relay(
-        self, request: web.Request, upstream: aiohttp.ClientResponse, outcome: Outcome
+        self,
+        request: web.Request,
+        upstream: aiohttp.ClientResponse,
+        outcome: Outcome,
+        on_response: HeaderHook | None,
     ) -> web.StreamResponse:
+        headers = response_headers(upstream.headers)
+        if on_response is not None:
+            on_response(headers)
         chunked = "chunked" in upstream.headers.get("Transfer-Encoding", "").lower()
         sse = upstream.headers.get("Content-Type", "").startswith("text/event-stream")
         length = upstream.content_length
         if length is not None and length <= SMALL_BODY and not chunked and not sse:
-            return await self._whole(upstream, outcome)
+            return await self._whole(upstream, outcome, headers)
         out = web.StreamResponse(status=upstream.status, reason=upstream.reason)
-        out.headers.extend(response_headers(upstream.headers))
+        out.headers.extend(headers)
         if length is not None and not chunked:
             out.content_length = length
         if sse:
@@ -199,9 +287,10 @@ class Forwarder:
         await out.write_eof()
         return out
 
-
     @staticmethod
-    async def _whole(upstream: aiohttp.ClientResponse, outcome: Outcome) -> web.Response:
+    async def _whole(
+        upstream: aiohttp.ClientResponse, outcome: Outcome, headers: CIMultiDict[str]
+    ) -> web.Response:
         """A small answer with a Content-Length: one write of headers and body together.
 
         Nothing has been sent to the client yet, so an upstream failure here is still a 502/504.
@@ -211,7 +300,7 @@ class Forwarder:
         return web.Response(
             status=upstream.status,
             reason=upstream.reason,
-            headers=response_headers(upstream.headers),
+            headers=headers,
             body=body,
         )
 
@@ -228,8 +317,10 @@ def _host(target: str) -> str:
 
 def _translate(exc: aiohttp.ClientError, target: str) -> UpstreamError:
     host = _host(target)
+    if isinstance(exc, aiohttp.ConnectionTimeoutError):
+        return ConnectFailed(f"upstream {host} timed out", timed_out=True)
     if isinstance(exc, aiohttp.ServerTimeoutError):
         return UpstreamTimeout(f"upstream {host} timed out")
     if isinstance(exc, aiohttp.ClientConnectorError):
-        return UpstreamError(f"upstream {host} is unreachable")
+        return ConnectFailed(f"upstream {host} is unreachable")
     return UpstreamError(f"upstream {host} failed: {type(exc).__name__}")

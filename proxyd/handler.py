@@ -6,6 +6,7 @@ matching, key fetching and signature checks.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -16,6 +17,7 @@ from proxyd.access import AccessRecord, access_record
 from proxyd.auth.appauth import Authenticator
 from proxyd.auth.assertion import AssertionSigner
 from proxyd.auth.bearer import bearer_token
+from proxyd.auth.jwt import Identity
 from proxyd.auth.session import Session, SessionStore, session_key
 from proxyd.config import Settings
 from proxyd.errors import (
@@ -25,15 +27,49 @@ from proxyd.errors import (
     MethodNotAllowed,
     NotFound,
     ProxydError,
+    RateLimited,
+    UpstreamError,
 )
-from proxyd.forward import Forwarder, Outcome, request_headers
+from proxyd.forward import ConnectFailed, Forwarder, Outcome, RequestBody, request_headers
 from proxyd.log import get_logger
+from proxyd.mcp.era import check_routing_headers, is_modern, parse_message
+from proxyd.mcp.pinning import SESSION_HEADER, SessionPinning
+from proxyd.mcp.sessionid import Pin
 from proxyd.netaddr import ClientView, client_view
+from proxyd.ratelimit import Limiter
 from proxyd.registry import App, Registry
 
 log = get_logger("proxyd.auth")
 
 MCP_METHODS = ("POST", "GET", "DELETE")
+
+
+@dataclass(frozen=True, slots=True)
+class Exchange:
+    """What the MCP layer decided about one request before it goes upstream."""
+
+    modern: bool  # 2026-07-28 era: stateless
+    body: RequestBody
+    pin: Pin | None = None  # 2025 era: the session's server and upstream id
+    client_id: str | None = None  # the sealed session id the client presented
+
+
+class Limits:
+    """The two rate limits of the request path, answering 429 with Retry-After."""
+
+    def __init__(self, unauthenticated: Limiter, per_user: Limiter) -> None:
+        self._unauthenticated = unauthenticated
+        self._per_user = per_user
+
+    def unauthenticated(self, address: str) -> None:
+        wait = self._unauthenticated.for_address(address)
+        if wait:
+            raise RateLimited("too many unauthenticated requests; slow down", wait)
+
+    def per_user(self, identity: Identity) -> None:
+        wait = self._per_user.for_user(identity.issuer, identity.username)
+        if wait:
+            raise RateLimited("too many requests for this user; slow down", wait)
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +88,8 @@ class McpHandler:
         forwarder: Forwarder,
         signer: AssertionSigner,
         clocks: Clocks,
+        limits: Limits,
+        pinning: SessionPinning,
     ) -> None:
         self.settings = settings
         self.registry = registry
@@ -60,8 +98,11 @@ class McpHandler:
         self.forwarder = forwarder
         self.signer = signer
         self.clocks = clocks
+        self.limits = limits
+        self.pinning = pinning
         public = settings.server.public_url
         self._allowed_origins = settings.server.allowed_origins | {_origin_of(public)}
+        self._pending: dict[str, asyncio.Future[Session]] = {}
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         record = access_record(request)
@@ -70,12 +111,10 @@ class McpHandler:
         app = self.find_app(request, record)
         self.check_origin(request)
         client = self.client_view(request, record)
-        token = bearer_token(request.headers.get("Authorization"))
-        session = await self.session_for(app, token, client, record)
-        target = self.registry.pick(app)
-        headers = self.upstream_headers(request, session, client)
-        outcome = record.outcome = Outcome(upstream=target)
-        return await self.forwarder.forward(request, target, headers, outcome)
+        session = await self.session_for(app, request, client, record)
+        exchange = await self.mcp_exchange(request, app, session)
+        headers = self.upstream_headers(request, session, client, exchange)
+        return await self.forward(request, app, session, exchange, headers, record)
 
     def find_app(self, request: web.Request, record: AccessRecord) -> App:
         app = self.registry.get(request.match_info["app"])
@@ -109,13 +148,39 @@ class McpHandler:
         return view
 
     async def session_for(
-        self, app: App, token: str, client: ClientView, record: AccessRecord
+        self, app: App, request: web.Request, client: ClientView, record: AccessRecord
     ) -> Session:
+        try:
+            token = bearer_token(request.headers.get("Authorization"))
+        except ProxydError:
+            self.limits.unauthenticated(client.address)
+            raise
         key = session_key(app.name, token)
         session = await self.sessions.get(key)
         if session is not None:
             record.user, record.session = session.username, "cached"
+            self.limits.per_user(session.identity)
             return session
+        pending = self._pending.get(key)
+        if pending is None:
+            # Everything below costs crypto or a key fetch: the per-address limiter goes
+            # first, so a flood of guessed tokens is turned away for a dict lookup.
+            self.limits.unauthenticated(client.address)
+            # Single flight: a client opening its GET stream and POSTs at once with a new
+            # token pays one verification and one limiter token, not one per request.
+            pending = asyncio.ensure_future(self._new_session(key, app, token, client))
+            self._pending[key] = pending
+            pending.add_done_callback(lambda done: self._settled(key, done))
+        session = await asyncio.shield(pending)
+        record.user, record.session = session.username, "new"
+        return session
+
+    def _settled(self, key: str, done: asyncio.Future[Session]) -> None:
+        self._pending.pop(key, None)
+        if not done.cancelled():
+            done.exception()  # retrieved here: every waiter may have gone away
+
+    async def _new_session(self, key: str, app: App, token: str, client: ClientView) -> Session:
         try:
             identity = await self.authenticator.authenticate(app.name, app.labels, token)
             if identity.expires_at <= self.clocks.wall():
@@ -126,7 +191,6 @@ class McpHandler:
             log.info("auth_rejected", app=app.name, client=client.address, reason=err.reason)
             raise
         session = await self.sessions.create(key, app.name, identity)
-        record.user, record.session = identity.username, "new"
         log.info(
             "session_created",
             app=app.name,
@@ -137,8 +201,29 @@ class McpHandler:
         )
         return session
 
+    async def close(self) -> None:
+        pending = list(self._pending.values())
+        for future in pending:
+            future.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+
+    async def mcp_exchange(self, request: web.Request, app: App, session: Session) -> Exchange:
+        limit = self.settings.server.max_request_body
+        if is_modern(request.headers):
+            # 2026-07-28: stateless, any server; the routing headers must mirror the body.
+            if request.method != "POST":
+                return Exchange(True, await RequestBody.of(request, limit))
+            body = await RequestBody.read_all(request, limit)
+            check_routing_headers(request.headers, parse_message(body.data or b""))
+            return Exchange(True, body)
+        client_id = request.headers.get(SESSION_HEADER)
+        pin = None
+        if client_id is not None:
+            pin = self.pinning.open(app, session.identity, client_id)
+        return Exchange(False, await RequestBody.of(request, limit), pin, client_id)
+
     def upstream_headers(
-        self, request: web.Request, session: Session, client: ClientView
+        self, request: web.Request, session: Session, client: ClientView, exchange: Exchange
     ) -> CIMultiDict[str]:
         identity_header = self.settings.identity.header
         assertion = self.signer.assertion_for(session, self.clocks.wall())
@@ -148,7 +233,70 @@ class McpHandler:
             "X-Forwarded-Host": client.host,
             identity_header: assertion,
         }
-        return request_headers(request.headers, extra, identity_header)
+        headers = request_headers(request.headers, extra, identity_header)
+        if exchange.pin is not None:
+            headers[SESSION_HEADER] = exchange.pin.upstream_id
+        elif exchange.modern:
+            headers.popall(SESSION_HEADER, None)  # the stateless era has no sessions
+        return headers
+
+    async def forward(
+        self,
+        request: web.Request,
+        app: App,
+        session: Session,
+        exchange: Exchange,
+        headers: CIMultiDict[str],
+        record: AccessRecord,
+    ) -> web.StreamResponse:
+        """To the pinned server, or to a random healthy one with failover on connect errors."""
+        health = self.registry.health
+        tried: list[str] = []
+        while True:
+            pin = exchange.pin
+            target = pin.server if pin is not None else self._next_server(app, tried)
+            outcome = record.outcome = Outcome(upstream=target)
+            hook = None
+            if not exchange.modern:
+                hook = self.pinning.response_hook(
+                    app, session.identity, target, pin, exchange.client_id
+                )
+            try:
+                response = await self.forwarder.forward(
+                    request, target, headers, outcome, exchange.body, hook
+                )
+            except ConnectFailed as exc:
+                health.passive_failure(app.name, target, exc.reason)
+                tried.append(target)
+                retry = (
+                    pin is None
+                    and exchange.body.replayable
+                    and len(tried) < self.settings.upstream.max_attempts
+                    and self._has_untried(app, tried)
+                )
+                if not retry:
+                    raise
+                log.warning("upstream_failover", app=app.name, server=target, reason=exc.reason)
+                continue
+            except UpstreamError as exc:
+                health.passive_failure(app.name, target, exc.reason)
+                raise
+            if outcome.status >= 500 or outcome.broken in (
+                "upstream_reset",
+                "upstream_idle_timeout",
+            ):
+                health.passive_failure(app.name, target, outcome.broken or "http_5xx")
+            else:
+                health.passive_success(app.name, target)
+            return response
+
+    def _next_server(self, app: App, tried: list[str]) -> str:
+        return self.registry.pick(app, exclude=tried)
+
+    def _has_untried(self, app: App, tried: list[str]) -> bool:
+        return any(
+            s not in tried and self.registry.health.available(app.name, s) for s in app.servers
+        )
 
 
 def check_method(request: web.Request) -> None:

@@ -1,17 +1,19 @@
 """Apps and their servers; the choice of server for new work.
 
-Issue 2 keeps it static and picks at random with an injected RNG (Teleport shuffles healthy
-app servers per session); health and MCP session pinning (issue 3) plug in at ``pick``.
+New work goes to a random server among the available ones (healthy per the active checker,
+not ejected by passive checks), with an injected RNG; Teleport shuffles healthy app servers
+the same way. Work pinned to a server (an MCP session) never comes through ``pick``.
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 
 from proxyd.config import AppSettings
 from proxyd.errors import ServiceUnavailable
+from proxyd.health import HealthBook
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,9 +24,10 @@ class App:
 
 
 class Registry:
-    def __init__(self, apps: Iterable[AppSettings], rng: random.Random) -> None:
+    def __init__(self, apps: Iterable[AppSettings], rng: random.Random, health: HealthBook) -> None:
         self._apps = {a.name: App(a.name, dict(a.labels), a.servers) for a in apps}
         self._rng = rng
+        self.health = health
 
     def get(self, name: str) -> App | None:
         return self._apps.get(name)
@@ -32,9 +35,19 @@ class Registry:
     def names(self) -> list[str]:
         return sorted(self._apps)
 
-    def pick(self, app: App) -> str:
-        if not app.servers:
-            raise ServiceUnavailable(f"app {app.name} has no server available")
-        if len(app.servers) == 1:
-            return app.servers[0]
-        return self._rng.choice(app.servers)
+    def serves(self, app: App, server: str) -> bool:
+        """The server still belongs to the app and may take requests."""
+        return server in app.servers and self.health.available(app.name, server)
+
+    def pick(self, app: App, exclude: Collection[str] = ()) -> str:
+        candidates = [
+            s for s in app.servers if s not in exclude and self.health.available(app.name, s)
+        ]
+        if not candidates:
+            raise ServiceUnavailable(
+                f"no healthy server for app {app.name}; try again shortly",
+                reason="no_healthy_upstream",
+            )
+        if len(candidates) == 1:
+            return candidates[0]
+        return self._rng.choice(candidates)

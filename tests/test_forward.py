@@ -75,8 +75,8 @@ async def test_request_header_rules(
 ) -> None:
     client, echo, _ = await echo_proxy(issuer, make_proxy, upstreams, tmp_path)
     token = issuer.token(clock.wall())
+    # (Mcp-Session-Id is translated, not passed: see tests/test_pinning.py.)
     kept = {
-        "Mcp-Session-Id": "sess-42",
         "MCP-Protocol-Version": "2025-11-25",
         "Last-Event-ID": "ev-17",
         "Mcp-Method": "tools/call",
@@ -287,13 +287,12 @@ async def test_methods_and_bodies_reach_the_upstream(
     token = issuer.token(clock.wall())
     await client.post("/mcp/apps/a", json=RPC, headers=bearer(token))
     await client.get("/mcp/apps/a", headers={**bearer(token), "Accept": SSE})
-    await client.delete("/mcp/apps/a", headers={**bearer(token), "Mcp-Session-Id": "s-1"})
+    await client.delete("/mcp/apps/a", headers=bearer(token))
     assert [(s.method, s.body) for s in echo.seen] == [
         ("POST", b'{"jsonrpc": "2.0", "id": 1, "method": "tools/list"}'),
         ("GET", b""),
         ("DELETE", b""),
     ]
-    assert echo.last.headers["Mcp-Session-Id"] == "s-1"
 
 
 # --------------------------------------------------------------------------------------------
@@ -330,7 +329,9 @@ async def test_upstream_status_and_headers_pass(
     resp = await client.post("/mcp/apps/a", json=RPC, headers=bearer(token))
     assert resp.status == status
     assert await resp.read() == body
-    assert resp.headers["Mcp-Session-Id"] == "s-9"
+    # The upstream's session id never reaches the client: it is sealed (tests/test_pinning.py).
+    assert resp.headers["Mcp-Session-Id"].startswith("pxs1.")
+    assert "s-9" not in resp.headers["Mcp-Session-Id"]
     assert resp.headers.getall("Set-Cookie") == ["a=1", "b=2"]
     assert resp.headers["X-Upstream"] == "yes"
     for name in ("Keep-Alive", "Proxy-Authenticate", "X-Hop"):

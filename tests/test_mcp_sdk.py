@@ -66,10 +66,12 @@ async def test_legacy_session_through_proxyd(rig: Rig) -> None:
         added = await c.call_tool("add", {"a": 2, "b": 40})
         assert added.content[0].text == "42"  # type: ignore[union-attr]
     assert [call.name for call in rig.up.calls] == ["echo", "add"]
-    # Every request after initialize carried the session id through proxyd, and the client's
-    # DELETE on exit reached the upstream with it.
+    # The client held proxyd's sealed id; every later request reached the upstream with the
+    # upstream's own id (one value, never the client's), the closing DELETE included.
+    assert sid.startswith("pxs1.")
     later = [r for r in rig.up.requests if r.headers.get("mcp-session-id")]
-    assert later and all(r.headers["mcp-session-id"] == sid for r in later)
+    upstream_ids = {r.headers["mcp-session-id"] for r in later}
+    assert len(upstream_ids) == 1 and sid not in upstream_ids
     assert any(r.method == "DELETE" for r in later)
     assert all("authorization" not in r.headers for r in rig.up.requests)
 

@@ -1,0 +1,177 @@
+"""Health of app servers: active checks (TCP connect or HTTP) and passive outlier ejection.
+
+A server takes new work when the active checker has not marked it unhealthy and it is not
+ejected. Passive: consecutive connect failures, resets and 5xx answers of real traffic eject a
+server for a cool-down that doubles while it keeps failing (nginx ``max_fails``/``fail_timeout``,
+Envoy outlier detection); one success resets it. Every change of state is logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import aiohttp
+from yarl import URL
+
+from proxyd.config import AppSettings, HealthCheckSettings
+from proxyd.log import get_logger
+
+log = get_logger("proxyd.health")
+
+
+@dataclass(slots=True)
+class ServerHealth:
+    app: str
+    server: str
+    settings: HealthCheckSettings
+    healthy: bool = True  # the active checker's view; optimistic until it says otherwise
+    ok_streak: int = 0
+    fail_streak: int = 0
+    passive_failures: int = 0
+    ejections: int = 0
+    ejected_until: float = 0.0
+
+    def available(self, now: float) -> bool:
+        return self.healthy and now >= self.ejected_until
+
+    def label(self, now: float) -> str:
+        if not self.healthy:
+            return "unhealthy"
+        return "ejected" if now < self.ejected_until else "healthy"
+
+
+class HealthBook:
+    """The health of every app server, fed by the active checker and by real traffic."""
+
+    def __init__(self, apps: Iterable[AppSettings], clock: Callable[[], float]) -> None:
+        self._clock = clock
+        self._servers: dict[tuple[str, str], ServerHealth] = {
+            (app.name, server): ServerHealth(app.name, server, app.health_check)
+            for app in apps
+            for server in app.servers
+        }
+        self.changed = asyncio.Event()  # set on every change (tests and metrics wait on it)
+
+    def get(self, app: str, server: str) -> ServerHealth | None:
+        return self._servers.get((app, server))
+
+    def all(self) -> list[ServerHealth]:
+        return list(self._servers.values())
+
+    def available(self, app: str, server: str) -> bool:
+        state = self._servers.get((app, server))
+        return state is not None and state.available(self._clock())
+
+    def active_result(self, state: ServerHealth, ok: bool, reason: str) -> None:
+        before = state.label(self._clock())
+        if ok:
+            state.ok_streak, state.fail_streak = state.ok_streak + 1, 0
+            if not state.healthy and state.ok_streak >= state.settings.healthy_threshold:
+                state.healthy = True
+                state.passive_failures, state.ejections, state.ejected_until = 0, 0, 0.0
+        else:
+            state.fail_streak, state.ok_streak = state.fail_streak + 1, 0
+            if state.healthy and state.fail_streak >= state.settings.unhealthy_threshold:
+                state.healthy = False
+        self._log_change(state, before, reason)
+
+    def passive_success(self, app: str, server: str) -> None:
+        state = self._servers.get((app, server))
+        if state is not None and (state.passive_failures or state.ejections):
+            before = state.label(self._clock())
+            state.passive_failures, state.ejections = 0, 0
+            self._log_change(state, before, "request_succeeded")
+
+    def passive_failure(self, app: str, server: str, reason: str) -> None:
+        state = self._servers.get((app, server))
+        if state is None:
+            return
+        now = self._clock()
+        before = state.label(now)
+        state.passive_failures += 1
+        if state.passive_failures >= state.settings.passive_failures:
+            cooldown = min(
+                state.settings.ejection * 2**state.ejections, state.settings.max_ejection
+            )
+            state.ejected_until = now + cooldown
+            state.ejections += 1
+            state.passive_failures = 0
+            log.warning(
+                "upstream_ejected",
+                app=state.app,
+                server=state.server,
+                reason=reason,
+                seconds=cooldown,
+                ejections=state.ejections,
+            )
+        self._log_change(state, before, reason)
+
+    def _log_change(self, state: ServerHealth, before: str, reason: str) -> None:
+        after = state.label(self._clock())
+        if after != before:
+            log.warning(
+                "upstream_health_changed",
+                app=state.app,
+                server=state.server,
+                **{"from": before, "to": after},
+                reason=reason,
+            )
+        self.changed.set()
+        self.changed = asyncio.Event()
+
+
+async def probe(
+    http: aiohttp.ClientSession, server: str, settings: HealthCheckSettings
+) -> str | None:
+    """One active check: None when healthy, else the reason."""
+    url = URL(server)
+    try:
+        if settings.type == "tcp":
+            host, port = url.host or "", url.port or (443 if url.scheme == "https" else 80)
+            _, writer = await asyncio.wait_for(
+                asyncio.open_connection(host, port), settings.timeout
+            )
+            writer.close()
+            await writer.wait_closed()
+            return None
+        timeout = aiohttp.ClientTimeout(total=settings.timeout)
+        async with http.request(
+            settings.method, url.with_path(settings.path), timeout=timeout, allow_redirects=False
+        ) as resp:
+            if resp.status in settings.expected_statuses:
+                return None
+            return f"http_{resp.status}"
+    except TimeoutError:
+        return "timeout"
+    except (OSError, aiohttp.ClientError) as exc:
+        return type(exc).__name__
+
+
+class HealthChecker:
+    """One task per server with an active check; started and stopped by create_app."""
+
+    def __init__(self, book: HealthBook, http: aiohttp.ClientSession) -> None:
+        self._book = book
+        self._http = http
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def start(self) -> None:
+        for state in self._book.all():
+            if state.settings.type != "none":
+                self._tasks.append(
+                    asyncio.create_task(self._run(state), name=f"health:{state.server}")
+                )
+
+    async def _run(self, state: ServerHealth) -> None:
+        while True:
+            reason = await probe(self._http, state.server, state.settings)
+            self._book.active_result(state, reason is None, reason or "check_passed")
+            await asyncio.sleep(state.settings.interval)
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()

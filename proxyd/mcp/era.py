@@ -1,0 +1,95 @@
+"""The two MCP protocol eras on one endpoint, and the 2026-07-28 routing-header check.
+
+2025-era requests carry no ``MCP-Protocol-Version`` (initialize) or a handshake version; any
+other declared version is the stateless era (the SDK routes the same way). In that era every
+POST mirrors its JSON-RPC method in ``Mcp-Method`` and, for tools/call, prompts/get and
+resources/read, the name in ``Mcp-Name`` (SEP-2243); a middlebox that routes or authorizes on
+headers must check them against the body, or a client could say one thing and do another.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import re
+from collections.abc import Mapping
+from typing import Any, Final
+
+from multidict import CIMultiDictProxy
+
+from proxyd.errors import BadRequest, McpHeaderMismatch
+
+HANDSHAKE_VERSIONS: Final = frozenset({"2024-11-05", "2025-03-26", "2025-06-18", "2025-11-25"})
+NAME_BEARING: Final = {"tools/call": "name", "prompts/get": "name", "resources/read": "uri"}
+PROTOCOL_VERSION_META: Final = "io.modelcontextprotocol/protocolVersion"
+_SENTINEL = re.compile(r"^=\?base64\?(?P<payload>.*)\?=$")
+_ROUTING = ("MCP-Protocol-Version", "Mcp-Method", "Mcp-Name")
+
+
+def is_modern(headers: Mapping[str, str]) -> bool:
+    version = headers.get("MCP-Protocol-Version")
+    return version is not None and version not in HANDSHAKE_VERSIONS
+
+
+def decode_header_value(value: str | None) -> str | None:
+    """The ``=?base64?…?=`` form decoded (standard alphabet, UTF-8); None when malformed."""
+    if value is None:
+        return None
+    match = _SENTINEL.fullmatch(value)
+    if match is None:
+        return value
+    payload = match.group("payload")
+    try:
+        decoded = base64.b64decode(payload, validate=True)
+        if base64.b64encode(decoded).decode() != payload:
+            return None  # non-canonical: could never equal what an honest client encoded
+        return decoded.decode("utf-8")
+    except (binascii.Error, UnicodeDecodeError):
+        return None
+
+
+def parse_message(body: bytes) -> dict[str, Any]:
+    try:
+        message = json.loads(body)
+    except (ValueError, RecursionError):
+        raise BadRequest("request body is not valid JSON", reason="invalid_json") from None
+    if not isinstance(message, dict):
+        raise BadRequest(
+            "request body must be one JSON-RPC message (batches are not part of MCP 2026-07-28)",
+            reason="invalid_jsonrpc",
+        )
+    return message
+
+
+def check_routing_headers(headers: CIMultiDictProxy[str], message: Mapping[str, Any]) -> None:
+    """Raise McpHeaderMismatch (400, -32020) unless the routing headers mirror the body."""
+    for name in _ROUTING:
+        if len(headers.getall(name, ())) > 1:
+            raise McpHeaderMismatch(f"{name} header appears more than once")
+    method = message.get("method")
+    if not isinstance(method, str):
+        raise BadRequest(
+            "request body is not a JSON-RPC request or notification", reason="invalid_jsonrpc"
+        )
+    header_method = headers.get("Mcp-Method")
+    if header_method is None:
+        raise McpHeaderMismatch("Mcp-Method header is required")
+    if header_method != method:
+        raise McpHeaderMismatch("Mcp-Method header does not match the request body's method")
+    params = message.get("params")
+    meta = params.get("_meta") if isinstance(params, dict) else None
+    declared = meta.get(PROTOCOL_VERSION_META) if isinstance(meta, dict) else None
+    if declared is not None and declared != headers.get("MCP-Protocol-Version"):
+        raise McpHeaderMismatch(
+            "MCP-Protocol-Version header does not match the request's protocol version"
+        )
+    key = NAME_BEARING.get(method)
+    if key is None:
+        return
+    body_value = params.get(key) if isinstance(params, dict) else None
+    header_value = headers.get("Mcp-Name")
+    if header_value is None:
+        raise McpHeaderMismatch(f"Mcp-Name header is required for {method}")
+    if body_value is None or decode_header_value(header_value) != body_value:
+        raise McpHeaderMismatch(f"Mcp-Name header does not match the request body's {key!r}")

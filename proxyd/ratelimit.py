@@ -1,0 +1,97 @@
+"""Token buckets per key with an injected clock and bounded memory.
+
+Two uses: the unauthenticated limiter per client address (every request that does not ride an
+established session: no token, a new token, a rejected one — Teleport's
+WithUnauthenticatedLimiter, 20/min burst 40) and an optional per-user limit on established
+sessions. Memory stays bounded under a flood of distinct keys: a bucket idle long enough to
+have refilled is indistinguishable from a new one and is dropped, and a hard cap evicts the
+least recently used key.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from proxyd.config import RateLimitSettings
+
+
+@dataclass(slots=True)
+class _Bucket:
+    tokens: float
+    stamp: float
+
+
+class TokenBuckets:
+    def __init__(self, settings: RateLimitSettings, clock: Callable[[], float]) -> None:
+        self._rate = settings.average / settings.period  # tokens per second
+        self._burst = float(settings.burst)
+        self._max_keys = settings.max_tracked
+        self._clock = clock
+        # A bucket untouched this long is full again: forgetting it changes nothing.
+        self._forget_after = self._burst / self._rate
+        # Ordered by last use (every use moves the key to the end), oldest first.
+        self._buckets: OrderedDict[str, _Bucket] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._buckets)
+
+    def take(self, key: str) -> float:
+        """Spend one token for ``key``: 0.0 when allowed, else the seconds until one is due."""
+        now = self._clock()
+        self._forget_idle(now)
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            if len(self._buckets) >= self._max_keys:
+                self._buckets.popitem(last=False)
+            bucket = self._buckets[key] = _Bucket(self._burst, now)
+        else:
+            bucket.tokens = min(self._burst, bucket.tokens + (now - bucket.stamp) * self._rate)
+            bucket.stamp = now
+            self._buckets.move_to_end(key)
+        if bucket.tokens >= 1.0:
+            bucket.tokens -= 1.0
+            return 0.0
+        return (1.0 - bucket.tokens) / self._rate
+
+    def _forget_idle(self, now: float) -> None:
+        buckets = self._buckets
+        while buckets:
+            oldest = next(iter(buckets.values()))
+            if now - oldest.stamp < self._forget_after:
+                return
+            buckets.popitem(last=False)
+
+
+def address_key(address: str, ipv6_prefix: int) -> str:
+    """IPv4 addresses count alone; IPv6 ones by their /prefix (a host usually owns a /64)."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, ipv6_prefix), strict=False))
+    return address
+
+
+class Limiter:
+    """A TokenBuckets with an on/off switch and the keying of its use."""
+
+    def __init__(self, settings: RateLimitSettings, clock: Callable[[], float]) -> None:
+        self.enabled = settings.enabled
+        self._prefix = settings.ipv6_prefix
+        self.buckets = TokenBuckets(settings, clock)
+
+    def for_address(self, address: str) -> float:
+        if not self.enabled:
+            return 0.0
+        return self.buckets.take(address_key(address, self._prefix))
+
+    def for_user(self, issuer: str, username: str) -> float:
+        if not self.enabled:
+            return 0.0
+        return self.buckets.take(f"{issuer}\x00{username}")
