@@ -56,6 +56,7 @@ NOISE_WARN = 0.3  # CPUs used by other processes during a measurement before we 
 # One app per upstream path: proxyd forwards an app's requests to its configured server URL.
 APPS = {"post": "bench-json", "sse": "bench-sse", "big": "bench-big"}
 DIRECT_PATHS = {"post": "/mcp", "sse": "/sse", "big": "/big"}
+TWO_SERVER_APP = "bench-json-2"
 
 # A stateless-era (2026-07-28) tools/call: headers match the body, no Mcp-Session-Id to pin.
 POST_BODY = json.dumps(
@@ -269,7 +270,7 @@ def toml_str(value: str) -> str:
 
 
 def proxyd_config(port: int, admin_port: int, upstream_port: int, state_dir: Path,
-                  issuer: DevIssuer) -> str:
+                  issuer: DevIssuer, second_upstream_port: int) -> str:
     lines = [
         "[server]",
         f"listen = {toml_str(f'{HOST}:{port}')}",
@@ -300,6 +301,16 @@ def proxyd_config(port: int, admin_port: int, upstream_port: int, state_dir: Pat
             'labels = { env = "bench" }',
             f"servers = [{toml_str(server)}]",
         ]
+    # The same JSON app on two app servers (issue 3: random healthy choice, health checks on).
+    ports = (upstream_port, second_upstream_port)
+    both = [f"http://{HOST}:{p}{DIRECT_PATHS['post']}" for p in ports]
+    lines += [
+        "",
+        "[[apps]]",
+        f"name = {toml_str(TWO_SERVER_APP)}",
+        'labels = { env = "bench" }',
+        f"servers = [{', '.join(toml_str(u) for u in both)}]",
+    ]
     lines += [
         "",
         "[[app_auth_configs]]",
@@ -650,6 +661,15 @@ def table_rows(summary: dict[str, dict[str, Any]], plan: Plan) -> list[Row]:
             Row(f"POST c={c}  CPU µs/req (direct: upstream)", d["upstream_cpu_us_per_req"],
                 p["proxy_cpu_us_per_req"], fmt="{:.0f}"),
         ]
+        two = s.get("proxyd_2up")
+        if two is not None:
+            # The same POST to an app with two servers (random healthy pick, limiter on).
+            rows += [
+                Row(f"POST c={c}  2 servers requests/s", d["rps"], two["rps"], fmt="{:.0f}"),
+                Row(f"POST c={c}  2 servers p99 ms", d["p99_ms"], two["p99_ms"], diff=True),
+                Row(f"POST c={c}  2 servers CPU µs/req", d["upstream_cpu_us_per_req"],
+                    two["proxy_cpu_us_per_req"], fmt="{:.0f}"),
+            ]
     s = summary["sse"]
     d, p = s["direct"], s["proxyd"]
     rows += [
@@ -711,24 +731,31 @@ def run(plan: Plan) -> dict[str, Any]:
 def _run(plan: Plan, workdir: Path, children: Children, wrk: str | None, cpus: list[int],
          started: float) -> dict[str, Any]:
     upstream_port, proxyd_port, admin_port = free_port(), free_port(), free_port()
+    second_port = free_port()
     issuer = DevIssuer(audience="proxyd-bench")
     config = workdir / "proxyd.toml"
     config.write_text(
-        proxyd_config(proxyd_port, admin_port, upstream_port, workdir / "state", issuer),
+        proxyd_config(proxyd_port, admin_port, upstream_port, workdir / "state", issuer,
+                      second_port),
         encoding="utf-8",
     )
     upstream = children.start(
         "upstream", [sys.executable, str(BENCH_DIR / "upstream.py"), str(upstream_port)]
     )
+    second = children.start(
+        "upstream2", [sys.executable, str(BENCH_DIR / "upstream.py"), str(second_port)]
+    )
     proxyd = children.start("proxyd", [sys.executable, "-m", "proxyd", "run", "-c", str(config)])
     deadline = time.monotonic() + START_DEADLINE
     wait_accepting(upstream, upstream_port, deadline)
+    wait_accepting(second, second_port, deadline)
     wait_accepting(proxyd, proxyd_port, deadline)
 
     client_cpus, server_cpus = set(cpus), set(cpus)
     if plan.pin and len(cpus) >= 2:
         client_cpus, server_cpus = {cpus[0]}, set(cpus[1:])
         pin(upstream.proc.pid, server_cpus)
+        pin(second.proc.pid, server_cpus)
         pin(proxyd.proc.pid, server_cpus)
         os.sched_setaffinity(0, client_cpus)  # the load generator inherits it
     worker = PythonLoad(
@@ -746,6 +773,13 @@ def _run(plan: Plan, workdir: Path, children: Children, wrk: str | None, cpus: l
             {"Authorization": f"Bearer {token}"},
             proxyd.proc.pid,
         ),
+        Target(
+            "proxyd_2up",
+            proxyd_port,
+            {"post": f"/mcp/apps/{TWO_SERVER_APP}"},
+            {"Authorization": f"Bearer {token}"},
+            proxyd.proc.pid,
+        ),
     ]
     # Preflight: each proxyd app's first request verifies the token and creates the session,
     # so every measured request below rides a cached session. Exactly 200 or we stop.
@@ -755,6 +789,8 @@ def _run(plan: Plan, workdir: Path, children: Children, wrk: str | None, cpus: l
             ("sse", SSE_HEADERS, "GET"),
             ("big", BIG_HEADERS, "GET"),
         ):
+            if scenario not in target.paths:
+                continue
             job = target.job("once", scenario, headers, method=method)
             if scenario == "post":
                 job["body"] = POST_BODY
@@ -780,9 +816,11 @@ def _run(plan: Plan, workdir: Path, children: Children, wrk: str | None, cpus: l
                 post = measure_post(load, target, upstream.proc.pid, c, plan.duration)
                 record(f"post_c{c}", target, post)
         for target in order:
-            record("sse", target, measure_sse(worker, target, plan))
+            if "sse" in target.paths:
+                record("sse", target, measure_sse(worker, target, plan))
         for target in order:
-            record("big", target, measure_big(worker, target, plan))
+            if "big" in target.paths:
+                record("big", target, measure_big(worker, target, plan))
 
     summary = summarize(raw)
     rows = table_rows(summary, plan)
