@@ -683,6 +683,12 @@ def _parse_health(t: _Table) -> HealthCheckSettings:
             ejection=t.get("ejection", _positive_duration, d.ejection),
             max_ejection=t.get("max_ejection", _positive_duration, d.max_ejection),
         )
+    # A default must never conflict with what the user did write: `interval = "1s"` alone
+    # brings the timeout down with it, `ejection = "10m"` alone raises the cap.
+    if "timeout" not in t.data:
+        h = dataclasses.replace(h, timeout=min(h.timeout, h.interval))
+    if "max_ejection" not in t.data:
+        h = dataclasses.replace(h, max_ejection=max(h.max_ejection, h.ejection))
     if h.timeout > h.interval:
         t.problem("timeout", "must not exceed interval")
     if h.ejection > h.max_ejection:

@@ -32,6 +32,10 @@ class ServerHealth:
     passive_failures: int = 0
     ejections: int = 0
     ejected_until: float = 0.0
+    # The state last logged. The end of a cool-down is no event (only the clock moves), so it
+    # is noticed and logged on the next look at the server (a pick, a check, a result); every
+    # logged change then starts where the previous one ended.
+    shown: str = "healthy"
 
     def available(self, now: float) -> bool:
         return self.healthy and now >= self.ejected_until
@@ -62,10 +66,13 @@ class HealthBook:
 
     def available(self, app: str, server: str) -> bool:
         state = self._servers.get((app, server))
-        return state is not None and state.available(self._clock())
+        if state is None:
+            return False
+        self._expire(state)
+        return state.available(self._clock())
 
     def active_result(self, state: ServerHealth, ok: bool, reason: str) -> None:
-        before = state.label(self._clock())
+        self._expire(state)
         if ok:
             state.ok_streak, state.fail_streak = state.ok_streak + 1, 0
             if not state.healthy and state.ok_streak >= state.settings.healthy_threshold:
@@ -75,21 +82,27 @@ class HealthBook:
             state.fail_streak, state.ok_streak = state.fail_streak + 1, 0
             if state.healthy and state.fail_streak >= state.settings.unhealthy_threshold:
                 state.healthy = False
-        self._log_change(state, before, reason)
+        self._log_change(state, reason)
 
     def passive_success(self, app: str, server: str) -> None:
         state = self._servers.get((app, server))
         if state is not None and (state.passive_failures or state.ejections):
-            before = state.label(self._clock())
+            self._expire(state)
             state.passive_failures, state.ejections = 0, 0
-            self._log_change(state, before, "request_succeeded")
+            self._log_change(state, "request_succeeded")
 
     def passive_failure(self, app: str, server: str, reason: str) -> None:
         state = self._servers.get((app, server))
         if state is None:
             return
+        self._expire(state)
         now = self._clock()
-        before = state.label(now)
+        if now < state.ejected_until:
+            # A request sent before the ejection and failing during it reports the same
+            # outage: ejecting again made the cool-down grow with the number of requests in
+            # flight (3 at once: 10 s → 40 s) instead of with consecutive ejections. Envoy's
+            # outlier detection skips hosts already ejected the same way.
+            return
         state.passive_failures += 1
         if state.passive_failures >= state.settings.passive_failures:
             cooldown = min(
@@ -106,11 +119,20 @@ class HealthBook:
                 seconds=cooldown,
                 ejections=state.ejections,
             )
-        self._log_change(state, before, reason)
+        self._log_change(state, reason)
 
-    def _log_change(self, state: ServerHealth, before: str, reason: str) -> None:
-        after = state.label(self._clock())
+    def _expire(self, state: ServerHealth) -> None:
+        """Log the end of a cool-down that passed since the last look (see ``shown``)."""
+        if state.shown == "ejected" and state.label(self._clock()) != "ejected":
+            self._log_change(state, "ejection_expired")
+
+    def _log_change(self, state: ServerHealth, reason: str) -> None:
+        # From the state last logged, not the one before this call: that one was computed
+        # with the clock of now and hid an unlogged end of an ejection ("healthy" → "ejected"
+        # twice in a row, never "ejected" → "healthy").
+        before, after = state.shown, state.label(self._clock())
         if after != before:
+            state.shown = after
             log.warning(
                 "upstream_health_changed",
                 app=state.app,
@@ -137,8 +159,12 @@ async def probe(
             await writer.wait_closed()
             return None
         timeout = aiohttp.ClientTimeout(total=settings.timeout)
+        # The configured path may carry a query ("/health?deep=1"): with_path alone sent it
+        # percent-encoded as part of the path ("/health%3Fdeep=1", a 404).
+        path, _, query = settings.path.partition("?")
+        target = url.with_path(path).with_query(query or None)
         async with http.request(
-            settings.method, url.with_path(settings.path), timeout=timeout, allow_redirects=False
+            settings.method, target, timeout=timeout, allow_redirects=False
         ) as resp:
             if resp.status in settings.expected_statuses:
                 return None
