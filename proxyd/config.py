@@ -546,7 +546,7 @@ def _parse_limits(t: _Table) -> LimitSettings:
         unauth = _parse_limit(t.table("unauthenticated"), d.unauthenticated)
         per_user_table = t.table("per_user")
         per_user = _parse_limit(per_user_table, d.per_user)
-        if per_user_table.data and "enabled" not in per_user_table.data:
+        if "per_user" in t.data and "enabled" not in per_user_table.data:
             # Writing the section is the way to ask for it.
             per_user = dataclasses.replace(per_user, enabled=True)
     return LimitSettings(unauthenticated=unauth, per_user=per_user)

@@ -19,8 +19,14 @@ class ClientView:
 
 
 def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """An address from an X-Forwarded-For hop: bare, ``[v6]``, ``v4:port`` or ``[v6]:port``."""
+    text = text.strip()
+    if text.startswith("["):
+        text = text[1 : text.find("]")] if "]" in text else text[1:]
+    elif text.count(":") == 1:
+        text = text.split(":", 1)[0]  # IPv4 with a port (some proxies append one)
     try:
-        addr = ipaddress.ip_address(text.strip().strip("[]"))
+        addr = ipaddress.ip_address(text)
     except ValueError:
         return None
     if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
@@ -53,8 +59,11 @@ def client_view(
     client = peer_text
     # Walk right to left: the first hop that is not one of our proxies is the client.
     for hop in reversed(hops):
-        client = hop
-        if not is_trusted(hop, trusted):
+        parsed = _ip(hop)
+        # The normalized address, so "198.51.100.7:5555" or "[2001:db8::1]" cannot become a
+        # fresh rate-limit key per connection.
+        client = str(parsed) if parsed is not None else hop
+        if parsed is None or not any(parsed in net for net in trusted):
             break
     chain = ", ".join([*hops, peer_text])
     proto = xfp.split(",")[0].strip().lower() if xfp else scheme

@@ -17,6 +17,9 @@ from dataclasses import dataclass
 
 from proxyd.config import RateLimitSettings
 
+# Seconds: below any real clock's meaningful resolution here, far above float noise.
+_DUE_SLACK = 1e-6
+
 
 @dataclass(slots=True)
 class _Bucket:
@@ -51,10 +54,15 @@ class TokenBuckets:
             bucket.tokens = min(self._burst, bucket.tokens + (now - bucket.stamp) * self._rate)
             bucket.stamp = now
             self._buckets.move_to_end(key)
-        if bucket.tokens >= 1.0:
-            bucket.tokens -= 1.0
+        wait = (1.0 - bucket.tokens) / self._rate
+        # Refills accumulate float error (20/min, 2.9 s + 0.1 s left 0.9999999999999997 tokens):
+        # a token due within _DUE_SLACK counts as here, and the wait is rounded to it, so that
+        # Retry-After is exact on whole seconds (2.0000000000000004 s made it 3) and obeying it
+        # always succeeds.
+        if wait <= _DUE_SLACK:
+            bucket.tokens = max(0.0, bucket.tokens - 1.0)
             return 0.0
-        return (1.0 - bucket.tokens) / self._rate
+        return round(wait, 6)
 
     def _forget_idle(self, now: float) -> None:
         buckets = self._buckets
@@ -74,7 +82,9 @@ def address_key(address: str, ipv6_prefix: int) -> str:
     if isinstance(ip, ipaddress.IPv6Address):
         if ip.ipv4_mapped is not None:
             return str(ip.ipv4_mapped)
-        return str(ipaddress.IPv6Network((ip, ipv6_prefix), strict=False))
+        # Integer masking: building an IPv6Network per request cost ~47 µs, 5x this.
+        shift = 128 - ipv6_prefix
+        return f"{(int(ip) >> shift) << shift:032x}/{ipv6_prefix}"
     return address
 
 
