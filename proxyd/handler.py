@@ -267,6 +267,10 @@ class McpHandler:
                 )
             except ConnectFailed as exc:
                 health.passive_failure(app.name, target, exc.reason)
+                if pin is not None:
+                    # The session's server is down: 404 (re-initialize), not 502 (issue 3 §3);
+                    # it used to be a 502 until passive checks ejected the server.
+                    raise self.pinning.unreachable(app, session.identity, pin, exc.reason) from None
                 tried.append(target)
                 retry = (
                     pin is None

@@ -11,10 +11,10 @@ from __future__ import annotations
 from multidict import CIMultiDict
 
 from proxyd.auth.jwt import Identity
-from proxyd.errors import NotFound
+from proxyd.errors import NotFound, UpstreamError
 from proxyd.forward import HeaderHook
 from proxyd.log import get_logger
-from proxyd.mcp.sessionid import Pin, SessionIdCodec
+from proxyd.mcp.sessionid import MAX_ID_LENGTH, Pin, SessionIdCodec
 from proxyd.registry import App, Registry
 
 log = get_logger("proxyd.mcp")
@@ -48,6 +48,24 @@ class SessionPinning:
         )
         raise NotFound("MCP session not found; start a new session (initialize)", reason=reason)
 
+    def unreachable(self, app: App, identity: Identity, pin: Pin, cause: str) -> NotFound:
+        """The pinned server refused the connection: the session is gone with it.
+
+        Another server cannot take the request (the session does not exist there), and a 502
+        would leave the client retrying a dead session; a 404 makes it re-initialize, and
+        ``pick`` then finds a server that answers. Nothing of the request was sent.
+        """
+        reason = "mcp_session_server_unreachable"
+        log.warning(
+            "mcp_session_refused",
+            app=app.name,
+            user=identity.username,
+            reason=reason,
+            server=pin.server,
+            cause=cause,
+        )
+        return NotFound("MCP session not found; start a new session (initialize)", reason=reason)
+
     def response_hook(
         self, app: App, identity: Identity, server: str, pin: Pin | None, client_id: str | None
     ) -> HeaderHook:
@@ -60,9 +78,18 @@ class SessionPinning:
             if pin is not None and client_id is not None and upstream_id == pin.upstream_id:
                 headers[SESSION_HEADER] = client_id
                 return
-            headers[SESSION_HEADER] = self._codec.seal(
+            sealed = self._codec.seal(
                 Pin(app.name, server, upstream_id, identity.issuer, identity.username)
             )
+            if len(sealed) > MAX_ID_LENGTH:
+                # We could never open it again: the client would re-initialize forever.
+                log.warning(
+                    "mcp_session_id_too_long", app=app.name, server=server, length=len(upstream_id)
+                )
+                raise UpstreamError(
+                    "the app server's session id is too long to route", reason="session_id_too_long"
+                )
+            headers[SESSION_HEADER] = sealed
             log.info("mcp_session_started", app=app.name, user=identity.username, server=server)
 
         return seal
