@@ -157,15 +157,35 @@ class McpHandler:
             raise
         key = session_key(app.name, token)
         session = await self.sessions.get(key)
+        charge = True
         if session is not None:
-            record.user, record.session = session.username, "cached"
-            self.limits.per_user(session.identity)
-            return session
+            identity = session.identity
+            version = self.authenticator.store.snapshot.versions.get(identity.config)
+            if version == identity.config_version:
+                record.user, record.session = session.username, "cached"
+                self.limits.per_user(identity)
+                return session
+            # The app auth config this session came from changed or went away (issue 4):
+            # removed ends the session, changed verifies the token again under the new one.
+            await self.sessions.delete(key)
+            if version is None:
+                log.info(
+                    "session_ended",
+                    app=app.name,
+                    user=identity.username,
+                    config=identity.config,
+                    reason="config_removed",
+                )
+                raise InvalidToken(
+                    "the app auth config of this session was removed", reason="config_removed"
+                )
+            charge = False  # an established client, not an unauthenticated one
         pending = self._pending.get(key)
         if pending is None:
             # Everything below costs crypto or a key fetch: the per-address limiter goes
             # first, so a flood of guessed tokens is turned away for a dict lookup.
-            self.limits.unauthenticated(client.address)
+            if charge:
+                self.limits.unauthenticated(client.address)
             # Single flight: a client opening its GET stream and POSTs at once with a new
             # token pays one verification and one limiter token, not one per request.
             pending = asyncio.ensure_future(self._new_session(key, app, token, client))

@@ -7,6 +7,8 @@ Configs are only consulted when no session exists for a token (Teleport PR #6435
 
 from __future__ import annotations
 
+import dataclasses
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -25,31 +27,81 @@ class AuthSnapshot:
     generation: int
     configs: tuple[AppAuthConfig, ...]  # sorted by name
     static_keys: Mapping[str, KeySet]  # config name → parsed static_jwks
+    # config name → the generation in which it last changed. A session remembers the version
+    # it was verified under: a different one means "verify again", none means "removed".
+    versions: Mapping[str, int]
+
+    def config(self, name: str) -> AppAuthConfig | None:
+        for config in self.configs:
+            if config.name == name:
+                return config
+        return None
 
     def for_labels(self, labels: Mapping[str, str]) -> tuple[AppAuthConfig, ...]:
         return tuple(c for c in self.configs if c.app_labels.matches(labels))
 
 
-def build_snapshot(configs: tuple[AppAuthConfig, ...], generation: int) -> AuthSnapshot:
+def build_snapshot(
+    configs: tuple[AppAuthConfig, ...], generation: int, previous: AuthSnapshot | None = None
+) -> AuthSnapshot:
     static = {
         c.name: parse_jwks(c.jwt.static_jwks.encode(), c.jwt.algorithms)
         for c in configs
         if c.jwt.static_jwks is not None
     }
-    return AuthSnapshot(generation, tuple(sorted(configs, key=lambda c: c.name)), static)
+    versions: dict[str, int] = {}
+    for config in configs:
+        before = previous.config(config.name) if previous is not None else None
+        unchanged = before is not None and _same(before, config)
+        versions[config.name] = (
+            previous.versions[config.name] if unchanged and previous else generation
+        )
+    ordered = tuple(sorted(configs, key=lambda c: c.name))
+    return AuthSnapshot(generation, ordered, static, versions)
+
+
+def _same(a: AppAuthConfig, b: AppAuthConfig) -> bool:
+    # Where a config is defined (main file or which file) is not part of what it accepts.
+    return (a.name, a.app_labels, a.jwt) == (b.name, b.app_labels, b.jwt)
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    kind: str  # added | updated | removed
+    name: str
+    source: str
+
+
+def diff(before: AuthSnapshot, after: AuthSnapshot) -> list[Change]:
+    old = {c.name: c for c in before.configs}
+    new = {c.name: c for c in after.configs}
+    changes = [Change("removed", n, old[n].source) for n in sorted(old.keys() - new.keys())]
+    for name in sorted(new):
+        if name not in old:
+            changes.append(Change("added", name, new[name].source))
+        elif after.versions[name] != before.versions[name]:
+            changes.append(Change("updated", name, new[name].source))
+    return changes
 
 
 class AppAuthStore:
     def __init__(self, configs: tuple[AppAuthConfig, ...]) -> None:
         self._snapshot = build_snapshot(configs, 1)
+        self.loaded_at = time.time()
 
     @property
     def snapshot(self) -> AuthSnapshot:
         return self._snapshot
 
-    def swap(self, configs: tuple[AppAuthConfig, ...]) -> AuthSnapshot:
-        self._snapshot = build_snapshot(configs, self._snapshot.generation + 1)
-        return self._snapshot
+    def swap(self, configs: tuple[AppAuthConfig, ...]) -> list[Change]:
+        """Install a new set atomically; the changes, one per added/updated/removed config."""
+        before = self._snapshot
+        after = build_snapshot(configs, before.generation + 1, before)
+        changes = diff(before, after)
+        if changes:
+            self._snapshot = after
+            self.loaded_at = time.time()
+        return changes
 
 
 class Authenticator:
@@ -61,6 +113,10 @@ class Authenticator:
         self._store = store
         self._jwks = jwks
         self._now = wall_clock
+
+    @property
+    def store(self) -> AppAuthStore:
+        return self._store
 
     async def authenticate(self, app: str, labels: Mapping[str, str], raw: str) -> Identity:
         snapshot = self._store.snapshot
@@ -86,7 +142,7 @@ class Authenticator:
                     "app_auth_keys_unavailable", app=app, config=config.name, error=str(exc)
                 )
                 continue
-            return identity
+            return dataclasses.replace(identity, config_version=snapshot.versions[config.name])
         if unavailable:
             # Some config that might accept this token could not be checked: "try again" is
             # the honest answer, not a definitive 401.

@@ -56,6 +56,7 @@ class Identity:
     expires_at: float
     issued_at: float
     claims: Mapping[str, Any]
+    config_version: int = 0  # the app auth config generation it was verified under
 
 
 def _b64json(part: str) -> Any:
