@@ -12,9 +12,9 @@ from aiohttp.typedefs import Handler, Middleware
 from proxyd.errors import ProxydError, error_response
 from proxyd.forward import Outcome
 from proxyd.log import get_logger
+from proxyd.metrics import Metrics
 
 access_log = get_logger("proxyd.access")
-
 
 
 @dataclass(slots=True)
@@ -42,7 +42,7 @@ def resource_metadata_url(public_url: str, request: web.Request) -> str | None:
     return f"{public_url}/.well-known/oauth-protected-resource/mcp/apps/{app}"
 
 
-def access_middleware(public_url: str) -> Middleware:
+def access_middleware(public_url: str, metrics: Metrics | None = None) -> Middleware:
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         started = time.perf_counter()
@@ -72,7 +72,11 @@ def access_middleware(public_url: str) -> Middleware:
             status = 500  # aiohttp logs the traceback and answers 500
             raise
         finally:
-            _log(request, record, status, time.perf_counter() - started)
+            elapsed = time.perf_counter() - started
+            _log(request, record, status, elapsed)
+            if metrics is not None and record.app is not None:
+                metrics.requests.labels(record.app, request.method, str(status)).inc()
+                metrics.duration.labels(record.app).observe(elapsed)
 
     return middleware
 

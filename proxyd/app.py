@@ -5,39 +5,119 @@ from __future__ import annotations
 import os
 import random
 import time
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
 
 import aiohttp
 from aiocache import SimpleMemoryCache
 from aiohttp import web
+from joserfc.jwk import ECKey
+from prometheus_client.core import Metric
 
 from proxyd.access import access_middleware
 from proxyd.auth.appauth import AppAuthStore, Authenticator
 from proxyd.auth.assertion import AssertionSigner, load_or_create_key
 from proxyd.auth.jwks import JwksCache
 from proxyd.auth.session import SessionStore
-from proxyd.config import Settings
+from proxyd.config import RateLimitSettings, Settings
 from proxyd.forward import Forwarder
 from proxyd.handler import Clocks, Limits, McpHandler
 from proxyd.health import HealthBook, HealthChecker
 from proxyd.log import get_logger
 from proxyd.mcp.pinning import SessionPinning
 from proxyd.mcp.sessionid import SessionIdCodec
+from proxyd.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from proxyd.metrics import Metrics, counter, gauge
 from proxyd.ratelimit import Limiter
 from proxyd.registry import Registry
+from proxyd.watcher import AuthConfigWatcher
 from proxyd.wellknown import WellKnown
-
-MCP_HANDLER = web.AppKey("mcp_handler", McpHandler)
-WELL_KNOWN = web.AppKey("well_known", WellKnown)
-JWKS_CACHE = web.AppKey("jwks_cache", JwksCache)
-AUTH_STORE = web.AppKey("auth_store", AppAuthStore)
-SESSIONS = web.AppKey("sessions", SessionStore)
-HEALTH = web.AppKey("health", HealthBook)
 
 DEFAULT_CLOCKS = Clocks(monotonic=time.monotonic, wall=time.time)
 
 log = get_logger("proxyd")
+
+
+@dataclass(slots=True)
+class Shared:
+    """What outlives a configuration: connections, caches, keys, health and metrics."""
+
+    clocks: Clocks
+    rng: random.Random
+    store: AppAuthStore
+    health: HealthBook
+    metrics: Metrics
+    http: aiohttp.ClientSession | None = None
+    jwks: JwksCache | None = None
+    sessions: SessionStore | None = None
+    identity_key: ECKey | None = None
+    ephemeral_mcp_key: bytes | None = None
+    limiters: dict[tuple[str, RateLimitSettings], Limiter] = field(default_factory=dict)
+
+    def limiter(self, kind: str, settings: RateLimitSettings) -> Limiter:
+        # Same settings after a reload: keep the buckets (a reload is no way around a limit).
+        key = (kind, settings)
+        if key not in self.limiters:
+            self.limiters = {k: v for k, v in self.limiters.items() if k[0] != kind}
+            self.limiters[key] = Limiter(settings, self.clocks.monotonic)
+        return self.limiters[key]
+
+
+class Runtime:
+    """The configuration in force: one reference, swapped whole on reload (a request reads it
+    once, so it sees the old configuration or the new one, never a mix)."""
+
+    def __init__(self, settings: Settings, shared: Shared) -> None:
+        self.settings = settings
+        self.shared = shared
+        self.ready = False
+        self.handler: McpHandler | None = None
+        self.well_known: WellKnown | None = None
+
+    def install(self, settings: Settings) -> None:
+        s = self.shared
+        assert s.http is not None and s.jwks is not None and s.sessions is not None
+        assert s.identity_key is not None
+        s.health.reconfigure(settings.apps)
+        registry = Registry(settings.apps, s.rng, s.health)
+        signer = AssertionSigner(s.identity_key, settings.server.public_url, settings.identity.ttl)
+        s.sessions.max_ttl = settings.sessions.max_ttl
+        limits = Limits(
+            s.limiter("unauthenticated", settings.limits.unauthenticated),
+            s.limiter("per_user", settings.limits.per_user),
+            s.metrics,
+        )
+        keys = list(settings.sessions.mcp_keys) or self._ephemeral_key()
+        handler = McpHandler(
+            settings,
+            registry,
+            s.sessions,
+            Authenticator(s.store, s.jwks, s.clocks.wall),
+            Forwarder(s.http, settings.upstream, settings.server.max_request_body, s.metrics),
+            signer,
+            s.clocks,
+            limits,
+            SessionPinning(SessionIdCodec(keys), registry),
+            s.metrics,
+        )
+        well_known = WellKnown(settings.server.public_url, registry, s.store, signer)
+        self.settings, self.handler, self.well_known = settings, handler, well_known
+
+    def _ephemeral_key(self) -> list[bytes]:
+        if self.shared.ephemeral_mcp_key is None:
+            log.warning(
+                "mcp_session_key_ephemeral",
+                detail="no sessions.mcp_keys configured: MCP sessions will not survive a "
+                "restart or work across proxyd instances",
+            )
+            self.shared.ephemeral_mcp_key = os.urandom(32)
+        return [self.shared.ephemeral_mcp_key]
+
+
+RUNTIME = web.AppKey("runtime", Runtime)
+AUTH_STORE = web.AppKey("auth_store", AppAuthStore)
+HEALTH = web.AppKey("health", HealthBook)
+WATCHER = web.AppKey("watcher", AuthConfigWatcher)
 
 
 def create_app(
@@ -45,10 +125,12 @@ def create_app(
     *,
     clocks: Clocks = DEFAULT_CLOCKS,
     rng: random.Random | None = None,
+    force_polling: bool | None = None,
 ) -> web.Application:
     ceiling = _parser_ceiling(settings)
+    metrics = Metrics()
     app = web.Application(
-        middlewares=[access_middleware(settings.server.public_url)],
+        middlewares=[access_middleware(settings.server.public_url, metrics)],
         handler_args={
             "max_field_size": ceiling,
             "max_line_size": ceiling,
@@ -57,12 +139,27 @@ def create_app(
             "auto_decompress": False,
         },
     )
-    health = HealthBook(settings.apps, clocks.monotonic)
-    # Spreads load over app servers; not a security decision, so any PRNG will do.
-    registry = Registry(settings.apps, rng or random.Random(), health)  # noqa: S311
-    app[HEALTH] = health
     store = AppAuthStore(settings.app_auth_configs)
+    shared = Shared(
+        clocks=clocks,
+        # Spreads load over app servers; not a security decision, so any PRNG will do.
+        rng=rng or random.Random(),  # noqa: S311
+        store=store,
+        health=HealthBook(settings.apps, clocks.monotonic),
+        metrics=metrics,
+    )
+    runtime = Runtime(settings, shared)
+    watcher = AuthConfigWatcher(
+        store,
+        settings.main_app_auth_configs or settings.app_auth_configs,
+        settings.app_auth_config_dir,
+        force_polling=force_polling,
+    )
+    app[RUNTIME] = runtime
     app[AUTH_STORE] = store
+    app[HEALTH] = shared.health
+    app[WATCHER] = watcher
+    register_collectors(metrics, runtime)
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
         # One shared client for upstreams and JWKS; no cap on connections, so open SSE
@@ -72,41 +169,32 @@ def create_app(
             cookie_jar=aiohttp.DummyCookieJar(),
             trust_env=False,
         )
-        jwks = JwksCache(http, settings.jwks, clocks.monotonic)
+        shared.http = http
+        shared.jwks = JwksCache(http, settings.jwks, clocks.monotonic)
         # timeout=None: aiocache's default 5 s timeout wraps every get in asyncio.wait_for,
         # a task per lookup on the hot path, for an in-memory dict that cannot block.
         cache = SimpleMemoryCache(timeout=None)
-        sessions = SessionStore(cache, clocks.wall, settings.sessions.max_ttl)
-        key = load_or_create_key(settings.identity.key_file, settings.server.state_dir)
-        signer = AssertionSigner(key, settings.server.public_url, settings.identity.ttl)
-        limits = Limits(
-            Limiter(settings.limits.unauthenticated, clocks.monotonic),
-            Limiter(settings.limits.per_user, clocks.monotonic),
+        shared.sessions = SessionStore(cache, clocks.wall, settings.sessions.max_ttl)
+        shared.identity_key = load_or_create_key(
+            settings.identity.key_file, settings.server.state_dir
         )
-        pinning = SessionPinning(SessionIdCodec(_mcp_keys(settings)), registry)
-        checker = HealthChecker(health, http)
-        app[JWKS_CACHE] = jwks
-        app[SESSIONS] = sessions
-        app[MCP_HANDLER] = McpHandler(
-            settings,
-            registry,
-            sessions,
-            Authenticator(store, jwks, clocks.wall),
-            Forwarder(http, settings.upstream, settings.server.max_request_body),
-            signer,
-            clocks,
-            limits,
-            pinning,
-        )
-        app[WELL_KNOWN] = WellKnown(settings.server.public_url, registry, store, signer)
+        runtime.install(settings)
+        checker = HealthChecker(shared.health, http)
+        app[CHECKER] = checker
+        watcher.rescan()  # the directory as it is now: serving starts on a full load
+        watcher.start()
         checker.start()
+        runtime.ready = True
         try:
             yield
         finally:
-            await app[MCP_HANDLER].close()
+            runtime.ready = False
+            await watcher.stop()
+            if runtime.handler is not None:
+                await runtime.handler.close()
             await checker.stop()
-            await jwks.close()
-            await sessions.close()
+            await shared.jwks.close()
+            await shared.sessions.close()
             await http.close()
 
     app.cleanup_ctx.append(resources)
@@ -116,15 +204,59 @@ def create_app(
     return app
 
 
-def _mcp_keys(settings: Settings) -> list[bytes]:
-    if settings.sessions.mcp_keys:
-        return list(settings.sessions.mcp_keys)
-    log.warning(
-        "mcp_session_key_ephemeral",
-        detail="no sessions.mcp_keys configured: MCP sessions will not survive a restart "
-        "or work across proxyd instances",
-    )
-    return [os.urandom(32)]
+CHECKER = web.AppKey("checker", HealthChecker)
+
+
+def register_collectors(metrics: Metrics, runtime: Runtime) -> None:
+    """State read at scrape time: upstream health, JWKS age and errors, config generation."""
+    shared = runtime.shared
+
+    def collect() -> Iterator[Metric]:
+        now = shared.clocks.monotonic()
+        yield gauge(
+            "proxyd_upstream_healthy",
+            "1 when the app server takes new work (healthy and not ejected).",
+            ["app", "server", "state"],
+            (
+                ([h.app, h.server, h.label(now)], float(h.available(now)))
+                for h in shared.health.all()
+            ),
+        )
+        snapshot = shared.store.snapshot
+        yield gauge(
+            "proxyd_config_generation",
+            "App auth config generation.",
+            [],
+            [([], float(snapshot.generation))],
+        )
+        yield gauge(
+            "proxyd_config_last_load_timestamp_seconds",
+            "When the app auth configs last changed (Unix time).",
+            [],
+            [([], shared.store.loaded_at)],
+        )
+        yield gauge(
+            "proxyd_app_auth_configs",
+            "App auth configs in force.",
+            [],
+            [([], float(len(snapshot.configs)))],
+        )
+        if shared.jwks is not None:
+            stats = shared.jwks.stats()
+            yield gauge(
+                "proxyd_jwks_age_seconds",
+                "Age of the cached key set per JWKS URL.",
+                ["url"],
+                (([u], age) for u, age, _ in stats if age is not None),
+            )
+            yield counter(
+                "proxyd_jwks_fetch_errors",
+                "Failed JWKS fetches per URL.",
+                ["url"],
+                (([u], float(errors)) for u, _, errors in stats),
+            )
+
+    metrics.collect_with(collect)
 
 
 def _parser_ceiling(settings: Settings) -> int:
@@ -133,28 +265,39 @@ def _parser_ceiling(settings: Settings) -> int:
 
 
 async def _mcp(request: web.Request) -> web.StreamResponse:
-    return await request.app[MCP_HANDLER].handle(request)
+    handler = request.app[RUNTIME].handler
+    assert handler is not None
+    return await handler.handle(request)
 
 
 async def _jwks(request: web.Request) -> web.StreamResponse:
-    return await request.app[WELL_KNOWN].jwks(request)
+    well_known = request.app[RUNTIME].well_known
+    assert well_known is not None
+    return await well_known.jwks(request)
 
 
 async def _resource_metadata(request: web.Request) -> web.StreamResponse:
-    return await request.app[WELL_KNOWN].protected_resource(request)
+    well_known = request.app[RUNTIME].well_known
+    assert well_known is not None
+    return await well_known.protected_resource(request)
 
 
-def create_admin_app(ready: dict[str, Any]) -> web.Application:
-    """The admin listener: /healthz (process alive), /readyz (serving)."""
+def create_admin_app(runtime: Runtime, draining: Callable[[], bool]) -> web.Application:
+    """The admin listener: /healthz (process alive), /readyz (serving), /metrics."""
     admin = web.Application()
 
     async def healthz(_: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
 
     async def readyz(_: web.Request) -> web.Response:
-        ok = bool(ready.get("ready"))
+        ok = runtime.ready and not draining()
         return web.json_response({"ready": ok}, status=200 if ok else 503)
+
+    async def metrics(_: web.Request) -> web.Response:
+        body = runtime.shared.metrics.render()
+        return web.Response(body=body, headers={"Content-Type": METRICS_CONTENT_TYPE})
 
     admin.router.add_get("/healthz", healthz)
     admin.router.add_get("/readyz", readyz)
+    admin.router.add_get("/metrics", metrics)
     return admin

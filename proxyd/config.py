@@ -29,8 +29,17 @@ T = TypeVar("T")
 # can never be used as an HMAC secret (RFC 8725 §2.1, §3.1) and "none" is impossible.
 ASYMMETRIC_ALGORITHMS = frozenset(
     {
-        "RS256", "RS384", "RS512", "PS256", "PS384", "PS512",
-        "ES256", "ES384", "ES512", "EdDSA", "Ed25519",
+        "RS256",
+        "RS384",
+        "RS512",
+        "PS256",
+        "PS384",
+        "PS512",
+        "ES256",
+        "ES384",
+        "ES512",
+        "EdDSA",
+        "Ed25519",
     }
 )
 # MCP 2025-06-18 §Authorization recommends Bearer tokens of IdPs; Entra tokens with group claims
@@ -41,8 +50,14 @@ _DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*(B|KB|KiB|MB|MiB|GB|GiB)?\s*$")
 _SIZE_UNITS = {
-    None: 1, "B": 1, "KB": 1000, "KiB": 1024, "MB": 1000**2, "MiB": 1024**2,
-    "GB": 1000**3, "GiB": 1024**3,
+    None: 1,
+    "B": 1,
+    "KB": 1000,
+    "KiB": 1024,
+    "MB": 1000**2,
+    "MiB": 1024**2,
+    "GB": 1000**3,
+    "GiB": 1024**3,
 }
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 _HEADER_NAME_RE = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")
@@ -202,6 +217,7 @@ class Settings:
     jwks: JwksSettings = field(default_factory=JwksSettings)
     apps: tuple[AppSettings, ...] = ()
     app_auth_configs: tuple[AppAuthConfig, ...] = ()
+    main_app_auth_configs: tuple[AppAuthConfig, ...] = ()  # those of the main file alone
     app_auth_config_dir: str | None = None
     path: str | None = None
 
@@ -213,7 +229,7 @@ class Settings:
 def parse_duration(value: object) -> float:
     """``"30s"``, ``"5m"``, ``"1h30m"``, ``"250ms"`` or a number of seconds."""
     if isinstance(value, bool):
-        raise ValueError("expected a duration such as \"30s\" or \"5m\"")
+        raise ValueError('expected a duration such as "30s" or "5m"')
     if isinstance(value, int | float):
         # TOML has inf and nan; neither is a usable duration (nan even passes "<= 0" checks).
         if not math.isfinite(value):
@@ -222,7 +238,7 @@ def parse_duration(value: object) -> float:
             raise ValueError("must not be negative")
         return float(value)
     if not isinstance(value, str):
-        raise ValueError("expected a duration such as \"30s\" or \"5m\"")
+        raise ValueError('expected a duration such as "30s" or "5m"')
     text = value.strip()
     pos, total = 0, 0.0
     for match in _DURATION_RE.finditer(text):
@@ -231,29 +247,29 @@ def parse_duration(value: object) -> float:
         total += float(match.group(1)) * _DURATION_UNITS[match.group(2)]
         pos = match.end()
     if pos != len(text) or not text:
-        raise ValueError(f"not a duration: {value!r} (use e.g. \"30s\", \"5m\", \"1h30m\")")
+        raise ValueError(f'not a duration: {value!r} (use e.g. "30s", "5m", "1h30m")')
     return total
 
 
 def parse_size(value: object) -> int:
     """``"4MiB"``, ``"512KiB"``, ``"1000"`` or a number of bytes."""
     if isinstance(value, bool):
-        raise ValueError("expected a size such as \"4MiB\"")
+        raise ValueError('expected a size such as "4MiB"')
     if isinstance(value, int):
         if value < 0:
             raise ValueError("must not be negative")
         return value
     if not isinstance(value, str):
-        raise ValueError("expected a size such as \"4MiB\"")
+        raise ValueError('expected a size such as "4MiB"')
     match = _SIZE_RE.match(value)
     if match is None:
-        raise ValueError(f"not a size: {value!r} (use e.g. \"512KiB\", \"4MiB\")")
+        raise ValueError(f'not a size: {value!r} (use e.g. "512KiB", "4MiB")')
     return int(match.group(1)) * _SIZE_UNITS[match.group(2)]
 
 
 def parse_hostport(value: object) -> tuple[str, int]:
     if not isinstance(value, str) or not value:
-        raise ValueError("expected \"host:port\"")
+        raise ValueError('expected "host:port"')
     host, sep, port_text = value.rpartition(":")
     if not sep or not port_text.isdigit():
         raise ValueError(f"not host:port: {value!r}")
@@ -281,9 +297,9 @@ def parse_http_url(value: object) -> str:
 
 def parse_origin(value: object) -> str:
     if not isinstance(value, str):
-        raise ValueError("expected an origin such as \"https://app.example.com\"")
+        raise ValueError('expected an origin such as "https://app.example.com"')
     if value == "null":
-        raise ValueError("the \"null\" origin cannot be allowed safely")
+        raise ValueError('the "null" origin cannot be allowed safely')
     parts = urlsplit(value)
     if parts.scheme not in ("http", "https") or not parts.hostname or parts.path not in ("", "/"):
         raise ValueError(f"not an origin (scheme://host[:port]): {value!r}")
@@ -432,7 +448,7 @@ def _list_of(parse: Callable[[object], T]) -> Callable[[object], tuple[T, ...]]:
 
 def _network(value: object) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
     if not isinstance(value, str):
-        raise ValueError("expected a CIDR such as \"10.0.0.0/8\"")
+        raise ValueError('expected a CIDR such as "10.0.0.0/8"')
     try:
         return ipaddress.ip_network(value, strict=False)
     except ValueError:
@@ -441,7 +457,7 @@ def _network(value: object) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
 
 def _labels(value: object) -> dict[str, str]:
     if not isinstance(value, Mapping):
-        raise ValueError("expected a table of label = \"value\"")
+        raise ValueError('expected a table of label = "value"')
     out: dict[str, str] = {}
     for key, item in value.items():
         if not isinstance(item, str):
@@ -713,7 +729,7 @@ def parse_app_auth_config(t: _Table, source: str) -> AppAuthConfig:
     # empty default selector, which must not add a second, misleading problem).
     if isinstance(t.data.get("app_labels"), Mapping) and not t.data["app_labels"]:
         # Teleport's rule (ValidateAppAuthConfig): a config selecting nothing is a mistake.
-        t.problem("app_labels", "must select at least one label (use { \"*\" = \"*\" } for all)")
+        t.problem("app_labels", 'must select at least one label (use { "*" = "*" } for all)')
     return AppAuthConfig(name=name, app_labels=selector, jwt=jwt, source=source)
 
 
@@ -793,6 +809,19 @@ def _parse_app_auth_section(t: _Table) -> str | None:
         return t.get("config_dir", _nonempty_str, None)
 
 
+def parse_app_auth_file(path: Path, text: str) -> AppAuthConfig:
+    """One file of ``app_auth.config_dir``; ConfigError lists ``file: key: problem``."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"{path}: {exc}"]) from None
+    problems: list[str] = []
+    config = parse_app_auth_config(_Table(data, "", problems), str(path))
+    if problems:
+        raise ConfigError([f"{path}: {p}" for p in problems])
+    return config
+
+
 def load_app_auth_dir(directory: str) -> tuple[list[AppAuthConfig], list[str]]:
     """Every ``*.toml`` in ``directory``: the configs that parsed and the problems of the rest."""
     configs: list[AppAuthConfig] = []
@@ -801,17 +830,12 @@ def load_app_auth_dir(directory: str) -> tuple[list[AppAuthConfig], list[str]]:
     if not base.is_dir():
         return [], [f"app_auth.config_dir: not a directory: {directory}"]
     for path in sorted(base.glob("*.toml")):
-        file_problems: list[str] = []
         try:
-            data = tomllib.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+            configs.append(parse_app_auth_file(path, path.read_text(encoding="utf-8")))
+        except (OSError, UnicodeDecodeError) as exc:
             problems.append(f"{path}: {exc}")
-            continue
-        config = parse_app_auth_config(_Table(data, "", file_problems), str(path))
-        if file_problems:
-            problems.extend(f"{path}: {p}" for p in file_problems)
-            continue
-        configs.append(config)
+        except ConfigError as exc:
+            problems.extend(exc.problems)
     return configs, problems
 
 
@@ -832,8 +856,14 @@ def merge_app_auth_configs(
     return tuple(sorted(merged.values(), key=lambda c: c.name)), problems
 
 
-def parse_settings(data: Mapping[str, Any], path: str | None = None) -> Settings:
-    """Validate a parsed TOML document; raise ConfigError listing every problem."""
+def parse_settings(
+    data: Mapping[str, Any], path: str | None = None, *, load_dir: bool = True
+) -> Settings:
+    """Validate a parsed TOML document; raise ConfigError listing every problem.
+
+    ``load_dir=False`` leaves the files of ``app_auth.config_dir`` to the watcher (a reload
+    of the main file must not fail on a directory file the watcher keeps a good version of).
+    """
     problems: list[str] = []
     root = _Table(data, "", problems)
     with root.closed():
@@ -849,7 +879,7 @@ def parse_settings(data: Mapping[str, Any], path: str | None = None) -> Settings
         main_configs = _parse_main_app_auth_configs(root)
         config_dir = _parse_app_auth_section(root.table("app_auth"))
     extra: list[AppAuthConfig] = []
-    if config_dir is not None:
+    if config_dir is not None and load_dir:
         extra, dir_problems = load_app_auth_dir(config_dir)
         problems.extend(dir_problems)
     configs, merge_problems = merge_app_auth_configs(main_configs, extra)
@@ -867,12 +897,13 @@ def parse_settings(data: Mapping[str, Any], path: str | None = None) -> Settings
         jwks=jwks,
         apps=apps,
         app_auth_configs=configs,
+        main_app_auth_configs=main_configs,
         app_auth_config_dir=config_dir,
         path=path,
     )
 
 
-def load_settings(path: str) -> Settings:
+def load_settings(path: str, *, load_dir: bool = True) -> Settings:
     """Read and validate a TOML file; raise ConfigError on any problem, including I/O."""
     try:
         text = Path(path).read_text(encoding="utf-8")
@@ -884,4 +915,4 @@ def load_settings(path: str) -> Settings:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([f"{path}: {exc}"]) from None
-    return parse_settings(data, path)
+    return parse_settings(data, path, load_dir=load_dir)

@@ -19,6 +19,7 @@ from yarl import URL
 
 from proxyd.config import UpstreamSettings
 from proxyd.errors import PayloadTooLarge, UpstreamError, UpstreamTimeout
+from proxyd.metrics import Metrics
 
 HeaderHook = Callable[[CIMultiDict[str]], None]
 
@@ -59,6 +60,7 @@ class Outcome:
     """What happened upstream, for the access log."""
 
     upstream: str
+    app: str = ""
     status: int = 0
     bytes_up: int = 0
     bytes_down: int = 0
@@ -193,9 +195,14 @@ def _too_large(limit: int) -> str:
 
 class Forwarder:
     def __init__(
-        self, http: aiohttp.ClientSession, settings: UpstreamSettings, max_body: int
+        self,
+        http: aiohttp.ClientSession,
+        settings: UpstreamSettings,
+        max_body: int,
+        metrics: Metrics | None = None,
     ) -> None:
         self._http = http
+        self._streams = metrics.open_streams if metrics is not None else None
         self._max_body = max_body
         self._timeout = aiohttp.ClientTimeout(
             total=None,  # streams live as long as they need
@@ -269,6 +276,9 @@ class Forwarder:
             # Tell any buffering proxy in front of us (nginx) to pass events through at once.
             out.headers["X-Accel-Buffering"] = "no"
         await out.prepare(request)
+        gauge = self._streams.labels(outcome.app) if self._streams is not None else None
+        if gauge is not None:
+            gauge.inc()
         try:
             async for chunk in upstream.content.iter_any():
                 await out.write(chunk)  # aiohttp writes straight to the transport: a flush
@@ -284,6 +294,9 @@ class Forwarder:
             if request.transport is not None:
                 request.transport.abort()
             return out
+        finally:
+            if gauge is not None:
+                gauge.dec()
         await out.write_eof()
         return out
 

@@ -35,6 +35,7 @@ from proxyd.log import get_logger
 from proxyd.mcp.era import check_routing_headers, is_modern, parse_message
 from proxyd.mcp.pinning import SESSION_HEADER, SessionPinning
 from proxyd.mcp.sessionid import Pin
+from proxyd.metrics import Metrics
 from proxyd.netaddr import ClientView, client_view
 from proxyd.ratelimit import Limiter
 from proxyd.registry import App, Registry
@@ -57,18 +58,22 @@ class Exchange:
 class Limits:
     """The two rate limits of the request path, answering 429 with Retry-After."""
 
-    def __init__(self, unauthenticated: Limiter, per_user: Limiter) -> None:
+    def __init__(self, unauthenticated: Limiter, per_user: Limiter, metrics: Metrics) -> None:
         self._unauthenticated = unauthenticated
         self._per_user = per_user
+        self._limited_unauthenticated = metrics.rate_limited.labels("unauthenticated")
+        self._limited_user = metrics.rate_limited.labels("per_user")
 
     def unauthenticated(self, address: str) -> None:
         wait = self._unauthenticated.for_address(address)
         if wait:
+            self._limited_unauthenticated.inc()
             raise RateLimited("too many unauthenticated requests; slow down", wait)
 
     def per_user(self, identity: Identity) -> None:
         wait = self._per_user.for_user(identity.issuer, identity.username)
         if wait:
+            self._limited_user.inc()
             raise RateLimited("too many requests for this user; slow down", wait)
 
 
@@ -90,6 +95,7 @@ class McpHandler:
         clocks: Clocks,
         limits: Limits,
         pinning: SessionPinning,
+        metrics: Metrics,
     ) -> None:
         self.settings = settings
         self.registry = registry
@@ -100,6 +106,7 @@ class McpHandler:
         self.clocks = clocks
         self.limits = limits
         self.pinning = pinning
+        self.metrics = metrics
         public = settings.server.public_url
         self._allowed_origins = settings.server.allowed_origins | {_origin_of(public)}
         self._pending: dict[str, asyncio.Future[Session]] = {}
@@ -169,6 +176,7 @@ class McpHandler:
             # removed ends the session, changed verifies the token again under the new one.
             await self.sessions.delete(key)
             if version is None:
+                self.metrics.auth.labels("failure", "config_removed").inc()
                 log.info(
                     "session_ended",
                     app=app.name,
@@ -208,8 +216,10 @@ class McpHandler:
                 # TTL 0 and the upstream an assertion expired at birth, so the session is over.
                 raise InvalidToken("token has expired", reason="expired")
         except ProxydError as err:
+            self.metrics.auth.labels("failure", err.reason).inc()
             log.info("auth_rejected", app=app.name, client=client.address, reason=err.reason)
             raise
+        self.metrics.auth.labels("success", "verified").inc()
         session = await self.sessions.create(key, app.name, identity)
         log.info(
             "session_created",
@@ -275,7 +285,7 @@ class McpHandler:
         while True:
             pin = exchange.pin
             target = pin.server if pin is not None else self._next_server(app, tried)
-            outcome = record.outcome = Outcome(upstream=target)
+            outcome = record.outcome = Outcome(upstream=target, app=app.name)
             hook = None
             if not exchange.modern:
                 hook = self.pinning.response_hook(

@@ -58,6 +58,19 @@ class HealthBook:
         }
         self.changed = asyncio.Event()  # set on every change (tests and metrics wait on it)
 
+    def reconfigure(self, apps: Iterable[AppSettings]) -> None:
+        """A reload: keep the state of servers that stay, start new ones healthy, drop the rest."""
+        servers: dict[tuple[str, str], ServerHealth] = {}
+        for app in apps:
+            for server in app.servers:
+                state = self._servers.get((app.name, server))
+                if state is None:
+                    state = ServerHealth(app.name, server, app.health_check)
+                else:
+                    state.settings = app.health_check
+                servers[(app.name, server)] = state
+        self._servers = servers
+
     def get(self, app: str, server: str) -> ServerHealth | None:
         return self._servers.get((app, server))
 

@@ -68,6 +68,11 @@ def _render(logger: Any, method: str, event: MutableMapping[str, Any]) -> Any:
     return _routing.renderer(logger, method, event)
 
 
+def set_level(level: str) -> None:
+    """A reload changes the level in place; format and stream stay (they need a restart)."""
+    _routing.level = _LEVELS[level.lower()]
+
+
 def configure(level: str = "info", fmt: str = "auto", stream: TextIO | None = None) -> None:
     out = stream or sys.stdout
     if fmt == "auto":

@@ -21,7 +21,6 @@ from joserfc import jwt
 from joserfc.jwk import KeySet
 from multidict import CIMultiDictProxy
 
-from proxyd.app import AUTH_STORE
 from proxyd.auth.session import session_key
 from tests.conftest import FakeClock, LogCapture, ProxyFactory, base_config
 from tests.issuer import MINTED, TestIssuer, b64url

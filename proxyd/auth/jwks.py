@@ -97,6 +97,14 @@ class JwksCache:
             raise JwksUnavailable(entry.last_error or f"JWKS at {url} unavailable")
         return keyset
 
+    def stats(self) -> list[tuple[str, float | None, int]]:
+        """(url, age of the cached key set or None, failed fetches) for metrics."""
+        now = self._clock()
+        return [
+            (url, None if e.raw is None else now - e.fetched_at, e.fetch_errors)
+            for url, e in self._entries.items()
+        ]
+
     def age(self, url: str) -> float | None:
         entry = self._entries.get(url)
         if entry is None or entry.raw is None:

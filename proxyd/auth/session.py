@@ -51,7 +51,7 @@ class SessionStore:
     def __init__(self, cache: Any, clock: Callable[[], float], max_ttl: float) -> None:
         self._cache = cache
         self._clock = clock
-        self._max_ttl = max_ttl
+        self.max_ttl = max_ttl
 
     async def get(self, key: str) -> Session | None:
         session: Session | None = await self._cache.get(key)
@@ -62,7 +62,7 @@ class SessionStore:
 
     async def create(self, key: str, app: str, identity: Identity) -> Session:
         now = self._clock()
-        ttl = session_ttl(identity, now, self._max_ttl)
+        ttl = session_ttl(identity, now, self.max_ttl)
         session = Session(key=key, app=app, identity=identity, expires_at=now + ttl)
         if ttl > 0:
             await self._cache.set(key, session, ttl=ttl)

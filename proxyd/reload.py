@@ -1,0 +1,74 @@
+"""SIGHUP: re-read and validate the main file; on success swap the configuration in force.
+
+Apps, servers, health checks, limits, upstream timeouts, MCP session keys, the identity
+assertion's lifetime, the main file's app auth configs and the log level change at once (one
+Runtime reference, see app.py); requests and streams in flight finish on the configuration
+they started with. A file with any problem changes nothing: every problem is logged. What a
+running process cannot change (listeners, directories, keys on disk) is named in the log.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from aiohttp import web
+
+from proxyd.app import CHECKER, RUNTIME, WATCHER
+from proxyd.config import ConfigError, Settings, load_settings
+from proxyd.log import get_logger, set_level
+from proxyd.notify import Notifier
+
+log = get_logger("proxyd.reload")
+
+RESTART_ONLY: dict[str, Callable[[Settings], Any]] = {
+    "server.listen": lambda s: (s.server.listen_host, s.server.listen_port),
+    "server.state_dir": lambda s: s.server.state_dir,
+    "server.max_header_size": lambda s: s.server.max_header_size,
+    "admin": lambda s: s.admin,
+    "log.format": lambda s: s.log.format,
+    "identity.key_file": lambda s: s.identity.key_file,
+    "jwks": lambda s: s.jwks,
+    "app_auth.config_dir": lambda s: s.app_auth_config_dir,
+}
+
+
+async def reload(app: web.Application, path: str, notifier: Notifier) -> bool:
+    runtime = app[RUNTIME]
+    metrics = runtime.shared.metrics
+    notifier.reloading()
+    try:
+        new = load_settings(path, load_dir=False)
+    except ConfigError as exc:
+        log.error(
+            "config_reload_failed",
+            path=path,
+            problems=exc.problems,
+            kept="the configuration in force",
+        )
+        metrics.reloads.labels("sighup", "failed").inc()
+        notifier.ready("reload failed: previous configuration in force")
+        return False
+    old = runtime.settings
+    later = [key for key, value in RESTART_ONLY.items() if value(old) != value(new)]
+    if later:
+        log.warning(
+            "config_change_needs_restart",
+            keys=later,
+            detail="these settings keep their old values until proxyd restarts",
+        )
+    set_level(new.log.level)
+    runtime.install(new)
+    app[WATCHER].set_main(new.main_app_auth_configs)
+    checker = app[CHECKER]
+    await checker.stop()
+    checker.start()
+    metrics.reloads.labels("sighup", "applied").inc()
+    log.info(
+        "config_reloaded",
+        path=path,
+        apps=[a.name for a in new.apps],
+        generation=runtime.shared.store.snapshot.generation,
+    )
+    notifier.ready("serving (configuration reloaded)")
+    return True
