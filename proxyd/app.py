@@ -151,7 +151,7 @@ def create_app(
     runtime = Runtime(settings, shared)
     watcher = AuthConfigWatcher(
         store,
-        settings.main_app_auth_configs or settings.app_auth_configs,
+        settings.main_app_auth_configs,
         settings.app_auth_config_dir,
         force_polling=force_polling,
     )
