@@ -4,7 +4,15 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install run test lint bench clean
+# `make install`: a system install, staged under DESTDIR when packaging.
+PREFIX      ?= /usr/local
+DESTDIR     ?=
+APPDIR      := $(PREFIX)/lib/proxyd
+CONFDIR     ?= /etc/proxyd
+UNITDIR     ?= /etc/systemd/system
+CREATE_USER ?= yes
+
+.PHONY: dev install run test lint bench verify-unit clean
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -12,8 +20,33 @@ $(STAMP): setup.cfg pyproject.toml
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
-## install: create .venv with proxyd (editable) and its test extras
-install: $(STAMP)
+## dev: create .venv with proxyd (editable) and its test extras (run/test/lint do it for you)
+dev: $(STAMP)
+
+## install: proxyd in its own virtualenv under PREFIX, the systemd unit, the example config
+## (never overwriting an existing one) and the `proxyd` system user
+install:
+	$(PYTHON) -m venv $(DESTDIR)$(APPDIR)
+	$(DESTDIR)$(APPDIR)/bin/python -m pip install --quiet .
+	@# A venv staged under DESTDIR names DESTDIR in its scripts: point them at the final path.
+	@if [ -n "$(DESTDIR)" ]; then \
+	  grep -rlF "$(DESTDIR)" $(DESTDIR)$(APPDIR)/bin $(DESTDIR)$(APPDIR)/pyvenv.cfg \
+	    | xargs -r sed -i "s|$(DESTDIR)||g"; fi
+	install -d $(DESTDIR)$(PREFIX)/bin
+	ln -sf $(APPDIR)/bin/proxyd $(DESTDIR)$(PREFIX)/bin/proxyd
+	install -d $(DESTDIR)$(UNITDIR)
+	sed -e "s|/usr/local/lib/proxyd|$(APPDIR)|g" -e "s|/etc/proxyd|$(CONFDIR)|g" \
+	  systemd/proxyd.service > $(DESTDIR)$(UNITDIR)/proxyd.service
+	chmod 0644 $(DESTDIR)$(UNITDIR)/proxyd.service
+	install -d -m 0755 $(DESTDIR)$(CONFDIR) $(DESTDIR)$(CONFDIR)/app_auth.d
+	@if [ -e $(DESTDIR)$(CONFDIR)/proxyd.toml ]; then \
+	  echo "keeping existing $(DESTDIR)$(CONFDIR)/proxyd.toml"; \
+	else install -m 0640 etc/proxyd/proxyd.toml $(DESTDIR)$(CONFDIR)/proxyd.toml; fi
+	@if [ -z "$(DESTDIR)" ] && [ "$(CREATE_USER)" = yes ] && ! getent passwd proxyd >/dev/null; then \
+	  useradd --system --no-create-home --home-dir /var/lib/proxyd \
+	    --shell /usr/sbin/nologin proxyd; fi
+	@if [ -z "$(DESTDIR)" ] && getent group proxyd >/dev/null; then \
+	  chgrp proxyd $(CONFDIR)/proxyd.toml; fi
 
 ## run: proxyd with an embedded demo MCP app and dev token issuer (no config needed)
 run: $(STAMP)
@@ -31,6 +64,14 @@ lint: $(STAMP)
 ## bench: proxyd vs a direct connection (prints ratios, writes bench/results/latest.json)
 bench: $(STAMP)
 	$(BIN)/python bench/run.py
+
+## verify-unit: systemd-analyze verify of the unit as `make install` writes it
+verify-unit:
+	rm -rf build/unit-root
+	$(MAKE) --no-print-directory install PREFIX=$(CURDIR)/build/unit-root/usr \
+	  CONFDIR=$(CURDIR)/build/unit-root/etc/proxyd UNITDIR=$(CURDIR)/build/unit-root/systemd \
+	  CREATE_USER=no
+	systemd-analyze verify build/unit-root/systemd/proxyd.service
 
 clean:
 	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache .pytest_cache
