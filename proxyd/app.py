@@ -69,6 +69,7 @@ class Runtime:
 
     def __init__(self, settings: Settings, shared: Shared) -> None:
         self.settings = settings
+        self.boot_settings = settings  # what the listeners, key and directories were built from
         self.shared = shared
         self.ready = False
         self.handler: McpHandler | None = None

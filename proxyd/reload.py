@@ -9,6 +9,7 @@ running process cannot change (listeners, directories, keys on disk) is named in
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -33,6 +34,27 @@ RESTART_ONLY: dict[str, Callable[[Settings], Any]] = {
 }
 
 
+def in_force(new: Settings, boot: Settings) -> Settings:
+    """The new settings with the restart-only values of the running process, so nothing is
+    half applied (e.g. a 431 limit above what aiohttp's parser was built with)."""
+    server = dataclasses.replace(
+        new.server,
+        listen_host=boot.server.listen_host,
+        listen_port=boot.server.listen_port,
+        state_dir=boot.server.state_dir,
+        max_header_size=boot.server.max_header_size,
+    )
+    return dataclasses.replace(
+        new,
+        server=server,
+        admin=boot.admin,
+        log=dataclasses.replace(new.log, format=boot.log.format),
+        identity=dataclasses.replace(new.identity, key_file=boot.identity.key_file),
+        jwks=boot.jwks,
+        app_auth_config_dir=boot.app_auth_config_dir,
+    )
+
+
 async def reload(app: web.Application, path: str, notifier: Notifier) -> bool:
     runtime = app[RUNTIME]
     metrics = runtime.shared.metrics
@@ -49,8 +71,9 @@ async def reload(app: web.Application, path: str, notifier: Notifier) -> bool:
         metrics.reloads.labels("sighup", "failed").inc()
         notifier.ready("reload failed: previous configuration in force")
         return False
-    old = runtime.settings
-    later = [key for key, value in RESTART_ONLY.items() if value(old) != value(new)]
+    # Compared with what the process started with: that is what is in force for these keys.
+    boot = runtime.boot_settings
+    later = [key for key, value in RESTART_ONLY.items() if value(boot) != value(new)]
     if later:
         log.warning(
             "config_change_needs_restart",
@@ -58,7 +81,7 @@ async def reload(app: web.Application, path: str, notifier: Notifier) -> bool:
             detail="these settings keep their old values until proxyd restarts",
         )
     set_level(new.log.level)
-    runtime.install(new)
+    runtime.install(in_force(new, boot))
     app[WATCHER].set_main(new.main_app_auth_configs)
     checker = app[CHECKER]
     await checker.stop()

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import itertools
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +36,10 @@ log = get_logger("proxyd.watcher")
 class _File:
     digest: str
     good: AppAuthConfig | None  # the last version that parsed, if any
+    # Order of first appearance. A duplicate name is an error for the file that came later:
+    # merging in name order let a newly dropped file (say 00-x.toml) take over a config in
+    # force and reject the file that had defined it all along.
+    seen: int = 0
 
 
 def _is_config(_: watchfiles.Change, path: str) -> bool:
@@ -53,9 +59,11 @@ class AuthConfigWatcher:
         self._main = main
         self._dir = Path(directory) if directory else None
         self._files: dict[Path, _File] = {}
+        self._arrivals = itertools.count()
         self._force_polling = force_polling
         self._stop = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._duplicates: set[str] = set()  # merge problems already reported
         self.rescans = 0
 
     def rescan(self) -> None:
@@ -63,10 +71,14 @@ class AuthConfigWatcher:
         self.rescans += 1
         if self._dir is not None:
             self._read_dir(self._dir)
-        files = [f.good for _, f in sorted(self._files.items()) if f.good is not None]
+        ordered = sorted(self._files.items(), key=lambda item: (item[1].seen, item[0]))
+        files = [f.good for _, f in ordered if f.good is not None]
         merged, problems = merge_app_auth_configs(self._main, files)
         for problem in problems:
-            log.error("app_auth_config_rejected", problem=problem, kept="first definition")
+            # Once per problem, not on every rescan while it lasts (one line per change).
+            if problem not in self._duplicates:
+                log.error("app_auth_config_rejected", problem=problem, kept="first definition")
+        self._duplicates = set(problems)
         changes = self._store.swap(merged)
         generation = self._store.snapshot.generation
         for change in changes:
@@ -84,7 +96,12 @@ class AuthConfigWatcher:
 
     def _read_dir(self, directory: Path) -> None:
         try:
-            present = {p for p in directory.glob("*.toml") if p.is_file()}
+            # os.scandir, not Path.glob: glob swallows PermissionError and answers a missing
+            # or non-directory path with nothing, which removed every file's config.
+            with os.scandir(directory) as entries:
+                present = {
+                    directory / e.name for e in entries if e.name.endswith(".toml") and e.is_file()
+                }
         except OSError as exc:
             log.error("app_auth_dir_unreadable", directory=str(directory), error=str(exc))
             return  # keep everything we had: an unreadable directory is no reason to drop
@@ -102,17 +119,18 @@ class AuthConfigWatcher:
             if known is not None and known.digest == digest:
                 continue
             previous = known.good if known is not None else None
+            seen = known.seen if known is not None else next(self._arrivals)
             try:
                 config = parse_app_auth_file(path, raw.decode("utf-8"))
             except UnicodeDecodeError:
                 self._reject(path, [f"{path}: not UTF-8 text"], previous)
-                self._files[path] = _File(digest, previous)
+                self._files[path] = _File(digest, previous, seen)
                 continue
             except ConfigError as exc:
                 self._reject(path, exc.problems, previous)
-                self._files[path] = _File(digest, previous)
+                self._files[path] = _File(digest, previous, seen)
                 continue
-            self._files[path] = _File(digest, config)
+            self._files[path] = _File(digest, config, seen)
 
     @staticmethod
     def _reject(path: Path, problems: list[str], kept: AppAuthConfig | None) -> None:
@@ -128,6 +146,10 @@ class AuthConfigWatcher:
             self._task = asyncio.create_task(self._watch(self._dir), name="app-auth-watcher")
 
     async def _watch(self, directory: Path) -> None:
+        # Every quiet half second (a timeout: an empty set) rescans too; unchanged files cost a
+        # hash. Events alone miss a file written between the initial rescan and the moment the
+        # watch is in place, and the poller compares mtimes to the second, so a second change
+        # within the same second (an editor's fix right after a save) made no event at all.
         async for _ in watchfiles.awatch(
             directory,
             watch_filter=_is_config,
@@ -137,6 +159,8 @@ class AuthConfigWatcher:
             recursive=False,
             force_polling=self._force_polling,
             poll_delay_ms=200,
+            rust_timeout=500,
+            yield_on_timeout=True,
         ):
             self.rescan()
 

@@ -101,6 +101,10 @@ class AppAuthStore:
         if changes:
             self._snapshot = after
             self.loaded_at = time.time()
+        elif [c.source for c in after.configs] != [c.source for c in before.configs]:
+            # Only where a config is defined moved (a file renamed): no change and no new
+            # generation, but later log lines must name the file it now comes from.
+            self._snapshot = dataclasses.replace(after, generation=before.generation)
         return changes
 
 
