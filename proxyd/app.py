@@ -24,7 +24,9 @@ from proxyd.forward import Forwarder
 from proxyd.handler import Clocks, Limits, McpHandler
 from proxyd.health import HealthBook, HealthChecker
 from proxyd.log import get_logger
+from proxyd.mcp.audit import Auditor
 from proxyd.mcp.pinning import SessionPinning
+from proxyd.mcp.policy import Policy
 from proxyd.mcp.sessionid import SessionIdCodec
 from proxyd.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from proxyd.metrics import Metrics, counter, gauge
@@ -52,6 +54,7 @@ class Shared:
     sessions: SessionStore | None = None
     identity_key: ECKey | None = None
     ephemeral_mcp_key: bytes | None = None
+    auditor: Auditor | None = None
     limiters: dict[tuple[str, RateLimitSettings], Limiter] = field(default_factory=dict)
 
     def limiter(self, kind: str, settings: RateLimitSettings) -> Limiter:
@@ -78,7 +81,8 @@ class Runtime:
     def install(self, settings: Settings) -> None:
         s = self.shared
         assert s.http is not None and s.jwks is not None and s.sessions is not None
-        assert s.identity_key is not None
+        assert s.identity_key is not None and s.auditor is not None
+        s.auditor.settings = settings.audit
         s.health.reconfigure(settings.apps)
         registry = Registry(settings.apps, s.rng, s.health)
         signer = AssertionSigner(s.identity_key, settings.server.public_url, settings.identity.ttl)
@@ -100,6 +104,8 @@ class Runtime:
             limits,
             SessionPinning(SessionIdCodec(keys), registry),
             s.metrics,
+            Policy(settings.roles),  # new roles apply to live sessions from the next request
+            s.auditor,
         )
         well_known = WellKnown(settings.server.public_url, registry, s.store, signer)
         self.settings, self.handler, self.well_known = settings, handler, well_known
@@ -176,6 +182,7 @@ def create_app(
         # a task per lookup on the hot path, for an in-memory dict that cannot block.
         cache = SimpleMemoryCache(timeout=None)
         shared.sessions = SessionStore(cache, clocks.wall, settings.sessions.max_ttl)
+        shared.auditor = Auditor(settings.audit)
         shared.identity_key = load_or_create_key(
             settings.identity.key_file, settings.server.state_dir
         )
@@ -197,6 +204,7 @@ def create_app(
             await shared.jwks.close()
             await shared.sessions.close()
             await http.close()
+            shared.auditor.close()
 
     app.cleanup_ctx.append(resources)
     app.router.add_route("*", "/mcp/apps/{app}", _mcp)

@@ -206,6 +206,25 @@ class AppSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class RoleSettings:
+    name: str
+    users: tuple[str, ...]  # exact, "*", or ^…$ (a ValueMatcher over the username)
+    claims: LabelSelector | None  # claim matchers, same matching as labels
+    app_labels: LabelSelector | None  # the apps this role grants; None grants none
+    allow_tools: tuple[str, ...]  # entries: exact, glob (search_*), ^…$ regex
+    deny_tools: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class AuditSettings:
+    file: str | None = None  # also write audit events to this file (JSON lines)
+    include_arguments: bool = False  # otherwise only a hash of tools/call arguments
+    # tools/list, resources/list, resources/templates/list, prompts/list and ping are
+    # recorded only when they fail unless this is set (Teleport's skip list).
+    list_methods: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     server: ServerSettings = field(default_factory=ServerSettings)
     admin: AdminSettings = field(default_factory=AdminSettings)
@@ -219,6 +238,8 @@ class Settings:
     app_auth_configs: tuple[AppAuthConfig, ...] = ()
     main_app_auth_configs: tuple[AppAuthConfig, ...] = ()  # those of the main file alone
     app_auth_config_dir: str | None = None
+    roles: tuple[RoleSettings, ...] = ()
+    audit: AuditSettings = field(default_factory=AuditSettings)
     path: str | None = None
 
 
@@ -733,6 +754,61 @@ def parse_app_auth_config(t: _Table, source: str) -> AppAuthConfig:
     return AppAuthConfig(name=name, app_labels=selector, jwt=jwt, source=source)
 
 
+def _tool_entry(value: object) -> str:
+    text = _nonempty_str(value)
+    if text.startswith("^") and text.endswith("$"):
+        try:
+            re.compile(text)
+        except re.error as exc:
+            raise ValueError(f"bad regular expression {text!r}: {exc}") from None
+    return text
+
+
+def _user_entry(value: object) -> str:
+    return _tool_entry(value)
+
+
+def _parse_roles(root: _Table) -> tuple[RoleSettings, ...]:
+    roles: list[RoleSettings] = []
+    names: set[str] = set()
+    for t in root.tables("roles"):
+        with t.closed():
+            name = t.require("name", _name, "")
+            users = t.get("users", _list_of(_user_entry), _NO_STRS)
+            claims = t.get("claims", _optional_selector, None)
+            app_labels = t.get("app_labels", _optional_selector, None)
+            allow = _parse_tools(t.table("mcp"))
+            deny_table = t.table("deny")
+            with deny_table.closed():
+                deny = _parse_tools(deny_table.table("mcp"))
+        if "users" not in t.data and "claims" not in t.data:
+            t.problem(None, 'a role needs "users" or "claims" to say whom it applies to')
+        if name and name in names:
+            t.problem("name", f"duplicate role name {name!r}")
+        names.add(name)
+        roles.append(RoleSettings(name, users, claims, app_labels, allow, deny))
+    return tuple(roles)
+
+
+def _parse_tools(t: _Table) -> tuple[str, ...]:
+    with t.closed():
+        return t.get("tools", _list_of(_tool_entry), _NO_STRS)
+
+
+def _optional_selector(value: object) -> LabelSelector | None:
+    return _selector(value)
+
+
+def _parse_audit(t: _Table) -> AuditSettings:
+    d = AuditSettings()
+    with t.closed():
+        return AuditSettings(
+            file=t.get("file", _nonempty_str, d.file),
+            include_arguments=t.get("include_arguments", _bool, d.include_arguments),
+            list_methods=t.get("list_methods", _bool, d.list_methods),
+        )
+
+
 def _parse_main_app_auth_configs(root: _Table) -> tuple[AppAuthConfig, ...]:
     configs: list[AppAuthConfig] = []
     names: set[str] = set()
@@ -878,6 +954,8 @@ def parse_settings(
         apps = _parse_apps(root)
         main_configs = _parse_main_app_auth_configs(root)
         config_dir = _parse_app_auth_section(root.table("app_auth"))
+        roles = _parse_roles(root)
+        audit = _parse_audit(root.table("audit"))
     extra: list[AppAuthConfig] = []
     if config_dir is not None and load_dir:
         extra, dir_problems = load_app_auth_dir(config_dir)
@@ -899,6 +977,8 @@ def parse_settings(
         app_auth_configs=configs,
         main_app_auth_configs=main_configs,
         app_auth_config_dir=config_dir,
+        roles=roles,
+        audit=audit,
         path=path,
     )
 

@@ -8,6 +8,7 @@ one, chunked otherwise. A client that goes away cancels the handler (aiohttp
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from typing import Final
@@ -19,6 +20,7 @@ from yarl import URL
 
 from proxyd.config import UpstreamSettings
 from proxyd.errors import PayloadTooLarge, UpstreamError, UpstreamTimeout
+from proxyd.mcp.filter import MAX_JSON_ANSWER, ToolsListFilter
 from proxyd.metrics import Metrics
 
 HeaderHook = Callable[[CIMultiDict[str]], None]
@@ -219,6 +221,7 @@ class Forwarder:
         outcome: Outcome,
         body: RequestBody,
         on_response: HeaderHook | None = None,
+        tools_filter: ToolsListFilter | None = None,
     ) -> web.StreamResponse:
         """Send the request to ``target`` and relay the answer.
 
@@ -243,6 +246,8 @@ class Forwarder:
             ) as upstream:
                 outcome.status = upstream.status
                 outcome.bytes_up = body.sent
+                if tools_filter is not None and upstream.status == 200:
+                    return await self._filtered(request, upstream, outcome, tools_filter)
                 return await self._relay(request, upstream, outcome, on_response)
         except PayloadTooLarge:
             raise
@@ -297,6 +302,52 @@ class Forwarder:
         finally:
             if gauge is not None:
                 gauge.dec()
+        await out.write_eof()
+        return out
+
+    async def _filtered(
+        self,
+        request: web.Request,
+        upstream: aiohttp.ClientResponse,
+        outcome: Outcome,
+        tools_filter: ToolsListFilter,
+    ) -> web.StreamResponse:
+        """A tools/list answer, with the tools the session may not call taken out."""
+        headers = response_headers(upstream.headers)
+        headers.popall("Content-Encoding", None)  # proxyd asked for identity (no Accept-Encoding)
+        if not upstream.headers.get("Content-Type", "").startswith("text/event-stream"):
+            # JSON (or anything else, which the filter turns into an error): read whole, bounded.
+            raw = await upstream.content.read(MAX_JSON_ANSWER + 1)
+            if len(raw) > MAX_JSON_ANSWER:
+                body = json.dumps(tools_filter.error("answer too large")).encode()
+            else:
+                body = tools_filter.json_body(raw)
+            headers["Content-Type"] = "application/json"
+            outcome.bytes_down = len(body)
+            return web.Response(status=upstream.status, headers=headers, body=body)
+        events = tools_filter.sse()
+        out = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+        out.headers.extend(headers)
+        out.headers["X-Accel-Buffering"] = "no"
+        await out.prepare(request)
+        try:
+            async for chunk in upstream.content.iter_any():
+                ready = events.feed(chunk)
+                if ready:
+                    await out.write(ready)
+                    outcome.bytes_down += len(ready)
+            rest = events.finish()
+            if rest:
+                await out.write(rest)
+                outcome.bytes_down += len(rest)
+        except ConnectionResetError:
+            outcome.broken = "client_disconnected"
+            return out
+        except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError) as exc:
+            outcome.broken = _broken_reason(exc)
+            if request.transport is not None:
+                request.transport.abort()
+            return out
         await out.write_eof()
         return out
 

@@ -7,8 +7,10 @@ matching, key fetching and signature checks.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from aiohttp import web
 from multidict import CIMultiDict
@@ -19,7 +21,7 @@ from proxyd.auth.assertion import AssertionSigner
 from proxyd.auth.bearer import bearer_token
 from proxyd.auth.jwt import Identity
 from proxyd.auth.session import Session, SessionStore, session_key
-from proxyd.config import Settings
+from proxyd.config import AuditSettings, Settings
 from proxyd.errors import (
     Forbidden,
     HeadersTooLarge,
@@ -32,8 +34,17 @@ from proxyd.errors import (
 )
 from proxyd.forward import ConnectFailed, Forwarder, Outcome, RequestBody, request_headers
 from proxyd.log import get_logger
-from proxyd.mcp.era import check_routing_headers, is_modern, parse_message
+from proxyd.mcp.audit import AuditContext, Auditor
+from proxyd.mcp.era import (
+    check_routing_headers,
+    inflated,
+    is_modern,
+    message_kind,
+    parse_message,
+)
+from proxyd.mcp.filter import ToolsListFilter
 from proxyd.mcp.pinning import SESSION_HEADER, SessionPinning
+from proxyd.mcp.policy import Access, Policy
 from proxyd.mcp.sessionid import Pin
 from proxyd.metrics import Metrics
 from proxyd.netaddr import ClientView, client_view
@@ -53,6 +64,17 @@ class Exchange:
     body: RequestBody
     pin: Pin | None = None  # 2025 era: the session's server and upstream id
     client_id: str | None = None  # the sealed session id the client presented
+    message: Mapping[str, Any] | None = None  # a POST's JSON-RPC message
+    kind: str | None = None  # request | notification | response
+
+    @property
+    def method(self) -> str | None:
+        method = self.message.get("method") if self.message is not None else None
+        return method if isinstance(method, str) else None
+
+    def param(self, name: str) -> Any:
+        params = self.message.get("params") if self.message is not None else None
+        return params.get(name) if isinstance(params, dict) else None
 
 
 class Limits:
@@ -96,6 +118,8 @@ class McpHandler:
         limits: Limits,
         pinning: SessionPinning,
         metrics: Metrics,
+        policy: Policy | None = None,
+        auditor: Auditor | None = None,
     ) -> None:
         self.settings = settings
         self.registry = registry
@@ -107,6 +131,8 @@ class McpHandler:
         self.limits = limits
         self.pinning = pinning
         self.metrics = metrics
+        self.policy = policy or Policy(())
+        self.auditor = auditor or Auditor(AuditSettings())
         public = settings.server.public_url
         self._allowed_origins = settings.server.allowed_origins | {_origin_of(public)}
         self._pending: dict[str, asyncio.Future[Session]] = {}
@@ -119,9 +145,62 @@ class McpHandler:
         self.check_origin(request)
         client = self.client_view(request, record)
         session = await self.session_for(app, request, client, record)
-        exchange = await self.mcp_exchange(request, app, session)
+        access = self.app_access(app, session)
+        audit = AuditContext(self.auditor, app, session, client, time.perf_counter())
+        exchange = await self.mcp_exchange(request, app, session, audit)
+        refusal = self.enforce_tools(exchange, access, audit)
+        if refusal is not None:
+            return refusal
         headers = self.upstream_headers(request, session, client, exchange)
-        return await self.forward(request, app, session, exchange, headers, record)
+        tools_filter = self.tools_filter(exchange, access, headers)
+        try:
+            response = await self.forward(
+                request, app, session, exchange, headers, record, tools_filter
+            )
+        except ProxydError as err:
+            audit.exchange(request.method, exchange, err.status, record.outcome, allowed=True)
+            raise
+        outcome = record.outcome
+        audit.exchange(request.method, exchange, outcome.status if outcome else 0, outcome, True)
+        return response
+
+    def app_access(self, app: App, session: Session) -> Access:
+        access = self.policy.access(session.key, session.identity, app.name, app.labels)
+        if not access.app_allowed:
+            raise Forbidden("access to this app is denied by proxyd policy", reason="app_denied")
+        return access
+
+    def enforce_tools(
+        self, exchange: Exchange, access: Access, audit: AuditContext
+    ) -> web.Response | None:
+        """A tools/call for a tool the session may not use is answered here, never forwarded."""
+        if exchange.method != "tools/call" or access.unrestricted:
+            return None
+        name = exchange.param("name")
+        if isinstance(name, str) and access.tool_allowed(name):
+            return None
+        assert exchange.message is not None
+        audit.exchange("POST", exchange, 200, None, allowed=False)
+        # Teleport's answer: HTTP 200, JSON-RPC -32602 with the same id, a clear message.
+        return web.json_response(
+            {
+                "jsonrpc": "2.0",
+                "id": exchange.message.get("id"),
+                "error": {
+                    "code": -32602,
+                    "message": f"access to tool {name!r} is denied by proxyd policy",
+                },
+            }
+        )
+
+    def tools_filter(
+        self, exchange: Exchange, access: Access, headers: CIMultiDict[str]
+    ) -> ToolsListFilter | None:
+        if exchange.method != "tools/list" or exchange.kind != "request" or access.unrestricted:
+            return None
+        assert exchange.message is not None
+        headers.popall("Accept-Encoding", None)  # an answer proxyd must read, uncompressed
+        return ToolsListFilter(exchange.message.get("id"), access)
 
     def find_app(self, request: web.Request, record: AccessRecord) -> App:
         app = self.registry.get(request.match_info["app"])
@@ -218,8 +297,19 @@ class McpHandler:
         except ProxydError as err:
             self.metrics.auth.labels("failure", err.reason).inc()
             log.info("auth_rejected", app=app.name, client=client.address, reason=err.reason)
+            self.auditor.emit(
+                "app_auth.verify.failure", app=app.name, client=client.address, reason=err.reason
+            )
             raise
         self.metrics.auth.labels("success", "verified").inc()
+        self.auditor.emit(
+            "app_auth.verify.success",
+            app=app.name,
+            client=client.address,
+            user=identity.username,
+            issuer=identity.issuer,
+            config=identity.config,
+        )
         session = await self.sessions.create(key, app.name, identity)
         log.info(
             "session_created",
@@ -237,20 +327,31 @@ class McpHandler:
             future.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
 
-    async def mcp_exchange(self, request: web.Request, app: App, session: Session) -> Exchange:
+    async def mcp_exchange(
+        self, request: web.Request, app: App, session: Session, audit: AuditContext
+    ) -> Exchange:
         limit = self.settings.server.max_request_body
-        if is_modern(request.headers):
-            # 2026-07-28: stateless, any server; the routing headers must mirror the body.
-            if request.method != "POST":
-                return Exchange(True, await RequestBody.of(request, limit))
-            body = await RequestBody.read_all(request, limit)
-            check_routing_headers(request.headers, parse_message(body.data or b""))
-            return Exchange(True, body)
-        client_id = request.headers.get(SESSION_HEADER)
+        modern = is_modern(request.headers)
+        client_id = None if modern else request.headers.get(SESSION_HEADER)
         pin = None
         if client_id is not None:
             pin = self.pinning.open(app, session.identity, client_id)
-        return Exchange(False, await RequestBody.of(request, limit), pin, client_id)
+        if request.method != "POST":
+            return Exchange(modern, await RequestBody.of(request, limit), pin, client_id)
+        # A POST carries one JSON-RPC message: read (bounded, 413) and parse it for the era
+        # check, tool policy and audit. Batches were removed in 2025-06-18: refused explicitly.
+        body = await RequestBody.read_all(request, limit)
+        try:
+            raw = inflated(body.data or b"", request.headers.get("Content-Encoding"), limit)
+            message = parse_message(raw)
+            kind = message_kind(message)
+            if modern:
+                # 2026-07-28: stateless, any server; the routing headers must mirror the body.
+                check_routing_headers(request.headers, message)
+        except ProxydError as err:
+            audit.invalid(request, err)
+            raise
+        return Exchange(modern, body, pin, client_id, message, kind)
 
     def upstream_headers(
         self, request: web.Request, session: Session, client: ClientView, exchange: Exchange
@@ -278,6 +379,7 @@ class McpHandler:
         exchange: Exchange,
         headers: CIMultiDict[str],
         record: AccessRecord,
+        tools_filter: ToolsListFilter | None = None,
     ) -> web.StreamResponse:
         """To the pinned server, or to a random healthy one with failover on connect errors."""
         health = self.registry.health
@@ -293,7 +395,7 @@ class McpHandler:
                 )
             try:
                 response = await self.forwarder.forward(
-                    request, target, headers, outcome, exchange.body, hook
+                    request, target, headers, outcome, exchange.body, hook, tools_filter
                 )
             except ConnectFailed as exc:
                 health.passive_failure(app.name, target, exc.reason)

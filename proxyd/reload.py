@@ -31,6 +31,7 @@ RESTART_ONLY: dict[str, Callable[[Settings], Any]] = {
     "identity.key_file": lambda s: s.identity.key_file,
     "jwks": lambda s: s.jwks,
     "app_auth.config_dir": lambda s: s.app_auth_config_dir,
+    "audit.file": lambda s: s.audit.file,
 }
 
 
@@ -52,6 +53,7 @@ def in_force(new: Settings, boot: Settings) -> Settings:
         identity=dataclasses.replace(new.identity, key_file=boot.identity.key_file),
         jwks=boot.jwks,
         app_auth_config_dir=boot.app_auth_config_dir,
+        audit=dataclasses.replace(new.audit, file=boot.audit.file),
     )
 
 

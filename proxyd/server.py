@@ -38,6 +38,12 @@ async def serve(settings: Settings, on_ready: Callable[[], None] | None = None) 
             return await reload(app, settings.path, notifier)
 
     def on_hup() -> None:
+        if draining:
+            # Too late to reload. The handler stays installed until the end: with it removed
+            # at the start of the drain, a SIGHUP then (default action: terminate) killed
+            # proxyd mid-drain, cutting the requests it was letting finish.
+            log.info("reload_skipped", reason="draining")
+            return
         task = asyncio.create_task(reload_once(), name="reload")
         reloads.add(task)
         task.add_done_callback(reloads.discard)
@@ -78,14 +84,32 @@ async def serve(settings: Settings, on_ready: Callable[[], None] | None = None) 
         notifier.stopping()
         log.info("proxyd_stopping", grace_seconds=settings.server.shutdown_grace)
     finally:
-        if settings.path is not None:
-            loop.remove_signal_handler(signal.SIGHUP)
+        draining = True
         for task in list(reloads):
             task.cancel()
         await asyncio.gather(*reloads, return_exceptions=True)
         # The MCP listener first (stop accepting, drain in-flight up to the grace), then admin.
         for r in runners:
-            await r.cleanup()
+            await _cleanup(r, settings.server.shutdown_grace)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
+        if settings.path is not None:
+            loop.remove_signal_handler(signal.SIGHUP)
     log.info("proxyd_stopped")
+
+
+async def _cleanup(runner: web.AppRunner, grace: float) -> None:
+    """``runner.cleanup()``, with the connections still open after ``grace`` closed then.
+
+    aiohttp waits up to its shutdown_timeout for handlers, then "cancels" them by failing the
+    request body only and waits shutdown_timeout again: a stream that reads no body (every SSE
+    answer) was cut after 2 x grace, 60 s by default, past the unit's TimeoutStopSec=45s, so
+    systemd killed proxyd instead of seeing exit 0. Closing a connection cancels its handler
+    (handler_cancellation=True) and the cleanup goes on at once.
+    """
+    cleanup = asyncio.ensure_future(runner.cleanup())
+    done, _ = await asyncio.wait({cleanup}, timeout=grace)
+    if not done and runner.server is not None:
+        for connection in runner.server.connections:
+            connection.force_close()
+    await cleanup

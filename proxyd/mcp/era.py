@@ -13,12 +13,13 @@ import base64
 import binascii
 import json
 import re
+import zlib
 from collections.abc import Mapping
 from typing import Any, Final
 
 from multidict import CIMultiDictProxy
 
-from proxyd.errors import BadRequest, McpHeaderMismatch
+from proxyd.errors import BadRequest, McpHeaderMismatch, PayloadTooLarge
 
 HANDSHAKE_VERSIONS: Final = frozenset({"2024-11-05", "2025-03-26", "2025-06-18", "2025-11-25"})
 NAME_BEARING: Final = {"tools/call": "name", "prompts/get": "name", "resources/read": "uri"}
@@ -49,6 +50,27 @@ def decode_header_value(value: str | None) -> str | None:
         return None
 
 
+def inflated(body: bytes, encoding: str | None, limit: int) -> bytes:
+    """The body as proxyd must read it; what goes upstream stays the original bytes."""
+    coding = (encoding or "identity").strip().lower()
+    if coding in ("", "identity"):
+        return body
+    if coding not in ("gzip", "x-gzip", "deflate"):
+        raise BadRequest(
+            f"request Content-Encoding {coding!r} is not supported", reason="unsupported_encoding"
+        )
+    # Bounded inflation: a small compressed body must not expand past the body limit.
+    wbits = 31 if "gzip" in coding else 15
+    try:
+        inflater = zlib.decompressobj(wbits)
+        out = inflater.decompress(body, limit + 1)
+    except zlib.error:
+        raise BadRequest("request body is not valid " + coding, reason="invalid_encoding") from None
+    if len(out) > limit or inflater.unconsumed_tail:
+        raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes once inflated")
+    return out
+
+
 def parse_message(body: bytes) -> dict[str, Any]:
     try:
         message = json.loads(body)
@@ -60,6 +82,20 @@ def parse_message(body: bytes) -> dict[str, Any]:
             reason="invalid_jsonrpc",
         )
     return message
+
+
+def message_kind(message: Mapping[str, Any]) -> str:
+    """request | notification | response (a client's answer to a server request)."""
+    if message.get("jsonrpc") != "2.0":
+        raise BadRequest("request body is not JSON-RPC 2.0", reason="invalid_jsonrpc")
+    if isinstance(message.get("method"), str):
+        return "request" if "id" in message else "notification"
+    if "id" in message and ("result" in message or "error" in message):
+        return "response"
+    raise BadRequest(
+        "request body is not a JSON-RPC request, notification or response",
+        reason="invalid_jsonrpc",
+    )
 
 
 def check_routing_headers(headers: CIMultiDictProxy[str], message: Mapping[str, Any]) -> None:

@@ -1,0 +1,124 @@
+"""MCP audit events on their own logger (``proxyd.audit``) and, if configured, their own file.
+
+Events (Teleport's MCP audit model): ``mcp.session.start`` (successful initialize),
+``mcp.session.request``, ``mcp.session.notification``, ``mcp.session.listen_stream`` (GET),
+``mcp.session.end`` (DELETE), ``mcp.invalid_request``, ``app_auth.verify.success`` /
+``app_auth.verify.failure``. Each carries user, app, client address, session and upstream.
+Never the token; tool arguments only as a hash unless ``audit.include_arguments``. List
+methods and ping are recorded only when they fail, unless ``audit.list_methods``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from typing import IO, Any
+
+from proxyd.config import AuditSettings
+from proxyd.log import get_logger
+
+log = get_logger("proxyd.audit")
+
+NOISY = frozenset(
+    {"tools/list", "resources/list", "resources/templates/list", "prompts/list", "ping"}
+)
+
+
+def arguments_hash(arguments: Any) -> str:
+    canonical = json.dumps(arguments, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return "sha256:" + hashlib.sha256(canonical.encode()).hexdigest()
+
+
+class Auditor:
+    def __init__(self, settings: AuditSettings) -> None:
+        self.settings = settings
+        self._file: IO[str] | None = None
+        if settings.file:
+            fd = os.open(settings.file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            self._file = os.fdopen(fd, "a", buffering=1, encoding="utf-8")  # a line at a time
+
+    def records(self, method: str | None, failed: bool) -> bool:
+        return failed or self.settings.list_methods or method not in NOISY
+
+    def emit(self, event: str, **fields: Any) -> None:
+        log.info(event, **fields)
+        if self._file is not None:
+            line = {"time": time.time(), "event": event, **fields}
+            self._file.write(json.dumps(line, separators=(",", ":"), default=str) + "\n")
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+class AuditContext:
+    """The audit fields of one request, and the events it produces."""
+
+    def __init__(
+        self, auditor: Auditor, app: Any, session: Any, client: Any, started: float
+    ) -> None:
+        self._auditor = auditor
+        self._started = started
+        self._fields: dict[str, Any] = {
+            "user": session.identity.username,
+            "issuer": session.identity.issuer,
+            "app": app.name,
+            "client": client.address,
+            # The session's key is a hash of app and token: it identifies, it cannot be replayed.
+            "session": session.key.rsplit(":", 1)[-1][:16],
+        }
+
+    def invalid(self, request: Any, err: Any) -> None:
+        self._auditor.emit(
+            "mcp.invalid_request",
+            **self._fields,
+            method=request.method,
+            reason=err.reason,
+            error=err.message,
+        )
+
+    def exchange(
+        self, http_method: str, exchange: Any, status: int, outcome: Any, allowed: bool
+    ) -> None:
+        fields = dict(self._fields)
+        if outcome is not None:
+            fields["upstream"] = outcome.upstream
+        if exchange.client_id is not None:
+            fields["mcp_session"] = hashlib.sha256(exchange.client_id.encode()).hexdigest()[:16]
+        fields["status"] = status
+        fields["latency_ms"] = round((time.perf_counter() - self._started) * 1000, 2)
+        failed = status >= 400 or not allowed
+        if http_method == "GET":
+            self._auditor.emit("mcp.session.listen_stream", **fields)
+            return
+        if http_method == "DELETE":
+            self._auditor.emit("mcp.session.end", **fields)
+            return
+        method = exchange.method
+        if exchange.kind == "notification":
+            if self._auditor.records(method, failed):
+                self._auditor.emit("mcp.session.notification", **fields, mcp_method=method)
+            return
+        if exchange.kind != "request":
+            return
+        if method == "initialize" and status < 400 and allowed:
+            self._auditor.emit("mcp.session.start", **fields)
+        if not self._auditor.records(method, failed):
+            return
+        request_fields: dict[str, Any] = {
+            "mcp_method": method,
+            "id": exchange.message.get("id"),
+            "allowed": allowed,
+        }
+        name = exchange.param("uri") if method == "resources/read" else exchange.param("name")
+        if isinstance(name, str):
+            request_fields["name"] = name
+        if method == "tools/call":
+            arguments = exchange.param("arguments")
+            request_fields["arguments_hash"] = arguments_hash(arguments)
+            if self._auditor.settings.include_arguments:
+                request_fields["arguments"] = arguments
+        self._auditor.emit("mcp.session.request", **fields, **request_fields)

@@ -1,0 +1,156 @@
+"""Who may use which app and which MCP tool: roles matched on the session's identity.
+
+A role applies to a session whose username matches ``users`` or whose token claims match
+``claims`` (exact, list, ``"*"``, ``^…$`` — the label matching). It grants the apps its
+``app_labels`` select and the tools its ``mcp.tools`` list (exact, glob such as ``search_*``,
+or ``^…$``); ``deny.mcp.tools`` of any applicable role wins over every allow (Teleport's MCP
+RBAC). No roles configured: every verified identity may use every tool of the apps its auth
+config matches. Decisions are cached per session and policy, so a call costs a dict lookup.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from proxyd.auth.jwt import Identity
+from proxyd.config import RoleSettings
+from proxyd.labels import LabelSelector, ValueMatcher, parse_value_matcher
+
+_CACHE_SIZE = 10_000
+
+
+class ToolMatcher:
+    def __init__(self, entries: Iterable[str]) -> None:
+        self.exact: set[str] = set()
+        self.patterns: list[re.Pattern[str]] = []
+        for entry in entries:
+            if entry.startswith("^") and entry.endswith("$"):
+                self.patterns.append(re.compile(entry))
+            elif any(c in entry for c in "*?["):
+                self.patterns.append(re.compile(fnmatch.translate(entry)))
+            else:
+                self.exact.add(entry)
+
+    @property
+    def empty(self) -> bool:
+        return not self.exact and not self.patterns
+
+    @property
+    def everything(self) -> bool:
+        return any(p.pattern == fnmatch.translate("*") for p in self.patterns)
+
+    def matches(self, name: str) -> bool:
+        return name in self.exact or any(p.fullmatch(name) for p in self.patterns)
+
+
+def _claim_matches(selector: LabelSelector, claims: Mapping[str, Any]) -> bool:
+    if selector.match_all:
+        return True
+    if not selector.terms:
+        return False
+    for key, matcher in selector.terms:
+        value = claims.get(key)
+        values = value if isinstance(value, list) else [value]
+        if not any(_scalar(v) is not None and matcher.matches(_scalar(v) or "") for v in values):
+            return False
+    return True
+
+
+def _scalar(value: object) -> str | None:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str | int | float):
+        return str(value)
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class Role:
+    name: str
+    users: ValueMatcher | None
+    claims: LabelSelector | None
+    apps: LabelSelector | None
+    allow: ToolMatcher
+    deny: ToolMatcher
+
+    @classmethod
+    def of(cls, settings: RoleSettings) -> Role:
+        users = parse_value_matcher(list(settings.users), "users") if settings.users else None
+        return cls(
+            settings.name,
+            users,
+            settings.claims,
+            settings.app_labels,
+            ToolMatcher(settings.allow_tools),
+            ToolMatcher(settings.deny_tools),
+        )
+
+    def applies_to(self, identity: Identity) -> bool:
+        if self.users is not None and self.users.matches(identity.username):
+            return True
+        return self.claims is not None and _claim_matches(self.claims, identity.claims)
+
+
+class Access:
+    """What one identity may do on one app."""
+
+    def __init__(
+        self, app_allowed: bool, allow: list[ToolMatcher], deny: list[ToolMatcher]
+    ) -> None:
+        self.app_allowed = app_allowed
+        self._allow = allow
+        self._deny = deny
+        self.unrestricted = app_allowed and not deny and any(m.everything for m in allow)
+        self._tools: dict[str, bool] = {}
+
+    def tool_allowed(self, name: str) -> bool:
+        known = self._tools.get(name)
+        if known is None:
+            known = (
+                self.app_allowed
+                and not any(m.matches(name) for m in self._deny)
+                and any(m.matches(name) for m in self._allow)
+            )
+            if len(self._tools) < 1024:
+                self._tools[name] = known
+        return known
+
+
+ALLOW_ALL = Access(True, [ToolMatcher(["*"])], [])
+
+
+class Policy:
+    def __init__(self, roles: Iterable[RoleSettings]) -> None:
+        self.roles = tuple(Role.of(r) for r in roles)
+        self._cache: OrderedDict[tuple[str, str], Access] = OrderedDict()
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.roles)
+
+    def access(
+        self, session_key: str, identity: Identity, app: str, labels: Mapping[str, str]
+    ) -> Access:
+        if not self.roles:
+            return ALLOW_ALL
+        key = (session_key, app)
+        cached = self._cache.get(key)
+        if cached is not None:
+            return cached
+        applicable = [r for r in self.roles if r.applies_to(identity)]
+        granting = [r for r in applicable if r.apps is not None and r.apps.matches(labels)]
+        deny = [
+            r.deny
+            for r in applicable
+            if not r.deny.empty and (r.apps is None or r.apps.matches(labels))
+        ]
+        access = Access(bool(granting), [r.allow for r in granting], deny)
+        self._cache[key] = access
+        if len(self._cache) > _CACHE_SIZE:
+            self._cache.popitem(last=False)
+        return access
