@@ -64,6 +64,7 @@ lint: $(STAMP)
 ## bench: proxyd vs a direct connection (prints ratios, writes bench/results/latest.json)
 bench: $(STAMP)
 	$(BIN)/python bench/run.py
+	$(BIN)/python bench/micro.py
 
 ## verify-unit: systemd-analyze verify of the unit as `make install` writes it
 verify-unit:

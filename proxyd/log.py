@@ -18,6 +18,7 @@ from typing import Any, TextIO
 
 import structlog
 
+AUDIT_LOGGER = "proxyd.audit"
 SECRET_KEYS = frozenset(
     {"token", "authorization", "password", "secret", "private_key", "assertion", "bearer"}
 )
@@ -53,6 +54,9 @@ def is_enabled(level: int) -> bool:
 
 
 def _filter(_: Any, method: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    # Audit events are records, not diagnostics: the log level never silences them.
+    if event.get("logger_name") == AUDIT_LOGGER:
+        return event
     if _LEVELS.get(method, logging.INFO) < _routing.level:
         raise structlog.DropEvent
     return event
