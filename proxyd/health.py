@@ -165,11 +165,12 @@ async def probe(
     try:
         if settings.type == "tcp":
             host, port = url.host or "", url.port or (443 if url.scheme == "https" else 80)
-            _, writer = await asyncio.wait_for(
-                asyncio.open_connection(host, port), settings.timeout
-            )
-            writer.close()
-            await writer.wait_closed()
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation that
+            # lands as the connection completes, and HealthChecker.stop() then waits forever.
+            async with asyncio.timeout(settings.timeout):
+                _, writer = await asyncio.open_connection(host, port)
+                writer.close()
+                await writer.wait_closed()
             return None
         timeout = aiohttp.ClientTimeout(total=settings.timeout)
         # The configured path may carry a query ("/health?deep=1"): with_path alone sent it
