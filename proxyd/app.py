@@ -21,7 +21,7 @@ from proxyd.auth.jwks import JwksCache
 from proxyd.auth.session import SessionStore
 from proxyd.config import RateLimitSettings, Settings
 from proxyd.forward import Forwarder
-from proxyd.handler import Clocks, Limits, McpHandler
+from proxyd.handler import Clocks, McpHandler
 from proxyd.health import HealthBook, HealthChecker
 from proxyd.log import get_logger
 from proxyd.mcp.audit import Auditor
@@ -30,7 +30,7 @@ from proxyd.mcp.policy import Policy
 from proxyd.mcp.sessionid import SessionIdCodec
 from proxyd.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from proxyd.metrics import Metrics, counter, gauge
-from proxyd.ratelimit import Limiter
+from proxyd.ratelimit import Limiter, Limits
 from proxyd.registry import Registry
 from proxyd.watcher import AuthConfigWatcher
 from proxyd.wellknown import WellKnown

@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 from aiohttp import web
 from multidict import CIMultiDict
@@ -19,7 +18,6 @@ from proxyd.access import AccessRecord, access_record
 from proxyd.auth.appauth import Authenticator
 from proxyd.auth.assertion import AssertionSigner
 from proxyd.auth.bearer import bearer_token
-from proxyd.auth.jwt import Identity
 from proxyd.auth.session import Session, SessionStore, session_key
 from proxyd.config import AuditSettings, Settings
 from proxyd.errors import (
@@ -29,7 +27,6 @@ from proxyd.errors import (
     MethodNotAllowed,
     NotFound,
     ProxydError,
-    RateLimited,
     UpstreamError,
 )
 from proxyd.forward import ConnectFailed, Forwarder, Outcome, RequestBody, request_headers
@@ -42,61 +39,18 @@ from proxyd.mcp.era import (
     message_kind,
     parse_message,
 )
+from proxyd.mcp.exchange import Exchange
 from proxyd.mcp.filter import ToolsListFilter
 from proxyd.mcp.pinning import SESSION_HEADER, SessionPinning
 from proxyd.mcp.policy import Access, Policy
-from proxyd.mcp.sessionid import Pin
 from proxyd.metrics import Metrics
 from proxyd.netaddr import ClientView, client_view
-from proxyd.ratelimit import Limiter
+from proxyd.ratelimit import Limits
 from proxyd.registry import App, Registry
 
 log = get_logger("proxyd.auth")
 
 MCP_METHODS = ("POST", "GET", "DELETE")
-
-
-@dataclass(frozen=True, slots=True)
-class Exchange:
-    """What the MCP layer decided about one request before it goes upstream."""
-
-    modern: bool  # 2026-07-28 era: stateless
-    body: RequestBody
-    pin: Pin | None = None  # 2025 era: the session's server and upstream id
-    client_id: str | None = None  # the sealed session id the client presented
-    message: Mapping[str, Any] | None = None  # a POST's JSON-RPC message
-    kind: str | None = None  # request | notification | response
-
-    @property
-    def method(self) -> str | None:
-        method = self.message.get("method") if self.message is not None else None
-        return method if isinstance(method, str) else None
-
-    def param(self, name: str) -> Any:
-        params = self.message.get("params") if self.message is not None else None
-        return params.get(name) if isinstance(params, dict) else None
-
-
-class Limits:
-    """The two rate limits of the request path, answering 429 with Retry-After."""
-
-    def __init__(self, unauthenticated: Limiter, per_user: Limiter, metrics: Metrics) -> None:
-        self._unauthenticated = unauthenticated
-        self._per_user = per_user
-        self._limited_unauthenticated = metrics.rate_limited.labels("unauthenticated")
-        self._limited_user = metrics.rate_limited.labels("per_user")
-
-    def unauthenticated(self, address: str) -> None:
-        wait = self._unauthenticated.for_address(address)
-        if wait:
-            self._limited_unauthenticated.inc()
-            raise RateLimited("too many unauthenticated requests; slow down", wait)
-
-    def per_user(self, identity: Identity) -> None:
-        wait = self._per_user.for_user(identity.issuer, identity.username)
-        if wait:
-            self._limited_user.inc()
-            raise RateLimited("too many requests for this user; slow down", wait)
 
 
 @dataclass(frozen=True, slots=True)

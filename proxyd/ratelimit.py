@@ -15,7 +15,10 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from proxyd.auth.jwt import Identity
 from proxyd.config import RateLimitSettings
+from proxyd.errors import RateLimited
+from proxyd.metrics import Metrics
 
 # Seconds: below any real clock's meaningful resolution here, far above float noise.
 _DUE_SLACK = 1e-6
@@ -105,3 +108,25 @@ class Limiter:
         if not self.enabled:
             return 0.0
         return self.buckets.take(f"{issuer}\x00{username}")
+
+
+class Limits:
+    """The two rate limits of the request path, answering 429 with Retry-After."""
+
+    def __init__(self, unauthenticated: Limiter, per_user: Limiter, metrics: Metrics) -> None:
+        self._unauthenticated = unauthenticated
+        self._per_user = per_user
+        self._limited_unauthenticated = metrics.rate_limited.labels("unauthenticated")
+        self._limited_user = metrics.rate_limited.labels("per_user")
+
+    def unauthenticated(self, address: str) -> None:
+        wait = self._unauthenticated.for_address(address)
+        if wait:
+            self._limited_unauthenticated.inc()
+            raise RateLimited("too many unauthenticated requests; slow down", wait)
+
+    def per_user(self, identity: Identity) -> None:
+        wait = self._per_user.for_user(identity.issuer, identity.username)
+        if wait:
+            self._limited_user.inc()
+            raise RateLimited("too many requests for this user; slow down", wait)
