@@ -781,7 +781,9 @@ def _parse_roles(root: _Table) -> tuple[RoleSettings, ...]:
             deny_table = t.table("deny")
             with deny_table.closed():
                 deny = _parse_tools(deny_table.table("mcp"))
-        if "users" not in t.data and "claims" not in t.data:
+        # Empty `users = []` / `claims = {}` select no one either (the role would silently
+        # never apply); a non-empty invalid value is reported by its own parser already.
+        if not t.data.get("users") and not t.data.get("claims"):
             t.problem(None, 'a role needs "users" or "claims" to say whom it applies to')
         if name and name in names:
             t.problem("name", f"duplicate role name {name!r}")

@@ -127,7 +127,11 @@ ALLOW_ALL = Access(True, [ToolMatcher(["*"])], [])
 class Policy:
     def __init__(self, roles: Iterable[RoleSettings]) -> None:
         self.roles = tuple(Role.of(r) for r in roles)
-        self._cache: OrderedDict[tuple[str, str], Access] = OrderedDict()
+        # (session key, app) → (the identity decided for, its access). The identity is kept
+        # because a session key can be re-verified into another identity (its app auth config
+        # changed, e.g. the username claim) without a new Policy; the decision of the old one
+        # must not carry over.
+        self._cache: OrderedDict[tuple[str, str], tuple[Identity, Access]] = OrderedDict()
 
     @property
     def enabled(self) -> bool:
@@ -140,8 +144,8 @@ class Policy:
             return ALLOW_ALL
         key = (session_key, app)
         cached = self._cache.get(key)
-        if cached is not None:
-            return cached
+        if cached is not None and (cached[0] is identity or cached[0] == identity):
+            return cached[1]
         applicable = [r for r in self.roles if r.applies_to(identity)]
         granting = [r for r in applicable if r.apps is not None and r.apps.matches(labels)]
         deny = [
@@ -150,7 +154,7 @@ class Policy:
             if not r.deny.empty and (r.apps is None or r.apps.matches(labels))
         ]
         access = Access(bool(granting), [r.allow for r in granting], deny)
-        self._cache[key] = access
+        self._cache[key] = (identity, access)
         if len(self._cache) > _CACHE_SIZE:
             self._cache.popitem(last=False)
         return access
