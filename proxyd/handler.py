@@ -134,6 +134,10 @@ class McpHandler:
         if isinstance(name, str) and access.tool_allowed(name):
             return None
         assert exchange.message is not None
+        if exchange.kind == "notification":
+            # No id, so no answer to give (JSON-RPC §4.1): accepted, dropped, audited.
+            audit.exchange("POST", exchange, 202, None, allowed=False)
+            return web.Response(status=202)
         audit.exchange("POST", exchange, 200, None, allowed=False)
         # Teleport's answer: HTTP 200, JSON-RPC -32602 with the same id, a clear message.
         return web.json_response(

@@ -319,17 +319,18 @@ def test_username_claim_must_be_non_empty_string(idp: TestIssuer, email: object)
 
 
 def test_kept_claims_are_scalars_and_string_lists() -> None:
-    kept = kept_claims(
+    kept, dropped = kept_claims(
         {"sub": "u", "n": 3, "ok": True, "groups": ["a", "b"], "nested": {"x": 1}, "mixed": [1]}
     )
     assert kept == {"sub": "u", "n": 3, "ok": True, "groups": ["a", "b"]}
+    assert dropped == frozenset()  # unusable shapes are not "dropped for size"
 
 
 def test_kept_claims_are_bounded() -> None:
     claims: dict[str, Any] = {"huge": "x" * 10_000, "groups": ["admins"]}
     claims.update({f"c{i}": "y" * 100 for i in range(200)})
-    kept = kept_claims(claims)
-    assert "huge" not in kept
+    kept, dropped = kept_claims(claims)
+    assert "huge" not in kept and "huge" in dropped
     assert len(json.dumps(kept)) <= MAX_KEPT_CLAIMS_BYTES
     assert 0 < len(kept) < len(claims)
     assert kept["groups"] == ["admins"]  # one oversized claim does not starve the rest

@@ -57,6 +57,7 @@ class Identity:
     issued_at: float
     claims: Mapping[str, Any]
     config_version: int = 0  # the app auth config generation it was verified under
+    dropped_claims: frozenset[str] = frozenset()  # too large to keep (see kept_claims)
 
 
 def _b64json(part: str) -> Any:
@@ -156,9 +157,11 @@ def check_claims(claims: Mapping[str, Any], settings: JwtSettings, now: float) -
         )
 
 
-def kept_claims(claims: Mapping[str, Any]) -> dict[str, Any]:
-    """Scalar and string-list claims, up to MAX_KEPT_CLAIMS_BYTES of JSON, for later policy."""
+def kept_claims(claims: Mapping[str, Any]) -> tuple[dict[str, Any], frozenset[str]]:
+    """Scalar and string-list claims, up to MAX_KEPT_CLAIMS_BYTES of JSON, for later policy;
+    and the names of those dropped for size (policy must fail closed on them)."""
     kept: dict[str, Any] = {}
+    dropped: set[str] = set()
     size = 0
     for name, value in claims.items():
         if isinstance(value, str | int | float | bool) or (
@@ -166,10 +169,11 @@ def kept_claims(claims: Mapping[str, Any]) -> dict[str, Any]:
         ):
             cost = len(json.dumps([name, value]))
             if size + cost > MAX_KEPT_CLAIMS_BYTES:
+                dropped.add(name)
                 continue
             kept[name] = value
             size += cost
-    return kept
+    return kept, frozenset(dropped)
 
 
 def verify(
@@ -177,6 +181,7 @@ def verify(
 ) -> Identity:
     verify_signature(token, keyset)
     claims = token.claims
+    kept, dropped = kept_claims(claims)
     check_claims(claims, settings, now)
     sub = claims.get("sub")
     return Identity(
@@ -186,5 +191,6 @@ def verify(
         config=config,
         expires_at=float(claims["exp"]),
         issued_at=float(claims["iat"]),
-        claims=kept_claims(claims),
+        claims=kept,
+        dropped_claims=dropped,
     )

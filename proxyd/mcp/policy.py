@@ -90,6 +90,12 @@ class Role:
             ToolMatcher(settings.deny_tools),
         )
 
+    def needs(self, claim_names: frozenset[str]) -> bool:
+        """This role's claim matchers read one of these claims."""
+        if self.claims is None or not claim_names:
+            return False
+        return any(key in claim_names for key, _ in self.claims.terms)
+
     def applies_to(self, identity: Identity) -> bool:
         if self.users is not None and self.users.matches(identity.username):
             return True
@@ -148,9 +154,14 @@ class Policy:
             return cached[1]
         applicable = [r for r in self.roles if r.applies_to(identity)]
         granting = [r for r in applicable if r.apps is not None and r.apps.matches(labels)]
+        # A deny role matching on a claim that was too large to keep is applied anyway: a
+        # token with hundreds of groups must not shed its denials (fail closed, never grant).
+        denying = [
+            r for r in self.roles if r not in applicable and r.needs(identity.dropped_claims)
+        ]
         deny = [
             r.deny
-            for r in applicable
+            for r in (*applicable, *denying)
             if not r.deny.empty and (r.apps is None or r.apps.matches(labels))
         ]
         access = Access(bool(granting), [r.allow for r in granting], deny)
