@@ -247,7 +247,9 @@ class Forwarder:
                 outcome.status = upstream.status
                 outcome.bytes_up = body.sent
                 if tools_filter is not None and upstream.status == 200:
-                    return await self._filtered(request, upstream, outcome, tools_filter)
+                    return await self._filtered(
+                        request, upstream, outcome, tools_filter, on_response
+                    )
                 return await self._relay(request, upstream, outcome, on_response)
         except PayloadTooLarge:
             raise
@@ -311,20 +313,46 @@ class Forwarder:
         upstream: aiohttp.ClientResponse,
         outcome: Outcome,
         tools_filter: ToolsListFilter,
+        on_response: HeaderHook | None = None,
     ) -> web.StreamResponse:
         """A tools/list answer, with the tools the session may not call taken out."""
         headers = response_headers(upstream.headers)
-        headers.popall("Content-Encoding", None)  # proxyd asked for identity (no Accept-Encoding)
-        if not upstream.headers.get("Content-Type", "").startswith("text/event-stream"):
-            # JSON (or anything else, which the filter turns into an error): read whole, bounded.
-            raw = await upstream.content.read(MAX_JSON_ANSWER + 1)
-            if len(raw) > MAX_JSON_ANSWER:
-                body = json.dumps(tools_filter.error("answer too large")).encode()
-            else:
-                body = tools_filter.json_body(raw)
+        if on_response is not None:
+            # A filtered answer is the session's too: its Mcp-Session-Id is sealed like any
+            # other (it reached the client as the upstream's own id, unsealed).
+            on_response(headers)
+        codings = {
+            c.strip().lower() for v in headers.popall("Content-Encoding", []) for c in v.split(",")
+        } - {"", "identity"}
+        sse = upstream.headers.get("Content-Type", "").startswith("text/event-stream")
+
+        def whole(body: bytes) -> web.Response:
             headers["Content-Type"] = "application/json"
             outcome.bytes_down = len(body)
             return web.Response(status=upstream.status, headers=headers, body=body)
+
+        if codings:
+            # Compressed although proxyd sent no Accept-Encoding (RFC 9110 §12.5.3 allows it):
+            # unreadable, so unfilterable. An SSE answer used to pass with the header dropped,
+            # every tool inside, a gunzip away: fail closed.
+            body = json.dumps(tools_filter.error("answer is compressed")).encode()
+            return whole(body)
+        if not sse:
+            # JSON (or anything else, which the filter turns into an error): read whole, bounded.
+            # Every chunk to the end: one read() returned only what had arrived so far, so a
+            # large answer became an error, and one over the limit passed on its first chunk.
+            chunks: list[bytes] = []
+            size = 0
+            async for chunk in upstream.content.iter_any():
+                size += len(chunk)
+                if size > MAX_JSON_ANSWER:
+                    break
+                chunks.append(chunk)
+            if size > MAX_JSON_ANSWER:
+                body = json.dumps(tools_filter.error("answer too large")).encode()
+            else:
+                body = tools_filter.json_body(b"".join(chunks))
+            return whole(body)
         events = tools_filter.sse()
         out = web.StreamResponse(status=upstream.status, reason=upstream.reason)
         out.headers.extend(headers)

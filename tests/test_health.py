@@ -43,6 +43,7 @@ from tests.test_proxy import (
     access_lines,
     bearer,
     config,
+    padded_rpc,
     rpc_error,
 )
 
@@ -386,7 +387,7 @@ async def test_max_attempts_bounds_the_tries(
     assert len(logs.events("upstream_failover")) == tried - 1
 
 
-async def test_unstarted_streaming_body_fails_over_intact(
+async def test_post_body_fails_over_intact_after_a_connect_failure(
     issuer: TestIssuer,
     make_proxy: ProxyFactory,
     upstreams: Upstreams,
@@ -395,14 +396,15 @@ async def test_unstarted_streaming_body_fails_over_intact(
     dead: Callable[[], str],
     logs: LogCapture,
 ) -> None:
-    """A chunked body nothing of which was sent yet may go to the next server, whole."""
+    """A POST body is read whole before any attempt (even one the client sends chunked), so
+    after a refused connect the next server gets all of it, with a Content-Length."""
     echo = Echo()
     down = dead()
     live = await upstreams.start(echo.app())
     health = {**NO_ACTIVE, "passive_failures": NEVER_EJECT}
     proxy = await make_proxy(doc_with_health(issuer, {"a": [down, live]}, tmp_path, health))
     token = issuer.token(clock.wall())
-    payload = bytes(range(256)) * 800  # 200 KiB: streamed, never buffered whole
+    payload = padded_rpc(200 * 1024, seed=5)
 
     async def chunks() -> AsyncIterator[bytes]:
         for i in range(0, len(payload), 16384):
@@ -411,11 +413,14 @@ async def test_unstarted_streaming_body_fails_over_intact(
     for _ in range(20):  # the seeded choice decides the order; loop until a failover
         resp = await post(proxy, token, data=chunks())
         assert resp.status == 200
-        assert "Content-Length" not in echo.last.headers
         assert echo.last.body == payload
+        assert echo.last.headers["Content-Length"] == str(len(payload))
         if logs.events("upstream_failover"):
             break
-    assert logs.events("upstream_failover"), "the dead server was never picked first"
+    [failover] = logs.events("upstream_failover")
+    assert failover["server"] == down
+    assert access_lines(logs)[-1]["upstream"] == live
+    assert state_of(proxy, "a", down).passive_failures == 1
 
 
 async def test_partly_sent_body_is_never_replayed(
@@ -427,8 +432,9 @@ async def test_partly_sent_body_is_never_replayed(
     tmp_path: Path,
     logs: LogCapture,
 ) -> None:
-    """An upstream that took the connection and part of a chunked body, then reset: the
-    request may have had effects there, so it must not be sent to another server."""
+    """An upstream that took the connection and part of the body, then reset: the request
+    may have had effects there, so it must not go to another server, although proxyd holds
+    the whole body and could replay it. The other server gets nothing, the client a 502."""
     echo = Echo()
     resetter, reset_url = await raw_servers(100_000)  # > 64 KiB of body, then RST
     live = await upstreams.start(echo.app())
@@ -436,7 +442,7 @@ async def test_partly_sent_body_is_never_replayed(
     doc = doc_with_health(issuer, {"a": [reset_url, live]}, tmp_path, health)
     proxy = await make_proxy(doc)
     token = issuer.token(clock.wall())
-    payload = b"y" * (512 * 1024)
+    payload = padded_rpc(512 * 1024, seed=6)
 
     async def chunks() -> AsyncIterator[bytes]:
         for i in range(0, len(payload), 16384):
@@ -445,23 +451,21 @@ async def test_partly_sent_body_is_never_replayed(
     resets = 0
     for _ in range(20):  # the seeded choice decides the order; loop until both were hit
         before_reset, before_echo = resetter.connections, len(echo.seen)
-        status: int | None
-        try:
-            status = (await post(proxy, token, data=chunks())).status
-        except aiohttp.ClientError:
-            status = None  # the proxy may cut the connection while we still send
+        # The client's whole body is read before any attempt: it always gets a clean answer.
+        resp = await post(proxy, token, data=chunks())
         if resetter.connections > before_reset:
             resets += 1
             assert resetter.connections == before_reset + 1
             assert resetter.received[-1] >= 100_000  # part of the body reached it
             assert len(echo.seen) == before_echo, "the request was replayed elsewhere"
-            assert status in (502, None)
+            await rpc_error(resp, 502)
         else:
-            assert status == 200
+            assert resp.status == 200
             assert echo.last.body == payload
         if resets and echo.seen:
             break
     assert resets, "the resetting server was never picked"
+    assert echo.seen, "the live server was never picked"
     assert logs.events("upstream_failover") == []
     # The reset counts as a passive failure of that server, one per request.
     assert state_of(proxy, "a", reset_url).passive_failures == resets

@@ -6,7 +6,9 @@ faked (FakeClock). Forwarding and streaming details live in tests/test_forward.p
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
+import random
 import socket
 from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -128,6 +130,23 @@ def config(
 
 def bearer(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
+
+
+def padded_rpc(size: int, seed: int = 1) -> bytes:
+    """One valid JSON-RPC request of exactly ``size`` bytes, padded with seeded random text.
+
+    Written the way no JSON serializer would (odd spacing, a unicode escape), so any
+    re-encoding on the way shows up as a byte difference.
+    """
+    head = b'{ "jsonrpc" : "2.0", "id" : 7 , "method": "tools/call",\n "params": '
+    head += b'{"name": "\\u0065cho", "arguments": {"text": "'
+    tail = b'"} } }'
+    fill = size - len(head) - len(tail)
+    assert fill >= 0, f"{size} bytes is too small for a padded message"
+    text = base64.b64encode(random.Random(seed).randbytes(fill))[:fill]  # no quote, no escape
+    body = head + text + tail
+    assert len(body) == size and json.loads(body)["params"]["name"] == "echo"
+    return body
 
 
 async def rpc_error(resp: aiohttp.ClientResponse, status: int) -> dict[str, Any]:
@@ -431,28 +450,29 @@ async def test_body_over_limit_is_413(
     )
     client = await make_proxy(doc)
     token = issuer.token(clock.wall())
-    payload = b"x" * (64 * 1024)
-
-    async def chunks() -> AsyncIterator[bytes]:
-        for offset in range(0, len(payload), 4096):
-            yield payload[offset : offset + 4096]
-
-    data: Any = chunks() if chunked else payload
     headers = {**bearer(token), "Content-Type": "application/json"}
-    resp = await client.post("/mcp/apps/a", data=data, headers=headers)
-    body = await rpc_error(resp, 413)
-    assert "1024" in body["error"]["message"]
-    if chunked:
-        # The upstream may have started reading, but never got a complete body.
-        assert all(len(seen.body) < len(payload) for seen in echo.seen)
-    else:
-        # Content-Length over the limit: refused before any upstream work.
-        assert not echo.called.is_set()
-    assert [line["status"] for line in access_lines(logs)] == [413]
-    # A body at the limit still passes.
-    resp = await client.post("/mcp/apps/a", data=b"y" * 1024, headers=headers)
-    assert resp.status == 200
-    assert echo.last.body == b"y" * 1024
+
+    def sent(payload: bytes) -> Any:
+        async def chunks() -> AsyncIterator[bytes]:
+            for offset in range(0, len(payload), 256):
+                yield payload[offset : offset + 256]
+
+        return chunks() if chunked else payload
+
+    # Valid JSON-RPC messages: a 413 can only come from the size, never from the parser.
+    for size in (64 * 1024, 1025):
+        resp = await client.post("/mcp/apps/a", data=sent(padded_rpc(size)), headers=headers)
+        body = await rpc_error(resp, 413)
+        assert "1024" in body["error"]["message"]
+    # POST bodies are read whole before any upstream work, chunked or not: the upstream never
+    # saw a byte of either.
+    assert not echo.called.is_set()
+    assert [line["status"] for line in access_lines(logs)] == [413, 413]
+    # A body exactly at the limit still passes, byte for byte.
+    at_limit = padded_rpc(1024, seed=2)
+    resp = await client.post("/mcp/apps/a", data=sent(at_limit), headers=headers)
+    assert resp.status == 200, await resp.text()
+    assert echo.last.body == at_limit
 
 
 async def test_headers_over_limit_are_431(

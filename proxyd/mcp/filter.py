@@ -17,7 +17,10 @@ from proxyd.mcp.policy import Access
 
 INTERNAL_ERROR = -32603
 # SSE events end with a blank line; any of CRLF, LF or CR ends a line (WHATWG SSE §9.2.5).
-_EVENT_END = re.compile(rb"(?:\r\n|\n|\r)(?:\r\n|\n|\r)")
+# A CR before an LF is never a line ending of its own: else "id: 1\r\ndata: …" read as CR + LF
+# (an empty line) and cut every CRLF event after its first line, so a multi-line answer
+# escaped the filter in two unparseable halves.
+_EVENT_END = re.compile(rb"(?:\r\n|\n|\r(?!\n))(?:\r\n|\n|\r)")
 MAX_JSON_ANSWER = 16 * 1024 * 1024
 
 
@@ -32,7 +35,12 @@ class ToolsListFilter:
         self.removed = 0
 
     def _filter(self, message: Any) -> Any:
-        """The message with denied tools removed, if it is our answer; else unchanged."""
+        """The message with denied tools removed, if it is our answer; else unchanged (the
+        same object, so callers can pass the original bytes)."""
+        if isinstance(message, list):
+            # A batch (2025-03-26 streams may carry them): our answer in it is still filtered.
+            out = [self._filter(m) if isinstance(m, dict) else m for m in message]
+            return message if all(a is b for a, b in zip(out, message, strict=True)) else out
         if not isinstance(message, dict) or message.get("id") != self.request_id:
             return message
         if "error" in message and "result" not in message:
@@ -64,7 +72,10 @@ class ToolsListFilter:
     def json_body(self, body: bytes) -> bytes:
         try:
             message = json.loads(body)
-            return json.dumps(self._filter(message), separators=(",", ":")).encode()
+            filtered = self._filter(message)
+            if filtered is message:
+                return body  # not ours to change (an error, another id): the bytes as they came
+            return json.dumps(filtered, separators=(",", ":")).encode()
         except (ValueError, RecursionError, FilterError) as exc:
             return json.dumps(self.error(_why(exc)), separators=(",", ":")).encode()
 
@@ -82,25 +93,43 @@ class SseFilter:
     def __init__(self, parent: ToolsListFilter) -> None:
         self._parent = parent
         self._buffer = b""
+        # The last event ended on a CR at the end of a chunk: an LF starting the next chunk is
+        # the rest of that CRLF. It goes out as it came after a passed-through event, and is
+        # dropped after a rewritten one (which ended with its own blank line): the output is
+        # then the same however the stream was cut.
+        self._cr_pending = False
+        self._rewrote = False
 
     def feed(self, chunk: bytes) -> bytes:
-        self._buffer += chunk
         out: list[bytes] = []
+        if self._cr_pending and chunk:
+            self._cr_pending = False
+            if chunk.startswith(b"\n"):
+                if not self._rewrote:
+                    out.append(b"\n")
+                chunk = chunk[1:]
+        self._buffer += chunk
         start = 0
         for match in _EVENT_END.finditer(self._buffer):
-            out.append(self._event(self._buffer[start : match.end()]))
+            emitted, self._rewrote = self._event(self._buffer[start : match.end()])
+            out.append(emitted)
             start = match.end()
-        self._buffer = self._buffer[start:]
+        if start:
+            self._cr_pending = start == len(self._buffer) and self._buffer.endswith(b"\r")
+            self._buffer = self._buffer[start:]
         return b"".join(out)
 
     def finish(self) -> bytes:
+        self._cr_pending = False
         rest, self._buffer = self._buffer, b""
-        return self._event(rest) if rest.strip() else rest
+        return self._event(rest)[0] if rest.strip() else rest
 
-    def _event(self, raw: bytes) -> bytes:
-        # Cheap test first: only an event that can be an answer is parsed.
-        if b'"result"' not in raw and b'"error"' not in raw:
-            return raw
+    def _event(self, raw: bytes) -> tuple[bytes, bool]:
+        """The bytes to send for one event, and whether they were rewritten."""
+        # Cheap test first: only an event that can be an answer is parsed. A key may be
+        # written with \u escapes ("\u0072esult" is "result"): such events are parsed too.
+        if b'"result"' not in raw and b'"error"' not in raw and b"\\u" not in raw:
+            return raw, False
         fields: list[tuple[bytes, bytes]] = []
         data: list[bytes] = []
         for line in re.split(rb"\r\n|\n|\r", raw):
@@ -112,15 +141,21 @@ class SseFilter:
                 data.append(value)
             else:
                 fields.append((name, value))
+        if not data:
+            return raw, False  # nothing a client would dispatch
         try:
             message = json.loads(b"\n".join(data))
         except (ValueError, RecursionError):
-            return raw  # not JSON: not a JSON-RPC answer, so not ours to filter
-        if not isinstance(message, dict) or message.get("id") != self._parent.request_id:
-            return raw
-        try:
-            filtered = self._parent._filter(message)
-        except FilterError as exc:
-            filtered = self._parent.error(str(exc))
+            # It mentions a result or an error and is no JSON: maybe our answer, cut short or
+            # garbled. Never pass it (it may list denied tools): fail closed.
+            filtered: Any = self._parent.error("answer is not valid JSON")
+        else:
+            try:
+                filtered = self._parent._filter(message)
+            except FilterError as exc:
+                filtered = self._parent.error(str(exc))
+            if filtered is message:
+                return raw, False  # not ours (another id, an error answer): byte for byte
         head = b"".join(name + b": " + value + b"\n" for name, value in fields)
-        return head + b"data: " + json.dumps(filtered, separators=(",", ":")).encode() + b"\n\n"
+        data_line = b"data: " + json.dumps(filtered, separators=(",", ":")).encode()
+        return head + data_line + b"\n\n", True
