@@ -22,6 +22,7 @@ class ProxydError(Exception):
     status = 500
     jsonrpc_code = INTERNAL_ERROR
     reason = "internal"
+    config: str | None = None  # the app auth config that refused a token, when one did
 
     def __init__(self, message: str, *, reason: str | None = None) -> None:
         super().__init__(message)

@@ -106,13 +106,18 @@ class McpHandler:
         if refusal is not None:
             return refusal
         headers = self.upstream_headers(request, session, client, exchange)
-        tools_filter = self.tools_filter(exchange, access, headers)
+        tools_filter = self.tools_filter(request.method, exchange, access, headers)
         try:
             response = await self.forward(
                 request, app, session, exchange, headers, record, tools_filter
             )
         except ProxydError as err:
             audit.exchange(request.method, exchange, err.status, record.outcome, allowed=True)
+            raise
+        except asyncio.CancelledError:
+            # The client left (mid-stream, or before the answer): what reached the upstream
+            # is still recorded, with nginx's 499.
+            audit.exchange(request.method, exchange, 499, record.outcome, allowed=True)
             raise
         outcome = record.outcome
         audit.exchange(request.method, exchange, outcome.status if outcome else 0, outcome, True)
@@ -152,13 +157,23 @@ class McpHandler:
         )
 
     def tools_filter(
-        self, exchange: Exchange, access: Access, headers: CIMultiDict[str]
+        self, http_method: str, exchange: Exchange, access: Access, headers: CIMultiDict[str]
     ) -> ToolsListFilter | None:
-        if exchange.method != "tools/list" or exchange.kind != "request" or access.unrestricted:
+        if access.unrestricted:
             return None
-        assert exchange.message is not None
-        headers.popall("Accept-Encoding", None)  # an answer proxyd must read, uncompressed
-        return ToolsListFilter(exchange.message.get("id"), access)
+        if exchange.method == "tools/list" and exchange.kind == "request":
+            assert exchange.message is not None
+            tools_filter = ToolsListFilter(exchange.message.get("id"), access)
+        elif http_method == "GET" and not exchange.modern:
+            # A GET stream (possibly resuming a POST's stream with Last-Event-ID) may replay
+            # a tools/list answer: filter any, whatever its id.
+            tools_filter = ToolsListFilter(None, access, any_id=True)
+        else:
+            return None
+        # An answer proxyd must read: ask for it uncompressed (RFC 9110 §12.5.3: no
+        # Accept-Encoding at all would mean "any coding").
+        headers["Accept-Encoding"] = "identity"
+        return tools_filter
 
     def find_app(self, request: web.Request, record: AccessRecord) -> App:
         app = self.registry.get(request.match_info["app"])
@@ -256,7 +271,11 @@ class McpHandler:
             self.metrics.auth.labels("failure", err.reason).inc()
             log.info("auth_rejected", app=app.name, client=client.address, reason=err.reason)
             self.auditor.emit(
-                "app_auth.verify.failure", app=app.name, client=client.address, reason=err.reason
+                "app_auth.verify.failure",
+                app=app.name,
+                client=client.address,
+                config=err.config,
+                reason=err.reason,
             )
             raise
         self.metrics.auth.labels("success", "verified").inc()

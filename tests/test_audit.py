@@ -490,12 +490,6 @@ async def test_modern_header_mismatch_is_an_invalid_request(
     assert echo.seen == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: McpHandler.handle audits only after forward() returns or raises a "
-    "ProxydError; a client leaving mid-stream cancels the handler and the event is lost "
-    "(a tools/call that reached the upstream goes unrecorded); remove this mark with the fix",
-)
 @pytest.mark.parametrize("method", ["POST", "GET"])
 async def test_client_leaving_mid_stream_is_still_audited(
     method: str,
@@ -539,12 +533,6 @@ async def test_client_leaving_mid_stream_is_still_audited(
         hold.set()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="gap: app_auth.verify.failure carries no config (issue 5 asks for config and "
-    "reason); Authenticator.authenticate knows which config refused the token; remove this "
-    "mark with the fix",
-)
 async def test_app_auth_verify_failure_names_the_config(
     audit: Audit,
     issuer: TestIssuer,

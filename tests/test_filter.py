@@ -498,7 +498,7 @@ async def test_json_answer_over_the_limit_is_an_internal_error(
     internal_error(await resp.read())
 
 
-async def test_filtered_request_goes_up_without_accept_encoding(
+async def test_filtered_request_asks_for_identity_encoding(
     proxy_for: Callable[..., Awaitable[Client]],
     issuer: TestIssuer,
     clock: FakeClock,
@@ -521,7 +521,11 @@ async def test_filtered_request_goes_up_without_accept_encoding(
     call = {"jsonrpc": "2.0", "id": 8, "method": "tools/call", "params": {"name": "echo"}}
     headers = {**bearer(token), **ACCEPT, "Accept-Encoding": "gzip, deflate"}
     assert (await client.post("/mcp/apps/a", json=call, headers=headers)).status == 200
-    assert [r.headers.getall("Accept-Encoding", []) for r in seen] == [[], ["gzip, deflate"]]
+    # "identity", not absent: no Accept-Encoding would mean "any coding" (RFC 9110 §12.5.3).
+    assert [r.headers.getall("Accept-Encoding", []) for r in seen] == [
+        ["identity"],
+        ["gzip, deflate"],
+    ]
 
 
 @pytest.mark.parametrize("content_type", ["application/json", SSE])

@@ -517,11 +517,6 @@ def sse_events(text: str) -> list[tuple[str | None, str]]:
     return out
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: McpHandler.tools_filter only filters POST tools/list; a GET resuming a POST "
-    "stream (Last-Event-ID) replays the answer unfiltered; remove this mark with the fix",
-)
 async def test_resumed_stream_replays_tools_list_filtered(
     issuer: TestIssuer, make_proxy: ProxyFactory, clock: FakeClock, tmp_path: Path
 ) -> None:

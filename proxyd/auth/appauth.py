@@ -137,6 +137,7 @@ class Authenticator:
                 keyset = await self._keys(snapshot, config, token)
                 identity = verify(token, keyset, config.jwt, config.name, self._now())
             except InvalidToken as exc:
+                exc.config = config.name
                 failures.append(exc)
                 log.info("app_auth_attempt_failed", app=app, config=config.name, reason=exc.reason)
                 continue

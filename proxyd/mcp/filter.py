@@ -29,9 +29,12 @@ class FilterError(Exception):
 
 
 class ToolsListFilter:
-    def __init__(self, request_id: Any, access: Access) -> None:
+    def __init__(self, request_id: Any, access: Access, *, any_id: bool = False) -> None:
         self.request_id = request_id
         self.access = access
+        # A GET stream may replay a tools/list answer of an earlier POST (Last-Event-ID
+        # resumption): there every answer with a tools array is filtered, whatever its id.
+        self.any_id = any_id
         self.removed = 0
 
     def _filter(self, message: Any) -> Any:
@@ -41,7 +44,15 @@ class ToolsListFilter:
             # A batch (2025-03-26 streams may carry them): our answer in it is still filtered.
             out = [self._filter(m) if isinstance(m, dict) else m for m in message]
             return message if all(a is b for a, b in zip(out, message, strict=True)) else out
-        if not isinstance(message, dict) or message.get("id") != self.request_id:
+        if not isinstance(message, dict):
+            return message
+        if self.any_id:
+            result = message.get("result")
+            if "id" not in message or not (
+                isinstance(result, dict) and isinstance(result.get("tools"), list)
+            ):
+                return message
+        elif message.get("id") != self.request_id:
             return message
         if "error" in message and "result" not in message:
             return message  # errors pass through unchanged
