@@ -110,6 +110,7 @@ class SseFilter:
         # then the same however the stream was cut.
         self._cr_pending = False
         self._rewrote = False
+        self._scanned = 0  # the buffer before this offset holds no event end (minus overlap)
 
     def feed(self, chunk: bytes) -> bytes:
         out: list[bytes] = []
@@ -121,17 +122,22 @@ class SseFilter:
                 chunk = chunk[1:]
         self._buffer += chunk
         start = 0
-        for match in _EVENT_END.finditer(self._buffer):
+        # Resume the search where the last one stopped (an event end is at most 4 bytes, so 3
+        # bytes of overlap): rescanning a long event from its start on every chunk was the
+        # main cost of filtering a large SSE answer.
+        for match in _EVENT_END.finditer(self._buffer, max(0, self._scanned - 3)):
             emitted, self._rewrote = self._event(self._buffer[start : match.end()])
             out.append(emitted)
             start = match.end()
         if start:
             self._cr_pending = start == len(self._buffer) and self._buffer.endswith(b"\r")
             self._buffer = self._buffer[start:]
+        self._scanned = len(self._buffer)
         return b"".join(out)
 
     def finish(self) -> bytes:
         self._cr_pending = False
+        self._scanned = 0
         rest, self._buffer = self._buffer, b""
         return self._event(rest)[0] if rest.strip() else rest
 
