@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
+from typing import Any
 
 from proxyd import __version__
 from proxyd.auth.assertion import KeyFileError
@@ -28,6 +30,20 @@ def _parser() -> argparse.ArgumentParser:
     dev.add_argument("--listen", default="127.0.0.1:8443", help="host:port (default %(default)s)")
     sub.add_parser("version", help="print the version")
     return parser
+
+
+def run_loop(main: Coroutine[Any, Any, None]) -> None:
+    """uvloop when installed (libuv's loop: a cheaper event loop for the byte relay, issue 6),
+    the standard loop otherwise; PROXYD_LOOP=asyncio forces the standard one."""
+    if os.environ.get("PROXYD_LOOP", "uvloop") != "asyncio":
+        try:
+            import uvloop
+        except ImportError:
+            pass
+        else:
+            uvloop.run(main)
+            return
+    asyncio.run(main)
 
 
 def _check(path: str) -> int:
@@ -57,7 +73,7 @@ def _run(path: str) -> int:
         return 2
     configure(settings.log.level, settings.log.format)
     try:
-        asyncio.run(serve(settings))
+        run_loop(serve(settings))
     except KeyFileError as exc:
         log.error("identity_key_unusable", error=str(exc))
         return 1
@@ -72,7 +88,7 @@ def _dev(listen: str) -> int:
 
     configure("info", "auto")
     try:
-        asyncio.run(run_dev(listen))
+        run_loop(run_dev(listen))
     except OSError as exc:
         log.error("listen_failed", error=str(exc))
         return 1

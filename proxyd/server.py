@@ -75,6 +75,7 @@ async def serve(settings: Settings, on_ready: Callable[[], None] | None = None) 
             public_url=s.public_url,
             apps=[a.name for a in settings.apps],
             app_auth_configs=[c.name for c in runtime.shared.store.snapshot.configs],
+            loop=type(loop).__module__.split(".")[0],
         )
         notifier.ready(f"serving {len(settings.apps)} apps on {s.listen_host}:{s.listen_port}")
         if on_ready is not None:

@@ -128,6 +128,7 @@ async def test_run_serves_and_exits_cleanly_on_sigterm(issuer: TestIssuer, tmp_p
         assert proc.stdout is not None
         started = await asyncio.wait_for(_read_until(proc.stdout, "proxyd_started"), GUARD)
         assert json.loads(started[-1])["listen"] == f"127.0.0.1:{port}"
+        assert json.loads(started[-1])["loop"] == "uvloop"  # installed with proxyd on Linux
         async with aiohttp.ClientSession() as http:
             async with http.get(f"http://127.0.0.1:{admin}/readyz") as ready:
                 assert ready.status == 200
@@ -136,6 +137,41 @@ async def test_run_serves_and_exits_cleanly_on_sigterm(issuer: TestIssuer, tmp_p
         # The identity key was created on first start, private to the service.
         key = tmp_path / "state" / "identity-key.pem"
         assert key.stat().st_mode & 0o077 == 0
+        assert await _stop(proc, signal.SIGTERM) == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+async def test_standard_event_loop_on_request(issuer: TestIssuer, tmp_path: Path) -> None:
+    """PROXYD_LOOP=asyncio runs the standard loop (a way out if uvloop ever misbehaves)."""
+    port = free_port()
+    doc = base_config(
+        issuer,
+        {"a": ["http://127.0.0.1:9/mcp"]},
+        tmp_path,
+        server={"listen": f"127.0.0.1:{port}", "state_dir": str(tmp_path / "state")},
+        admin={"enabled": False},
+        log={"format": "json"},
+    )
+    config = tmp_path / "proxyd.toml"
+    config.write_text(_toml(doc))
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "proxyd",
+        "run",
+        "-c",
+        str(config),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "PYTHONUNBUFFERED": "1", "PROXYD_LOOP": "asyncio"},
+    )
+    try:
+        assert proc.stdout is not None
+        started = await asyncio.wait_for(_read_until(proc.stdout, "proxyd_started"), GUARD)
+        assert json.loads(started[-1])["loop"] == "asyncio"
         assert await _stop(proc, signal.SIGTERM) == 0
     finally:
         if proc.returncode is None:
