@@ -20,7 +20,7 @@ from yarl import URL
 
 from proxyd.config import UpstreamSettings
 from proxyd.errors import PayloadTooLarge, UpstreamError, UpstreamTimeout
-from proxyd.mcp.filter import MAX_JSON_ANSWER, ToolsListFilter
+from proxyd.mcp.filter import MAX_JSON_ANSWER, SseFilter, ToolsListFilter
 from proxyd.metrics import Metrics
 
 HeaderHook = Callable[[CIMultiDict[str]], None]
@@ -282,14 +282,31 @@ class Forwarder:
         if sse:
             # Tell any buffering proxy in front of us (nginx) to pass events through at once.
             out.headers["X-Accel-Buffering"] = "no"
+        return await self._stream(request, upstream, out, outcome)
+
+    async def _stream(
+        self,
+        request: web.Request,
+        upstream: aiohttp.ClientResponse,
+        out: web.StreamResponse,
+        outcome: Outcome,
+        events: SseFilter | None = None,
+    ) -> web.StreamResponse:
+        """Relay the body chunk by chunk (through ``events`` when filtering), each flushed."""
         await out.prepare(request)
         gauge = self._streams.labels(outcome.app) if self._streams is not None else None
         if gauge is not None:
             gauge.inc()
         try:
             async for chunk in upstream.content.iter_any():
-                await out.write(chunk)  # aiohttp writes straight to the transport: a flush
-                outcome.bytes_down += len(chunk)
+                ready = chunk if events is None else events.feed(chunk)
+                if ready:
+                    await out.write(ready)  # aiohttp writes straight to the transport: a flush
+                    outcome.bytes_down += len(ready)
+            rest = events.finish() if events is not None else b""
+            if rest:
+                await out.write(rest)
+                outcome.bytes_down += len(rest)
         except ConnectionResetError:
             # The client went away while we wrote; leaving the `async with` closes upstream.
             outcome.broken = "client_disconnected"
@@ -353,31 +370,10 @@ class Forwarder:
             else:
                 body = tools_filter.json_body(b"".join(chunks))
             return whole(body)
-        events = tools_filter.sse()
         out = web.StreamResponse(status=upstream.status, reason=upstream.reason)
         out.headers.extend(headers)
         out.headers["X-Accel-Buffering"] = "no"
-        await out.prepare(request)
-        try:
-            async for chunk in upstream.content.iter_any():
-                ready = events.feed(chunk)
-                if ready:
-                    await out.write(ready)
-                    outcome.bytes_down += len(ready)
-            rest = events.finish()
-            if rest:
-                await out.write(rest)
-                outcome.bytes_down += len(rest)
-        except ConnectionResetError:
-            outcome.broken = "client_disconnected"
-            return out
-        except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError) as exc:
-            outcome.broken = _broken_reason(exc)
-            if request.transport is not None:
-                request.transport.abort()
-            return out
-        await out.write_eof()
-        return out
+        return await self._stream(request, upstream, out, outcome, tools_filter.sse())
 
     @staticmethod
     async def _whole(
