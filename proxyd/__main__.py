@@ -5,14 +5,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import socket
 import sys
 from collections.abc import Coroutine, Sequence
 from typing import Any
 
 from proxyd import __version__
 from proxyd.auth.assertion import KeyFileError
-from proxyd.config import ConfigError, load_settings
-from proxyd.log import configure, get_logger
+from proxyd.config import ConfigError, Settings, load_settings, read_config, settings_from_text
+from proxyd.log import configure, get_logger, set_context
 
 log = get_logger("proxyd")
 
@@ -29,6 +30,13 @@ def _parser() -> argparse.ArgumentParser:
     dev = sub.add_parser("dev", help="run with an embedded demo app and token issuer")
     dev.add_argument("--listen", default="127.0.0.1:8443", help="host:port (default %(default)s)")
     sub.add_parser("version", help="print the version")
+    # Internal: one process of a supervised `run` (server.workers > 1), started by it.
+    worker = sub.add_parser("worker", help="(internal) a worker started by `proxyd run`")
+    worker.add_argument("-c", "--config", required=True)
+    worker.add_argument("--index", type=int, required=True)
+    worker.add_argument("--control-fd", type=int, required=True)
+    worker.add_argument("--admin-socket", required=True)
+    worker.add_argument("--supervisor-pid", type=int, required=True)
     return parser
 
 
@@ -64,7 +72,8 @@ def _run(path: str) -> int:
     from proxyd.server import serve
 
     try:
-        settings = load_settings(path)
+        text = read_config(path)
+        settings = settings_from_text(text, path)
     except ConfigError as exc:
         configure()
         log.error("config_invalid", path=path, problems=exc.problems)
@@ -73,7 +82,50 @@ def _run(path: str) -> int:
         return 2
     configure(settings.log.level, settings.log.format)
     try:
+        if settings.server.workers > 1:
+            return _supervise(settings, path, text)
         run_loop(serve(settings))
+    except KeyFileError as exc:
+        log.error("identity_key_unusable", error=str(exc))
+        return 1
+    except OSError as exc:
+        log.error("listen_failed", error=str(exc))
+        return 1
+    return 0
+
+
+def _supervise(settings: Settings, path: str, text: str) -> int:
+    from proxyd.supervisor import Supervisor
+
+    codes: list[int] = []
+
+    async def main() -> None:
+        codes.append(await Supervisor(settings, path, text).run())
+
+    run_loop(main())
+    return codes[0] if codes else 1
+
+
+def _worker(args: argparse.Namespace) -> int:
+    from proxyd.notify import Notifier
+    from proxyd.server import WorkerRole, serve
+    from proxyd.supervisor import die_with_supervisor, read_boot
+
+    if not die_with_supervisor(args.supervisor_pid):
+        return 1  # orphaned before it started: nobody would supervise it
+    channel = socket.socket(fileno=args.control_fd)
+    boot = read_boot(channel)
+    try:
+        settings = settings_from_text(boot.text, args.config)
+    except ConfigError as exc:
+        configure()
+        log.error("config_invalid", path=args.config, problems=exc.problems)
+        return 2
+    configure(settings.log.level, settings.log.format)
+    set_context(worker=args.index)
+    role = WorkerRole(args.index, args.admin_socket, Notifier(channel=channel), boot.mcp_key)
+    try:
+        run_loop(serve(settings, role=role))
     except KeyFileError as exc:
         log.error("identity_key_unusable", error=str(exc))
         return 1
@@ -104,6 +156,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _check(args.config)
     if args.command == "run":
         return _run(args.config)
+    if args.command == "worker":
+        return _worker(args)
     return _dev(args.listen)
 
 

@@ -133,7 +133,11 @@ def create_app(
     clocks: Clocks = DEFAULT_CLOCKS,
     rng: random.Random | None = None,
     force_polling: bool | None = None,
+    mcp_key: bytes | None = None,
 ) -> web.Application:
+    """``mcp_key``: the key sealing MCP session ids when the configuration names none — a
+    supervisor makes one for all its workers, so a session works on whichever one a request
+    lands on."""
     ceiling = _parser_ceiling(settings)
     metrics = Metrics()
     app = web.Application(
@@ -154,6 +158,7 @@ def create_app(
         store=store,
         health=HealthBook(settings.apps, clocks.monotonic),
         metrics=metrics,
+        ephemeral_mcp_key=mcp_key,
     )
     runtime = Runtime(settings, shared)
     watcher = AuthConfigWatcher(

@@ -12,6 +12,7 @@ import dataclasses
 import ipaddress
 import json
 import math
+import os
 import re
 import tomllib
 from collections.abc import Callable, Iterator, Mapping
@@ -88,6 +89,9 @@ class ServerSettings:
     max_header_size: int = DEFAULT_MAX_HEADER_SIZE
     state_dir: str = "/var/lib/proxyd"
     shutdown_grace: float = 30.0
+    # Processes accepting on the listener (SO_REUSEPORT) under one supervisor; 1 = no
+    # supervisor, the process serves itself (issue 6).
+    workers: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -427,6 +431,20 @@ def _positive_int(value: object) -> int:
     return value
 
 
+MAX_WORKERS = 256
+
+
+def parse_workers(value: object) -> int:
+    """A count of worker processes, or "auto": one per CPU this process may run on."""
+    if value == "auto":
+        # The affinity mask, not os.cpu_count(): a unit with CPUAffinity= or a container
+        # cpuset gets one worker per CPU it can actually use.
+        return max(1, len(os.sched_getaffinity(0)))
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_WORKERS:
+        raise ValueError(f'expected "auto" or an integer from 1 to {MAX_WORKERS}')
+    return value
+
+
 def _positive_duration(value: object) -> float:
     seconds = parse_duration(value)
     if seconds <= 0:
@@ -552,6 +570,7 @@ def _parse_server(t: _Table) -> ServerSettings:
             max_header_size=t.get("max_header_size", parse_size, d.max_header_size),
             state_dir=t.get("state_dir", _nonempty_str, d.state_dir),
             shutdown_grace=t.get("shutdown_grace", parse_duration, d.shutdown_grace),
+            workers=t.get("workers", parse_workers, d.workers),
         )
     if server.max_header_size < 1024:
         t.problem("max_header_size", "must be at least 1KiB")
@@ -987,12 +1006,20 @@ def parse_settings(
 
 def load_settings(path: str, *, load_dir: bool = True) -> Settings:
     """Read and validate a TOML file; raise ConfigError on any problem, including I/O."""
+    return settings_from_text(read_config(path), path, load_dir=load_dir)
+
+
+def read_config(path: str) -> str:
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        return Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError([f"{path}: cannot read: {exc.strerror or exc}"]) from None
     except UnicodeDecodeError:
         raise ConfigError([f"{path}: not UTF-8 text"]) from None
+
+
+def settings_from_text(text: str, path: str, *, load_dir: bool = True) -> Settings:
+    """The file's content as read once: a supervisor hands this exact text to its workers."""
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:

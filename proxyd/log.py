@@ -29,6 +29,8 @@ class _Routing:
         self.level = logging.INFO
         self.stream: TextIO = sys.stdout
         self.renderer: Any = structlog.processors.JSONRenderer()
+        # Keys on every line of this process, e.g. {"worker": 2} under a supervisor.
+        self.context: dict[str, Any] = {}
 
     # The file-like object structlog's PrintLogger writes to.
     def write(self, text: str) -> int:
@@ -68,6 +70,17 @@ def _redact(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[
     return event
 
 
+def _context(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    for key, value in _routing.context.items():
+        event.setdefault(key, value)
+    return event
+
+
+def set_context(**keys: Any) -> None:
+    """Keys added to every line from now on (a worker's index: one journal, N processes)."""
+    _routing.context = dict(keys)
+
+
 def _render(logger: Any, method: str, event: MutableMapping[str, Any]) -> Any:
     return _routing.renderer(logger, method, event)
 
@@ -96,9 +109,12 @@ def configure(level: str = "info", fmt: str = "auto", stream: TextIO | None = No
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info,
+            _context,
             _redact,
             _render,
         ],
-        logger_factory=structlog.PrintLoggerFactory(_routing),  # type: ignore[arg-type]
+        # One write per line (message and newline together; PrintLogger writes them apart):
+        # the workers of a supervisor share one stdout and their lines must not interleave.
+        logger_factory=structlog.WriteLoggerFactory(_routing),  # type: ignore[arg-type]
         cache_logger_on_first_use=True,
     )

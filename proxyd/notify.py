@@ -18,14 +18,23 @@ log = get_logger("proxyd.notify")
 
 
 class Notifier:
-    def __init__(self, address: str | None = None) -> None:
+    def __init__(self, address: str | None = None, channel: socket.socket | None = None) -> None:
+        """``channel``: a connected socket to a proxyd supervisor, which speaks the same
+        protocol for its workers (proxyd.supervisor); else $NOTIFY_SOCKET or ``address``."""
+        self._channel = channel
         self._address = address if address is not None else os.environ.get("NOTIFY_SOCKET")
 
     @property
     def enabled(self) -> bool:
-        return bool(self._address)
+        return self._channel is not None or bool(self._address)
 
     def send(self, *fields: str) -> None:
+        if self._channel is not None:
+            try:
+                self._channel.send("\n".join(fields).encode())
+            except OSError as exc:
+                log.warning("supervisor_notify_failed", error=str(exc))
+            return
         if not self._address:
             return
         # A leading "@" names a socket in the abstract namespace (a NUL byte on the wire).

@@ -26,6 +26,7 @@ RESTART_ONLY: dict[str, Callable[[Settings], Any]] = {
     "server.listen": lambda s: (s.server.listen_host, s.server.listen_port),
     "server.state_dir": lambda s: s.server.state_dir,
     "server.max_header_size": lambda s: s.server.max_header_size,
+    "server.workers": lambda s: s.server.workers,
     "admin": lambda s: s.admin,
     "log.format": lambda s: s.log.format,
     "identity.key_file": lambda s: s.identity.key_file,
@@ -44,6 +45,7 @@ def in_force(new: Settings, boot: Settings) -> Settings:
         listen_port=boot.server.listen_port,
         state_dir=boot.server.state_dir,
         max_header_size=boot.server.max_header_size,
+        workers=boot.server.workers,
     )
     return dataclasses.replace(
         new,

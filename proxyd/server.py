@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import signal
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from aiohttp import web
 
@@ -22,14 +23,30 @@ from proxyd.reload import reload
 log = get_logger("proxyd")
 
 
-async def serve(settings: Settings, on_ready: Callable[[], None] | None = None) -> None:
+@dataclass(frozen=True, slots=True)
+class WorkerRole:
+    """One of the processes of a supervised proxyd (proxyd.supervisor): it shares the MCP port
+    with its siblings (SO_REUSEPORT), serves its admin app on a private unix socket that the
+    supervisor scrapes, uses the supervisor's MCP session key, and reports its states to it."""
+
+    index: int
+    admin_socket: str
+    control: Notifier
+    mcp_key: bytes | None
+
+
+async def serve(
+    settings: Settings,
+    on_ready: Callable[[], None] | None = None,
+    role: WorkerRole | None = None,
+) -> None:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
-    notifier = Notifier()
+    notifier = role.control if role is not None else Notifier()
     draining = False
     reloading = asyncio.Lock()
     reloads: set[asyncio.Task[bool]] = set()
-    app = create_app(settings)
+    app = create_app(settings, mcp_key=role.mcp_key if role is not None else None)
     runtime = app[RUNTIME]
 
     async def reload_once() -> bool:
@@ -63,8 +80,21 @@ async def serve(settings: Settings, on_ready: Callable[[], None] | None = None) 
         runners.append(runner)
         await runner.setup()
         s = settings.server
-        await web.TCPSite(runner, s.listen_host, s.listen_port, reuse_address=True).start()
-        if settings.admin.enabled:
+        await web.TCPSite(
+            runner,
+            s.listen_host,
+            s.listen_port,
+            reuse_address=True,
+            # The kernel spreads new connections over the workers' sockets (one accept
+            # queue each, no thundering herd); only processes of the same user may join.
+            reuse_port=role is not None,
+        ).start()
+        if role is not None:
+            admin = web.AppRunner(create_admin_app(runtime, lambda: draining), access_log=None)
+            runners.append(admin)
+            await admin.setup()
+            await web.UnixSite(admin, role.admin_socket).start()
+        elif settings.admin.enabled:
             admin = web.AppRunner(create_admin_app(runtime, lambda: draining), access_log=None)
             runners.append(admin)
             await admin.setup()

@@ -1,0 +1,554 @@
+"""``server.workers > 1``: a supervisor process and N workers sharing the MCP port (issue 6).
+
+The supervisor binds no MCP socket and serves no MCP request. It validates the file, makes the
+state every worker must share (the identity key on disk, an MCP session key when the file names
+none), starts the workers, and is the service to systemd: READY=1 once every worker is serving,
+RELOADING=1 … READY=1 around a reload that it forwards to every worker, STOPPING=1 when it
+forwards SIGTERM. A worker that dies is started again (with a back-off when it keeps dying) on
+the configuration the others run — the text the supervisor last accepted, not a file edited
+since and never reloaded. The admin listener is the supervisor's: /healthz, /readyz and a
+/metrics that merges every worker's metrics with a ``worker`` label.
+
+Each worker gets one end of a SOCK_SEQPACKET socket pair: the supervisor sends the boot message
+(configuration text, MCP key) on it, the worker answers with sd_notify(3) fields. A pair, not a
+named socket: nobody else can speak on it, the sender is known by the socket, and its end of
+file says the worker is gone. Workers ask the kernel for SIGTERM when the supervisor dies
+(PR_SET_PDEATHSIG), so no worker outlives it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import json
+import os
+import signal
+import socket
+import sys
+import tempfile
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+import aiohttp
+from aiohttp import web
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import Metric
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.registry import Collector
+
+from proxyd.auth.assertion import load_or_create_key
+from proxyd.config import ConfigError, Settings, read_config, settings_from_text
+from proxyd.log import get_logger
+from proxyd.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from proxyd.metrics import counter, gauge
+from proxyd.notify import Notifier
+
+log = get_logger("proxyd.supervisor")
+
+# Far above any real configuration file; the pair's buffer must hold the boot message whole.
+MAX_BOOT_MESSAGE: Final = 4 * 1024 * 1024
+SCRAPE_TIMEOUT: Final = 5.0
+# A worker that takes longer than this to apply a forwarded SIGHUP is reported, not waited for.
+RELOAD_TIMEOUT: Final = 60.0
+# After the workers' own grace, how long they may take to exit before SIGKILL.
+EXIT_SLACK: Final = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class RestartPolicy:
+    """How long to wait before starting a worker again.
+
+    A worker that ran ``stable_after`` seconds or more is restarted at once (after
+    ``initial``): it was a crash, not a crash loop. One that died sooner waits twice as long
+    as the last time, up to ``maximum`` — a broken host (no memory, no file descriptors)
+    must not spin the supervisor.
+    """
+
+    initial: float = 0.1
+    maximum: float = 30.0
+    stable_after: float = 10.0
+
+    def next_delay(self, previous: float, lived: float) -> float:
+        if lived >= self.stable_after or previous <= 0:
+            return self.initial
+        return min(previous * 2, self.maximum)
+
+
+def describe_exit(code: int) -> str:
+    """asyncio reports death by signal N as -N."""
+    if code < 0:
+        with contextlib.suppress(ValueError):
+            return f"killed by {signal.Signals(-code).name}"
+        return f"killed by signal {-code}"
+    return f"exit code {code}"
+
+
+def parse_fields(message: bytes) -> dict[str, str]:
+    """sd_notify fields, one KEY=VALUE per line; anything else is ignored."""
+    fields: dict[str, str] = {}
+    for line in message.decode(errors="replace").splitlines():
+        key, sep, value = line.partition("=")
+        if sep:
+            fields[key] = value
+    return fields
+
+
+@dataclass(eq=False)
+class Worker:
+    index: int
+    admin_socket: str
+    process: asyncio.subprocess.Process | None = None
+    channel: socket.socket | None = None
+    state: str = "stopped"  # starting | ready | reloading | stopping | stopped
+    status: str = ""
+    started_at: float = 0.0
+    readies: int = 0  # READY=1 messages so far: a reload is applied when this moves
+    restarts: int = 0
+    delay: float = 0.0
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process is not None else None
+
+    @property
+    def alive(self) -> bool:
+        return self.process is not None and self.process.returncode is None
+
+
+@dataclass
+class Supervisor:
+    settings: Settings
+    path: str
+    text: str  # the configuration every (re)started worker gets
+    policy: RestartPolicy = field(default_factory=RestartPolicy)
+    notifier: Notifier = field(default_factory=Notifier)
+    workers: list[Worker] = field(default_factory=list)
+    mcp_key: bytes | None = None
+    stopping: bool = False
+    failed: bool = False  # a worker died before the service was ready
+    booted: bool = False
+    reload_failures: int = 0
+    _stop: asyncio.Event = field(default_factory=asyncio.Event)
+    _wake: asyncio.Event = field(default_factory=asyncio.Event)
+    _reloading: asyncio.Lock = field(default_factory=asyncio.Lock)
+    _reload_tasks: set[asyncio.Task[None]] = field(default_factory=set)
+
+    # ------------------------------------------------------------------------------------
+    # The service's life
+
+    async def run(self) -> int:
+        """0 after a clean stop, 1 when the workers could not be started."""
+        loop = asyncio.get_running_loop()
+        s = self.settings
+        # Before any worker runs: one creates the identity key, the others would race it.
+        load_or_create_key(s.identity.key_file, s.server.state_dir)
+        if not s.sessions.mcp_keys:
+            log.warning(
+                "mcp_session_key_ephemeral",
+                detail="no sessions.mcp_keys configured: MCP sessions will not survive a "
+                "restart or work across proxyd instances (the workers share one key)",
+            )
+            self.mcp_key = os.urandom(32)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stop.set)
+        loop.add_signal_handler(signal.SIGHUP, self._on_hup)
+        reloads = self._reload_tasks
+        admin: web.AppRunner | None = None
+        with tempfile.TemporaryDirectory(prefix="proxyd-workers-") as private:
+            # Mode 0700 (mkdtemp): the workers' admin sockets are nobody else's to read.
+            self.workers = [
+                Worker(i, str(Path(private) / f"admin-{i}.sock")) for i in range(s.server.workers)
+            ]
+            keepers = [
+                asyncio.create_task(self._keep(w), name=f"worker-{w.index}") for w in self.workers
+            ]
+            try:
+                await self._until(lambda: self.failed or self._stop.is_set() or self._all_ready())
+                if not self.failed and not self._stop.is_set():
+                    self.booted = True
+                    admin = await self._start_admin()
+                    log.info(
+                        "supervisor_started",
+                        workers=len(self.workers),
+                        pids=[w.pid for w in self.workers],
+                        listen=f"{s.server.listen_host}:{s.server.listen_port}",
+                    )
+                    self.notifier.ready(self._status())
+                    await self._stop.wait()
+            finally:
+                await self._shutdown(keepers, reloads)
+                if admin is not None:
+                    await admin.cleanup()
+                for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                    loop.remove_signal_handler(sig)
+        log.info("supervisor_stopped")
+        return 1 if self.failed else 0
+
+    async def _shutdown(self, keepers: list[asyncio.Task[None]], reloads: set[Any]) -> None:
+        self.stopping = True
+        self._changed()
+        self.notifier.stopping()
+        log.info("supervisor_stopping", grace_seconds=self.settings.server.shutdown_grace)
+        for task in list(reloads):
+            task.cancel()
+        await asyncio.gather(*reloads, return_exceptions=True)
+        for worker in self.workers:
+            self._signal(worker, signal.SIGTERM)
+        deadline = self.settings.server.shutdown_grace + EXIT_SLACK
+        _, late = await asyncio.wait(keepers, timeout=deadline)
+        if late:
+            for worker in self.workers:
+                if worker.alive:
+                    log.error(
+                        "worker_killed",
+                        worker=worker.index,
+                        pid=worker.pid,
+                        reason="did not exit after the shutdown grace",
+                    )
+                    self._signal(worker, signal.SIGKILL)
+            await asyncio.gather(*late, return_exceptions=True)
+
+    async def _keep(self, worker: Worker) -> None:
+        """One worker slot for the supervisor's whole life: start, watch, start again."""
+        loop = asyncio.get_running_loop()
+        while not self.stopping:
+            try:
+                await self._spawn(worker)
+            except OSError as exc:
+                log.error("worker_start_failed", worker=worker.index, error=str(exc))
+                code = None
+            else:
+                assert worker.process is not None
+                code = await worker.process.wait()
+            self._closed(worker)
+            if self.stopping:
+                return
+            lived = loop.time() - worker.started_at
+            log.error(
+                "worker_exited",
+                worker=worker.index,
+                pid=worker.pid,
+                status=describe_exit(code) if code is not None else "not started",
+                lived_seconds=round(lived, 3),
+            )
+            if not self.booted:
+                # A worker that cannot start once will not start N times: the configuration,
+                # the port or the host is wrong, and the service must say so, not loop.
+                self.failed = True
+                self._stop.set()
+                return
+            worker.delay = self.policy.next_delay(worker.delay, lived)
+            worker.restarts += 1
+            self.notifier.send(f"STATUS={self._status()}")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), worker.delay)
+
+    async def _spawn(self, worker: Worker) -> None:
+        loop = asyncio.get_running_loop()
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            with contextlib.suppress(OSError):
+                ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, MAX_BOOT_MESSAGE)
+            boot = {"config": self.text, "mcp_key": self.mcp_key.hex() if self.mcp_key else None}
+            ours.send(json.dumps(boot).encode())
+            ours.setblocking(False)
+            env = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"}
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(worker.admin_socket)  # a dead worker's socket file
+            worker.process = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "proxyd",
+                "worker",
+                "-c",
+                self.path,
+                "--index",
+                str(worker.index),
+                "--control-fd",
+                str(theirs.fileno()),
+                "--admin-socket",
+                worker.admin_socket,
+                "--supervisor-pid",
+                str(os.getpid()),
+                pass_fds=(theirs.fileno(),),
+                stdin=asyncio.subprocess.DEVNULL,
+                env=env,
+            )
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        worker.channel = ours
+        worker.state = "starting"
+        worker.started_at = loop.time()
+        loop.add_reader(ours.fileno(), self._on_message, worker)
+        log.info("worker_spawned", worker=worker.index, pid=worker.pid)
+
+    def _closed(self, worker: Worker) -> None:
+        if worker.channel is not None:
+            asyncio.get_running_loop().remove_reader(worker.channel.fileno())
+            worker.channel.close()
+            worker.channel = None
+        worker.state = "stopped"
+        self._changed()
+
+    def _on_message(self, worker: Worker) -> None:
+        channel = worker.channel
+        assert channel is not None
+        while True:
+            try:
+                message = channel.recv(65536)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                message = b""
+            if not message:
+                # The worker is gone; its exit status arrives through process.wait().
+                asyncio.get_running_loop().remove_reader(channel.fileno())
+                return
+            fields = parse_fields(message)
+            if "STATUS" in fields:
+                worker.status = fields["STATUS"]
+            if fields.get("RELOADING") == "1":
+                worker.state = "reloading"
+            if fields.get("READY") == "1":
+                first = worker.state == "starting"
+                worker.state = "ready"
+                worker.readies += 1
+                if first and self.booted:
+                    log.info(
+                        "worker_replaced",
+                        worker=worker.index,
+                        pid=worker.pid,
+                        restarts=worker.restarts,
+                    )
+                    self.notifier.send(f"STATUS={self._status()}")
+            if fields.get("STOPPING") == "1":
+                worker.state = "stopping"
+            self._changed()
+
+    # ------------------------------------------------------------------------------------
+    # Signals
+
+    def _on_hup(self) -> None:
+        if self.stopping or not self.booted:
+            log.info("reload_skipped", reason="stopping" if self.stopping else "starting")
+            return
+        task = asyncio.create_task(self._reload(), name="reload")
+        self._reload_tasks.add(task)
+        task.add_done_callback(self._reload_tasks.discard)
+
+    async def _reload(self) -> None:
+        async with self._reloading:  # a second SIGHUP reads the file after the first applied
+            self.notifier.reloading()
+            try:
+                text = read_config(self.path)
+                new = settings_from_text(text, self.path, load_dir=False)
+            except ConfigError as exc:
+                # The workers would refuse it just the same: they are not bothered.
+                self.reload_failures += 1
+                log.error(
+                    "config_reload_failed",
+                    path=self.path,
+                    problems=exc.problems,
+                    kept="the configuration in force",
+                )
+                self.notifier.ready("reload failed: previous configuration in force")
+                return
+            self.text = text
+            if new.server.workers != self.settings.server.workers:
+                log.warning(
+                    "config_change_needs_restart",
+                    keys=["server.workers"],
+                    detail="these settings keep their old values until proxyd restarts",
+                )
+            targets = [w for w in self.workers if w.alive and w.state != "starting"]
+            marks = {w.index: w.readies for w in targets}
+            for worker in targets:
+                self._signal(worker, signal.SIGHUP)
+            log.info("reload_forwarded", workers=[w.index for w in targets])
+
+            def applied() -> bool:
+                return all(w.readies > marks[w.index] or not w.alive for w in targets)
+
+            try:
+                await asyncio.wait_for(self._until(applied), RELOAD_TIMEOUT)
+            except TimeoutError:
+                log.error(
+                    "reload_incomplete",
+                    workers=[w.index for w in targets if w.readies <= marks[w.index]],
+                    waited_seconds=RELOAD_TIMEOUT,
+                )
+            self.notifier.ready(self._status())
+
+    def _signal(self, worker: Worker, sig: signal.Signals) -> None:
+        if worker.alive:
+            assert worker.process is not None
+            with contextlib.suppress(ProcessLookupError):
+                worker.process.send_signal(sig)
+
+    # ------------------------------------------------------------------------------------
+    # State
+
+    def _changed(self) -> None:
+        self._wake.set()
+        self._wake = asyncio.Event()
+
+    async def _until(self, condition: Any) -> None:
+        while not condition():
+            await self._wake.wait()
+
+    def _all_ready(self) -> bool:
+        return all(w.state == "ready" for w in self.workers)
+
+    def ready_count(self) -> int:
+        return sum(w.state in ("ready", "reloading") for w in self.workers)
+
+    def _status(self) -> str:
+        s = self.settings.server
+        return (
+            f"{self.ready_count()}/{len(self.workers)} workers serving on "
+            f"{s.listen_host}:{s.listen_port}"
+        )
+
+    # ------------------------------------------------------------------------------------
+    # Admin listener
+
+    async def _start_admin(self) -> web.AppRunner | None:
+        admin = self.settings.admin
+        if not admin.enabled:
+            return None
+        runner = web.AppRunner(self.admin_app(), access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, admin.listen_host, admin.listen_port).start()
+        return runner
+
+    def admin_app(self) -> web.Application:
+        app = web.Application()
+
+        async def healthz(_: web.Request) -> web.Response:
+            return web.json_response({"status": "ok", "workers": self._worker_view()})
+
+        async def readyz(_: web.Request) -> web.Response:
+            # Serving while any worker accepts: the kernel only hands connections to bound
+            # sockets, so a worker being replaced costs capacity, not answers.
+            ok = not self.stopping and self.ready_count() > 0
+            body = {"ready": ok, "workers": self._worker_view()}
+            return web.json_response(body, status=200 if ok else 503)
+
+        async def metrics(_: web.Request) -> web.Response:
+            body = await self.scrape()
+            return web.Response(body=body, headers={"Content-Type": METRICS_CONTENT_TYPE})
+
+        app.router.add_get("/healthz", healthz)
+        app.router.add_get("/readyz", readyz)
+        app.router.add_get("/metrics", metrics)
+        return app
+
+    def _worker_view(self) -> dict[str, Any]:
+        return {
+            "total": len(self.workers),
+            "ready": self.ready_count(),
+            "states": {str(w.index): w.state for w in self.workers},
+        }
+
+    async def scrape(self) -> bytes:
+        """Every worker's metrics with a ``worker`` label, and the supervisor's own."""
+        texts = await asyncio.gather(*(self._scrape_one(w) for w in self.workers))
+        families: dict[str, Metric] = {}
+        for worker, text in zip(self.workers, texts, strict=True):
+            if text is None:
+                continue
+            for family in text_string_to_metric_families(text):
+                merged = families.get(family.name)
+                if merged is None:
+                    merged = families[family.name] = Metric(
+                        family.name, family.documentation, family.type, family.unit
+                    )
+                for sample in family.samples:
+                    labels = {**sample.labels, "worker": str(worker.index)}
+                    merged.samples.append(sample._replace(labels=labels))
+        registry = CollectorRegistry()
+        registry.register(_Families([*families.values(), *self._own_metrics(texts)]))
+        return generate_latest(registry)
+
+    def _own_metrics(self, texts: list[str | None]) -> Iterator[Metric]:
+        states = ("starting", "ready", "reloading", "stopping", "stopped")
+        yield gauge(
+            "proxyd_workers",
+            "Worker processes by state.",
+            ["state"],
+            (([st], float(sum(w.state == st for w in self.workers))) for st in states),
+        )
+        yield counter(
+            "proxyd_worker_restarts",
+            "Workers started again after they died.",
+            ["worker"],
+            (([str(w.index)], float(w.restarts)) for w in self.workers),
+        )
+        yield gauge(
+            "proxyd_worker_scrape_ok",
+            "1 when the worker's metrics were read for this scrape.",
+            ["worker"],
+            (
+                ([str(w.index)], float(t is not None))
+                for w, t in zip(self.workers, texts, strict=True)
+            ),
+        )
+
+    async def _scrape_one(self, worker: Worker) -> str | None:
+        if not worker.alive or worker.state == "starting":
+            return None
+        try:
+            connector = aiohttp.UnixConnector(path=worker.admin_socket)
+            timeout = aiohttp.ClientTimeout(total=SCRAPE_TIMEOUT)
+            async with (
+                aiohttp.ClientSession(connector=connector, timeout=timeout) as http,
+                http.get("http://worker/metrics") as resp,
+            ):
+                if resp.status != 200:
+                    return None
+                return await resp.text()
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            log.warning("worker_scrape_failed", worker=worker.index, error=str(exc))
+            return None
+
+
+class _Families(Collector):
+    def __init__(self, families: list[Metric]) -> None:
+        self._families = families
+
+    def collect(self) -> Iterator[Metric]:
+        return iter(self._families)
+
+
+# ----------------------------------------------------------------------------------------
+# The worker's side
+
+
+@dataclass(frozen=True, slots=True)
+class Boot:
+    text: str
+    mcp_key: bytes | None
+
+
+def read_boot(channel: socket.socket) -> Boot:
+    """The supervisor's first message, sent before the worker was started."""
+    raw = channel.recv(MAX_BOOT_MESSAGE)
+    data: Mapping[str, Any] = json.loads(raw)
+    key = data.get("mcp_key")
+    return Boot(text=str(data["config"]), mcp_key=bytes.fromhex(key) if key else None)
+
+
+def die_with_supervisor(supervisor_pid: int) -> bool:
+    """Ask the kernel for SIGTERM when the supervisor dies (Linux prctl PR_SET_PDEATHSIG);
+    False when it is already gone (the check after the prctl closes that race)."""
+    pr_set_pdeathsig = 1
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
+    return os.getppid() == supervisor_pid

@@ -1,0 +1,427 @@
+"""Several workers under one supervisor (issue 6, ``server.workers``), as REAL processes.
+
+`python -m proxyd run -c FILE` with ``workers = 2``: the supervisor and its workers are real
+processes, the signals are real (SIGKILL a worker, SIGHUP and SIGTERM the supervisor), the
+port is shared by SO_REUSEPORT, and every wait is on a condition (a log line, an answer, a
+datagram), never a fixed sleep. Connections are never reused by the clients here, so the
+kernel spreads them over the workers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import tempfile
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from proxyd.config import MAX_WORKERS, ConfigError, parse_settings
+from proxyd.supervisor import RestartPolicy, describe_exit, parse_fields
+from tests.issuer import TestIssuer
+from tests.test_cli import _spawn, free_port
+from tests.test_operate import (
+    GUARD,
+    Daemon,
+    _message,
+    _notify_socket,
+    _pending,
+    _ports,
+    post,
+    proxyd_config,
+    start_upstream,
+    write_config,
+)
+from tests.test_proxy import Upstreams
+
+WORKERS = 2
+
+LaunchWorkers = Callable[[Path], Awaitable[Daemon]]
+
+
+@pytest.fixture
+async def upstreams() -> AsyncIterator[Upstreams]:
+    ups = Upstreams()
+    try:
+        yield ups
+    finally:
+        await ups.close()
+
+
+@pytest.fixture
+async def launch(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[LaunchWorkers]:
+    """Start a supervised `proxyd run` and wait until the supervisor says it serves."""
+    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
+    daemons: list[Daemon] = []
+
+    async def start(path: Path) -> Daemon:
+        daemon = Daemon(await _spawn("run", "-c", str(path)), *_ports(path))
+        daemons.append(daemon)
+        await daemon.wait_for("supervisor_started")
+        return daemon
+
+    try:
+        yield start
+    finally:
+        for daemon in daemons:
+            with contextlib.suppress(ProcessLookupError):
+                for pid in worker_pids(daemon):
+                    os.kill(pid, signal.SIGKILL)
+            await daemon.kill()
+    for daemon in daemons:
+        daemon.check_output()
+
+
+def worker_pids(daemon: Daemon) -> list[int]:
+    """The pids of the workers the supervisor started, latest per index."""
+    latest: dict[int, int] = {}
+    for line in daemon.find("worker_spawned"):
+        latest[line["worker"]] = line["pid"]
+    return list(latest.values())
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie (exited, not yet reaped by its parent) counts as gone.
+    with contextlib.suppress(FileNotFoundError):
+        if Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1].startswith("Z"):
+            return False
+    return True
+
+
+async def until(condition: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + GUARD
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {GUARD}s: {what}")
+        await asyncio.sleep(0.02)  # polling a condition a test cannot be woken by (/proc)
+
+
+def fresh_connections() -> aiohttp.ClientSession:
+    # A new connection per request: the kernel picks a worker per connection.
+    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True))
+
+
+async def spread(daemon: Daemon, issuer: TestIssuer, app: str = "a", n: int = 40) -> set[int]:
+    """``n`` requests on fresh connections, all answered 200; the workers that served them."""
+    since = daemon.mark()
+    token = issuer.token(time.time())
+    async with fresh_connections() as http:
+        for _ in range(n):
+            status, body = await post(http, daemon.url(app), token)
+            assert status == 200, body
+    await until(lambda: len(daemon.find("request", since, app=app)) >= n, "access lines")
+    return {line["worker"] for line in daemon.find("request", since, app=app)}
+
+
+def workers_config(issuer: TestIssuer, tmp_path: Path, url: str, **sections: Any) -> dict[str, Any]:
+    server = {"workers": WORKERS, "shutdown_grace": "5s", **sections.pop("server", {})}
+    return proxyd_config(issuer, tmp_path, {"a": [url]}, server=server, **sections)
+
+
+# --------------------------------------------------------------------------------------------
+# Serving
+
+
+async def test_workers_share_the_port_and_one_mcp_session_key(
+    issuer: TestIssuer, launch: LaunchWorkers, upstreams: Upstreams, tmp_path: Path
+) -> None:
+    upstream_url = await _session_upstream(upstreams)
+    path = write_config(tmp_path / "proxyd.toml", workers_config(issuer, tmp_path, upstream_url))
+    proxyd = await launch(path)
+    started = proxyd.find("supervisor_started")[0]
+    assert len(started["pids"]) == WORKERS
+    assert {line["worker"] for line in proxyd.find("proxyd_started")} == set(range(WORKERS))
+    # One ephemeral key for all: said once, by the supervisor.
+    assert len(proxyd.find("mcp_session_key_ephemeral")) == 1
+
+    # An MCP session opened on one worker works on the other: its id is sealed with the key
+    # every worker got from the supervisor.
+    token = issuer.token(time.time())
+    headers = {"Authorization": f"Bearer {token}", "Accept": "application/json"}
+    since = proxyd.mark()
+    async with fresh_connections() as http:
+        async with http.post(
+            proxyd.url("a"),
+            json={"jsonrpc": "2.0", "id": 1, "method": "initialize"},
+            headers=headers,
+        ) as resp:
+            assert resp.status == 200
+            session_id = resp.headers["Mcp-Session-Id"]
+        for i in range(30):
+            async with http.post(
+                proxyd.url("a"),
+                json={"jsonrpc": "2.0", "id": i + 2, "method": "ping"},
+                headers={**headers, "Mcp-Session-Id": session_id},
+            ) as resp:
+                assert resp.status == 200, await resp.text()
+                assert (await resp.json())["result"]["session"] == "upstream-session-1"
+    await until(lambda: len(proxyd.find("request", since)) >= 31, "access lines")
+    assert {line["worker"] for line in proxyd.find("request", since)} == set(range(WORKERS))
+
+
+async def _session_upstream(upstreams: Upstreams) -> str:
+    """An upstream that opens one MCP session (legacy era) and echoes it back."""
+    from aiohttp import web
+
+    async def handle(request: web.Request) -> web.Response:
+        body = await request.json()
+        if body["method"] == "initialize":
+            return web.json_response(
+                {"jsonrpc": "2.0", "id": body["id"], "result": {}},
+                headers={"Mcp-Session-Id": "upstream-session-1"},
+            )
+        session = request.headers.get("Mcp-Session-Id")
+        return web.json_response(
+            {"jsonrpc": "2.0", "id": body["id"], "result": {"session": session}}
+        )
+
+    app = web.Application()
+    app.router.add_post("/mcp", handle)
+    return await upstreams.start(app)
+
+
+async def test_metrics_merge_every_worker_with_a_worker_label(
+    issuer: TestIssuer, launch: LaunchWorkers, upstreams: Upstreams, tmp_path: Path
+) -> None:
+    _, url = await start_upstream(upstreams)
+    path = write_config(tmp_path / "proxyd.toml", workers_config(issuer, tmp_path, url))
+    proxyd = await launch(path)
+    served = await spread(proxyd, issuer)
+    async with aiohttp.ClientSession() as http:
+        async with http.get(proxyd.admin_url("/metrics")) as resp:
+            assert resp.status == 200
+            text = await resp.text()
+        async with http.get(proxyd.admin_url("/readyz")) as resp:
+            assert resp.status == 200
+            assert (await resp.json())["workers"]["ready"] == WORKERS
+    samples = [s for f in text_string_to_metric_families(text) for s in f.samples]
+    requests = [s for s in samples if s.name == "proxyd_requests_total" and s.labels["app"] == "a"]
+    assert {s.labels["worker"] for s in requests} == {str(w) for w in served}
+    assert sum(s.value for s in requests) == 40
+    ready = [s for s in samples if s.name == "proxyd_workers" and s.labels["state"] == "ready"]
+    assert [s.value for s in ready] == [WORKERS]
+    scraped = [s for s in samples if s.name == "proxyd_worker_scrape_ok"]
+    assert sorted(s.value for s in scraped) == [1.0] * WORKERS
+
+
+# --------------------------------------------------------------------------------------------
+# A worker dies
+
+
+async def test_a_sigkilled_worker_is_replaced_and_the_service_keeps_answering(
+    issuer: TestIssuer, launch: LaunchWorkers, upstreams: Upstreams, tmp_path: Path
+) -> None:
+    _, url = await start_upstream(upstreams)
+    path = write_config(tmp_path / "proxyd.toml", workers_config(issuer, tmp_path, url))
+    proxyd = await launch(path)
+    assert await spread(proxyd, issuer) == set(range(WORKERS))
+    victim = worker_pids(proxyd)[0]
+
+    since = proxyd.mark()
+    os.kill(victim, signal.SIGKILL)
+    exited = await proxyd.wait_for("worker_exited", since, pid=victim)
+    assert exited["status"] == "killed by SIGKILL"
+    # From here the dead worker's socket is closed: the kernel sends every new connection to
+    # the one still serving — no request fails while the replacement boots.
+    await spread(proxyd, issuer, n=20)
+    replaced = await proxyd.wait_for("worker_replaced", since, worker=exited["worker"])
+    assert replaced["pid"] != victim and alive(replaced["pid"])
+    assert await spread(proxyd, issuer) == set(range(WORKERS))
+    async with aiohttp.ClientSession() as http, http.get(proxyd.admin_url("/metrics")) as resp:
+        text = await resp.text()
+    restarts = {
+        s.labels["worker"]: s.value
+        for f in text_string_to_metric_families(text)
+        for s in f.samples
+        if s.name == "proxyd_worker_restarts_total"
+    }
+    assert restarts == {str(exited["worker"]): 1.0, str(1 - exited["worker"]): 0.0}
+
+
+async def test_a_replacement_worker_runs_the_accepted_configuration_not_a_broken_file(
+    issuer: TestIssuer, launch: LaunchWorkers, upstreams: Upstreams, tmp_path: Path
+) -> None:
+    _, url = await start_upstream(upstreams)
+    path = write_config(tmp_path / "proxyd.toml", workers_config(issuer, tmp_path, url))
+    proxyd = await launch(path)
+    path.write_text("this is [not toml")  # edited, never reloaded
+    since = proxyd.mark()
+    os.kill(worker_pids(proxyd)[1], signal.SIGKILL)
+    await proxyd.wait_for("worker_replaced", since, worker=1)
+    assert await spread(proxyd, issuer) == set(range(WORKERS))
+
+
+async def test_the_workers_stop_when_the_supervisor_is_killed(
+    issuer: TestIssuer, launch: LaunchWorkers, upstreams: Upstreams, tmp_path: Path
+) -> None:
+    _, url = await start_upstream(upstreams)
+    path = write_config(tmp_path / "proxyd.toml", workers_config(issuer, tmp_path, url))
+    proxyd = await launch(path)
+    pids = worker_pids(proxyd)
+    assert all(alive(pid) for pid in pids)
+    proxyd.proc.kill()  # SIGKILL: the supervisor cannot forward anything
+    await proxyd.proc.wait()
+    # PR_SET_PDEATHSIG: the kernel sends each worker SIGTERM and they drain and exit.
+    await until(lambda: not any(alive(pid) for pid in pids), "workers gone")
+
+
+async def test_a_worker_that_cannot_start_fails_the_service(
+    issuer: TestIssuer, upstreams: Upstreams, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
+    _, url = await start_upstream(upstreams)
+    port = free_port()
+    path = write_config(tmp_path / "proxyd.toml", workers_config(issuer, tmp_path, url, port=port))
+    # Somebody else holds the port, without SO_REUSEPORT: no worker can bind it.
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", port))
+        squatter.listen()
+        daemon = Daemon(await _spawn("run", "-c", str(path)), *_ports(path))
+        try:
+            assert await daemon.exit_code() == 1
+        finally:
+            await daemon.kill()
+    assert daemon.find("worker_exited")
+    assert daemon.find("listen_failed")
+    assert not daemon.find("supervisor_started")
+    assert daemon.find("supervisor_stopped")
+
+
+# --------------------------------------------------------------------------------------------
+# Signals and sd_notify
+
+
+async def test_sighup_reaches_every_worker_and_systemd_hears_one_service(
+    issuer: TestIssuer,
+    launch: LaunchWorkers,
+    upstreams: Upstreams,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    _, url = await start_upstream(upstreams)
+    # A short directory: AF_UNIX paths are limited to 107 bytes, pytest's tmp_path is long.
+    directory = Path(tempfile.mkdtemp(prefix="proxyd-w-"))
+    notify = str(directory / "n.sock")
+    sock = _notify_socket(notify)
+    try:
+        path = write_config(tmp_path / "proxyd.toml", workers_config(issuer, tmp_path, url))
+        monkeypatch.setenv("NOTIFY_SOCKET", notify)
+        proxyd = await launch(path)
+        ready = await _message(sock)
+        assert ready["READY"] == "1"
+        assert ready["MAINPID"] == str(proxyd.proc.pid)  # the supervisor is the service
+        assert ready["STATUS"].startswith(f"{WORKERS}/{WORKERS} workers serving")
+        assert _pending(sock) == []  # the workers speak to the supervisor only
+
+        # A new app, by SIGHUP to the supervisor alone: every worker applies it.
+        _, url_b = await start_upstream(upstreams)
+        doc = proxyd_config(
+            issuer,
+            tmp_path,
+            {"a": [url], "b": [url_b]},
+            port=proxyd.port,
+            admin=proxyd.admin,
+            server={"workers": WORKERS, "shutdown_grace": "5s"},
+        )
+        write_config(path, doc)
+        since = proxyd.mark()
+        proxyd.signal(signal.SIGHUP)
+        assert (await _message(sock))["RELOADING"] == "1"
+        # READY=1 comes only once every worker has applied the file.
+        assert (await _message(sock))["READY"] == "1"
+        reloaded = proxyd.find("config_reloaded", since)
+        assert sorted(line["worker"] for line in reloaded) == list(range(WORKERS))
+        assert await spread(proxyd, issuer, app="b") == set(range(WORKERS))
+
+        # A broken file: the supervisor refuses it and the workers keep theirs.
+        path.write_text("this is [not toml")
+        since = proxyd.mark()
+        proxyd.signal(signal.SIGHUP)
+        assert (await _message(sock))["RELOADING"] == "1"
+        assert "fail" in (await _message(sock))["STATUS"]
+        assert proxyd.find("config_reload_failed", since)
+        assert not proxyd.find("config_reloaded", since)
+        await spread(proxyd, issuer, app="b")
+
+        # SIGTERM: STOPPING=1 for the service, every worker drains and stops, exit 0.
+        pids = worker_pids(proxyd)
+        proxyd.signal(signal.SIGTERM)
+        assert await _message(sock) == {"STOPPING": "1"}
+        assert await proxyd.exit_code() == 0
+        stopped = proxyd.find("proxyd_stopped")
+        assert sorted(line["worker"] for line in stopped) == list(range(WORKERS))
+        assert not any(alive(pid) for pid in pids)
+        assert _pending(sock) == []
+    finally:
+        sock.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(notify)
+        os.rmdir(directory)
+
+
+async def test_sigterm_lets_a_request_in_flight_on_a_worker_finish(
+    issuer: TestIssuer, launch: LaunchWorkers, upstreams: Upstreams, tmp_path: Path
+) -> None:
+    upstream, url = await start_upstream(upstreams)
+    path = write_config(tmp_path / "proxyd.toml", workers_config(issuer, tmp_path, url))
+    proxyd = await launch(path)
+    token = issuer.token(time.time())
+    async with fresh_connections() as http:
+        held = asyncio.ensure_future(post(http, proxyd.url("a"), token, "hold"))
+        await asyncio.wait_for(upstream.holding.wait(), GUARD)
+        proxyd.signal(signal.SIGTERM)
+        await proxyd.wait_for("proxyd_stopping")  # a worker is draining
+        upstream.release.set()
+        status, body = await asyncio.wait_for(held, GUARD)
+        assert status == 200 and len(body["result"]) > 0
+    assert await proxyd.exit_code() == 0
+
+
+# --------------------------------------------------------------------------------------------
+# Pure parts
+
+
+def test_restart_policy_backs_off_a_crash_loop_and_forgives_a_stable_worker() -> None:
+    policy = RestartPolicy(initial=0.1, maximum=1.0, stable_after=10.0)
+    delay = 0.0
+    seen = []
+    for _ in range(6):
+        delay = policy.next_delay(delay, lived=0.5)
+        seen.append(delay)
+    assert seen == [0.1, 0.2, 0.4, 0.8, 1.0, 1.0]
+    assert policy.next_delay(1.0, lived=10.0) == 0.1
+
+
+def test_exit_statuses_and_notify_fields_are_read_plainly() -> None:
+    assert describe_exit(-9) == "killed by SIGKILL"
+    assert describe_exit(3) == "exit code 3"
+    assert describe_exit(-200) == "killed by signal 200"
+    assert parse_fields(b"READY=1\nSTATUS=a=b\ngarbage\n") == {"READY": "1", "STATUS": "a=b"}
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [(1, 1), (8, 8), (MAX_WORKERS, MAX_WORKERS), ("auto", len(os.sched_getaffinity(0)))],
+)
+def test_workers_setting(value: object, expected: int) -> None:
+    settings = parse_settings({"server": {"workers": value}}, "proxyd.toml")
+    assert settings.server.workers == expected
+
+
+@pytest.mark.parametrize("value", [0, -1, MAX_WORKERS + 1, True, "4", "all", 2.0])
+def test_workers_setting_rejects(value: object) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_settings({"server": {"workers": value}}, "proxyd.toml")
+    assert any(p.startswith("server.workers:") for p in info.value.problems), info.value.problems
