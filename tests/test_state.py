@@ -30,6 +30,7 @@ from proxyd.config import (
     RateLimitSettings,
     Settings,
     StateSettings,
+    load_settings,
     parse_settings,
     redact_url,
 )
@@ -752,3 +753,12 @@ async def test_memory_backend_touches_no_redis_metrics(
     assert runtime.shared.state is None and runtime.shared.shared_sessions is None
     registry = runtime.shared.metrics.registry
     assert registry.get_sample_value("proxyd_state_backend_up", {"backend": "redis"}) is None
+
+
+def test_the_example_config_shows_every_state_key_with_its_default() -> None:
+    example = Path(__file__).resolve().parent.parent / "etc" / "proxyd" / "proxyd.toml"
+    assert load_settings(str(example)).state == StateSettings()
+    text = example.read_text(encoding="utf-8")
+    section = text[text.index("[state]") : text.index("[upstream]")]
+    for name in ("backend", "url", "timeout", "limiter_failure", "key_prefix", "retry_interval"):
+        assert f"{name} = " in section, name
