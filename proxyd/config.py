@@ -385,6 +385,10 @@ def parse_redis_url(value: object) -> str:
             raise ValueError(f"query option {name!r} is not supported here (allowed: {allowed})")
         if name == "db" and not option.isdigit():
             raise ValueError("db must be a database number")
+        if name == "ssl_cert_reqs" and option not in ("none", "optional", "required"):
+            raise ValueError("ssl_cert_reqs must be none, optional or required")
+        if name == "ssl_check_hostname" and option.lower() not in ("true", "false"):
+            raise ValueError("ssl_check_hostname must be true or false")
     if scheme == "unix":
         if parts.hostname or port is not None:
             raise ValueError("unix:// takes a socket path, no host: unix:///run/redis/redis.sock")
