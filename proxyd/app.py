@@ -7,9 +7,11 @@ import random
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import aiohttp
-from aiocache import SimpleMemoryCache
+from aiocache import RedisCache, SimpleMemoryCache
+from aiocache.serializers import JsonSerializer
 from aiohttp import web
 from joserfc.jwk import ECKey
 from prometheus_client.core import Metric
@@ -19,6 +21,7 @@ from proxyd.auth.appauth import AppAuthStore, Authenticator
 from proxyd.auth.assertion import AssertionSigner, load_or_create_key
 from proxyd.auth.jwks import JwksCache
 from proxyd.auth.session import SessionStore
+from proxyd.auth.shared import SharedSessions
 from proxyd.config import RateLimitSettings, Settings
 from proxyd.forward import Forwarder
 from proxyd.handler import Clocks, McpHandler
@@ -30,8 +33,9 @@ from proxyd.mcp.policy import Policy
 from proxyd.mcp.sessionid import SessionIdCodec
 from proxyd.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from proxyd.metrics import Metrics, counter, gauge
-from proxyd.ratelimit import Limiter, Limits
+from proxyd.ratelimit import Limiter, Limits, SharedLimiter
 from proxyd.registry import Registry
+from proxyd.state import RedisState
 from proxyd.watcher import AuthConfigWatcher
 from proxyd.wellknown import WellKnown
 
@@ -55,14 +59,23 @@ class Shared:
     identity_key: ECKey | None = None
     ephemeral_mcp_key: bytes | None = None
     auditor: Auditor | None = None
-    limiters: dict[tuple[str, RateLimitSettings], Limiter] = field(default_factory=dict)
+    state: RedisState | None = None  # the shared state backend, when [state] says redis
+    shared_sessions: SharedSessions | None = None
+    limiters: dict[tuple[str, RateLimitSettings], Limiter | SharedLimiter] = field(
+        default_factory=dict
+    )
 
-    def limiter(self, kind: str, settings: RateLimitSettings) -> Limiter:
+    def limiter(self, kind: str, settings: RateLimitSettings) -> Limiter | SharedLimiter:
         # Same settings after a reload: keep the buckets (a reload is no way around a limit).
         key = (kind, settings)
         if key not in self.limiters:
             self.limiters = {k: v for k, v in self.limiters.items() if k[0] != kind}
-            self.limiters[key] = Limiter(settings, self.clocks.monotonic)
+            local = Limiter(settings, self.clocks.monotonic)
+            if self.state is None:
+                self.limiters[key] = local
+            else:
+                # In Redis the buckets outlive any reload; `local` serves limiter_failure=local.
+                self.limiters[key] = SharedLimiter(settings, kind, self.state, local)
         return self.limiters[key]
 
 
@@ -87,6 +100,8 @@ class Runtime:
         registry = Registry(settings.apps, s.rng, s.health)
         signer = AssertionSigner(s.identity_key, settings.server.public_url, settings.identity.ttl)
         s.sessions.max_ttl = settings.sessions.max_ttl
+        if s.shared_sessions is not None and settings.sessions.mcp_keys:
+            s.shared_sessions.set_keys(settings.sessions.mcp_keys)
         limits = Limits(
             s.limiter("unauthenticated", settings.limits.unauthenticated),
             s.limiter("per_user", settings.limits.per_user),
@@ -186,7 +201,26 @@ def create_app(
         # timeout=None: aiocache's default 5 s timeout wraps every get in asyncio.wait_for,
         # a task per lookup on the hot path, for an in-memory dict that cannot block.
         cache = SimpleMemoryCache(timeout=None)
-        shared.sessions = SessionStore(cache, clocks.wall, settings.sessions.max_ttl)
+        if settings.state.shared:
+            shared.state = RedisState(settings.state, clocks.monotonic, metrics)
+            log.info(
+                "state_backend",
+                backend="redis",
+                url=shared.state.url,
+                timeout=settings.state.timeout,
+                limiter_failure=settings.state.limiter_failure,
+            )
+            await shared.state.start()
+            shared.shared_sessions = SharedSessions(
+                redis_session_cache(shared.state),
+                shared.state,
+                store,
+                settings.sessions.mcp_keys,
+                clocks.wall,
+            )
+        shared.sessions = SessionStore(
+            cache, clocks.wall, settings.sessions.max_ttl, shared.shared_sessions
+        )
         shared.auditor = Auditor(settings.audit)
         shared.identity_key = load_or_create_key(
             settings.identity.key_file, settings.server.state_dir
@@ -208,6 +242,8 @@ def create_app(
             await checker.stop()
             await shared.jwks.close()
             await shared.sessions.close()
+            if shared.state is not None:
+                await shared.state.close()
             await http.close()
             shared.auditor.close()
 
@@ -219,6 +255,21 @@ def create_app(
 
 
 CHECKER = web.AppKey("checker", HealthChecker)
+
+
+def redis_session_cache(state: RedisState) -> Any:
+    """aiocache's RedisCache over the state's connection pool, with the JSON serializer
+    (never pickle: a Redis writer would run code here). aiocache's own timeout is off:
+    RedisState.run bounds every call. Never .clear() it: without a namespace that is FLUSHDB."""
+    pool = state.client.connection_pool
+    return RedisCache(
+        serializer=JsonSerializer(),
+        namespace=f"{state.settings.key_prefix}session",
+        timeout=None,
+        # aiocache builds its pool from host/port/password (no unix sockets, no ACL users):
+        # hand it the one proxyd already has, configured from the full URL.
+        connection_pool_class=lambda **_: pool,
+    )
 
 
 def register_collectors(metrics: Metrics, runtime: Runtime) -> None:

@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 from proxyd.labels import LabelSelector, SelectorError, parse_selector
 
@@ -229,6 +229,28 @@ class AuditSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class StateSettings:
+    """Where rate-limit buckets and verified sessions live: this process, or a shared Redis."""
+
+    backend: str = "memory"  # "memory" | "redis"
+    url: str | None = None  # redis://, rediss:// or unix://; may hold a password: never log it
+    # Per Redis operation: a slow Redis must cost a request at most this much, then the
+    # configured fallback applies.
+    timeout: float = 0.25
+    # With Redis down: "open" allows (no limit), "closed" answers 503, "local" limits with this
+    # process's own buckets (each instance then allows the whole limit).
+    limiter_failure: str = "open"
+    key_prefix: str = "proxyd:"
+    # After a failure, Redis is left alone this long (requests use the fallback meanwhile);
+    # then one request probes it.
+    retry_interval: float = 2.0
+
+    @property
+    def shared(self) -> bool:
+        return self.backend == "redis"
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     server: ServerSettings = field(default_factory=ServerSettings)
     admin: AdminSettings = field(default_factory=AdminSettings)
@@ -244,6 +266,7 @@ class Settings:
     app_auth_config_dir: str | None = None
     roles: tuple[RoleSettings, ...] = ()
     audit: AuditSettings = field(default_factory=AuditSettings)
+    state: StateSettings = field(default_factory=StateSettings)
     path: str | None = None
 
 
@@ -329,6 +352,73 @@ def parse_origin(value: object) -> str:
     if parts.scheme not in ("http", "https") or not parts.hostname or parts.path not in ("", "/"):
         raise ValueError(f"not an origin (scheme://host[:port]): {value!r}")
     return f"{parts.scheme}://{parts.netloc}".lower()
+
+
+_REDIS_SCHEMES = ("redis", "rediss", "unix")
+# Query options proxyd passes on to redis-py: the database and TLS files. Others (timeouts,
+# retries, pool sizes) would override what proxyd sets itself, so they are refused.
+_REDIS_QUERY = {
+    "redis": frozenset({"db"}),
+    "rediss": frozenset(
+        {"db", "ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_cert_reqs", "ssl_check_hostname"}
+    ),
+    "unix": frozenset({"db"}),
+}
+
+
+def parse_redis_url(value: object) -> str:
+    """``redis://[user:password@]host[:port][/db]``, ``rediss://…`` (TLS) or
+    ``unix://[user:password@]/path/to/redis.sock[?db=N]``. Messages never quote the URL: it
+    may hold a password."""
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError('expected a URL such as "redis://127.0.0.1:6379/0"')
+    try:
+        parts = urlsplit(value)
+        port = parts.port  # ValueError when not a number in 0-65535
+        query = parse_qsl(parts.query, keep_blank_values=True, strict_parsing=bool(parts.query))
+    except ValueError:
+        raise ValueError("not a valid URL (check the port and any %-escapes)") from None
+    scheme = parts.scheme.lower()
+    if scheme not in _REDIS_SCHEMES:
+        raise ValueError("the scheme must be redis://, rediss:// (TLS) or unix://")
+    if parts.fragment:
+        raise ValueError("URL must not have a fragment")
+    for name, option in query:
+        if name not in _REDIS_QUERY[scheme]:
+            allowed = ", ".join(sorted(_REDIS_QUERY[scheme]))
+            raise ValueError(f"query option {name!r} is not supported here (allowed: {allowed})")
+        if name == "db" and not option.isdigit():
+            raise ValueError("db must be a database number")
+        if name == "ssl_cert_reqs" and option not in ("none", "optional", "required"):
+            raise ValueError("ssl_cert_reqs must be none, optional or required")
+        if name == "ssl_check_hostname" and option.lower() not in ("true", "false"):
+            raise ValueError("ssl_check_hostname must be true or false")
+    if scheme == "unix":
+        if parts.hostname or port is not None:
+            raise ValueError("unix:// takes a socket path, no host: unix:///run/redis/redis.sock")
+        if not parts.path.startswith("/") or parts.path == "/":
+            raise ValueError("unix:// needs the socket's absolute path")
+        return value
+    if not parts.hostname:
+        raise ValueError("missing host")
+    if port == 0:
+        raise ValueError("port out of range: 0")
+    db = parts.path.lstrip("/")
+    if db and not db.isdigit():
+        raise ValueError("the path must be a database number, e.g. redis://host:6379/0")
+    return value
+
+
+def redact_url(url: str | None) -> str | None:
+    """The URL with any password replaced, for logs and messages."""
+    if url is None:
+        return None
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{user}:[redacted]@{host}"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -906,6 +996,47 @@ def _parse_app_auth_section(t: _Table) -> str | None:
         return t.get("config_dir", _nonempty_str, None)
 
 
+def _state_backend(value: object) -> str:
+    text = _str(value)
+    if text not in ("memory", "redis"):
+        raise ValueError("one of memory, redis")
+    return text
+
+
+def _limiter_failure(value: object) -> str:
+    text = _str(value)
+    if text not in ("open", "closed", "local"):
+        raise ValueError("one of open, closed, local")
+    return text
+
+
+def _key_prefix(value: object) -> str:
+    text = _str(value)
+    if len(text) > 64 or any(c.isspace() or not c.isprintable() for c in text):
+        raise ValueError("at most 64 printable characters without spaces")
+    return text
+
+
+def _parse_state(t: _Table) -> StateSettings:
+    d = StateSettings()
+    with t.closed():
+        state = StateSettings(
+            backend=t.get("backend", _state_backend, d.backend),
+            url=t.get("url", parse_redis_url, d.url),
+            timeout=t.get("timeout", _positive_duration, d.timeout),
+            limiter_failure=t.get("limiter_failure", _limiter_failure, d.limiter_failure),
+            key_prefix=t.get("key_prefix", _key_prefix, d.key_prefix),
+            retry_interval=t.get("retry_interval", _positive_duration, d.retry_interval),
+        )
+    if state.backend == "redis" and "url" not in t.data:
+        t.problem("url", 'required with backend = "redis"')
+    if state.backend == "memory" and "url" in t.data:
+        t.problem("url", 'only used with backend = "redis"')
+    if state.timeout > 10:
+        t.problem("timeout", "at most 10s: every request may wait this long for Redis")
+    return state
+
+
 def parse_app_auth_file(path: Path, text: str) -> AppAuthConfig:
     """One file of ``app_auth.config_dir``; ConfigError lists ``file: key: problem``."""
     try:
@@ -977,6 +1108,17 @@ def parse_settings(
         config_dir = _parse_app_auth_section(root.table("app_auth"))
         roles = _parse_roles(root)
         audit = _parse_audit(root.table("audit"))
+        state = _parse_state(root.table("state"))
+    written = data.get("sessions")
+    keys_written = isinstance(written, Mapping) and bool(written.get("mcp_keys"))
+    # (Keys written but invalid are reported by their own parser already.)
+    if state.shared and not sessions.mcp_keys and not keys_written:
+        # Shared session records are sealed with a key derived from these (a Redis writer must
+        # not be able to mint sessions); instances behind one name need them shared anyway.
+        problems.append(
+            'sessions.mcp_keys: required with state.backend = "redis" (shared sessions are '
+            "sealed with it; give every instance the same keys)"
+        )
     extra: list[AppAuthConfig] = []
     if config_dir is not None and load_dir:
         extra, dir_problems = load_app_auth_dir(config_dir)
@@ -1000,6 +1142,7 @@ def parse_settings(
         app_auth_config_dir=config_dir,
         roles=roles,
         audit=audit,
+        state=state,
         path=path,
     )
 

@@ -132,6 +132,22 @@ class ServiceUnavailable(ProxydError):
     reason = "unavailable"
 
 
+class StateUnavailable(ServiceUnavailable):
+    """The shared rate limiter cannot decide (Redis down) and ``limiter_failure = "closed"``.
+
+    503, not 429: the client did nothing wrong and exceeded no limit; the service cannot take
+    the request right now, and says when to try again (RFC 9110 §15.6.4)."""
+
+    reason = "state_unavailable"
+
+    def __init__(self, message: str, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+    def extra_headers(self) -> Mapping[str, str]:
+        return {"Retry-After": str(max(1, math.ceil(self.retry_after)))}
+
+
 def error_body(code: int, message: str, status: int, reason: str) -> bytes:
     return json.dumps(
         {

@@ -18,7 +18,7 @@ from proxyd.access import AccessRecord, access_record
 from proxyd.auth.appauth import Authenticator
 from proxyd.auth.assertion import AssertionSigner
 from proxyd.auth.bearer import bearer_token
-from proxyd.auth.session import Session, SessionStore, session_key
+from proxyd.auth.session import FOREIGN_VERSION, Session, SessionStore, session_key
 from proxyd.config import AuditSettings, Settings
 from proxyd.errors import (
     Forbidden,
@@ -212,7 +212,7 @@ class McpHandler:
         try:
             token = bearer_token(request.headers.get("Authorization"))
         except ProxydError:
-            self.limits.unauthenticated(client.address)
+            await self.limits.unauthenticated(client.address)
             raise
         key = session_key(app.name, token)
         session = await self.sessions.get(key)
@@ -222,12 +222,17 @@ class McpHandler:
             version = self.authenticator.store.snapshot.versions.get(identity.config)
             if version == identity.config_version:
                 record.user, record.session = session.username, "cached"
-                self.limits.per_user(identity)
+                if self.limits.per_user_is_shared:
+                    await self.limits.shared_per_user(identity)
+                else:
+                    self.limits.per_user(identity)  # in memory: no await on the hot path
                 return session
             # The app auth config this session came from changed or went away (issue 4):
             # removed ends the session, changed verifies the token again under the new one.
+            # A session shared by another instance under a config that differs here
+            # (FOREIGN_VERSION) is verified again too, even if this instance lacks the config.
             await self.sessions.delete(key)
-            if version is None:
+            if version is None and identity.config_version != FOREIGN_VERSION:
                 self.metrics.auth.labels("failure", "config_removed").inc()
                 log.info(
                     "session_ended",
@@ -241,11 +246,14 @@ class McpHandler:
                 )
             charge = False  # an established client, not an unauthenticated one
         pending = self._pending.get(key)
-        if pending is None:
+        if pending is None and charge:
             # Everything below costs crypto or a key fetch: the per-address limiter goes
             # first, so a flood of guessed tokens is turned away for a dict lookup.
-            if charge:
-                self.limits.unauthenticated(client.address)
+            await self.limits.unauthenticated(client.address)
+            # A shared limiter waits for Redis: another request with this token may have
+            # started the verification meanwhile (in memory this never suspends).
+            pending = self._pending.get(key)
+        if pending is None:
             # Single flight: a client opening its GET stream and POSTs at once with a new
             # token pays one verification and one limiter token, not one per request.
             pending = asyncio.ensure_future(self._new_session(key, app, token, client))

@@ -54,6 +54,27 @@ class Metrics:
             ["limit"],
             registry=r,
         )
+        # The shared state backend (Redis): failed calls, decisions made without it (failed or
+        # skipped during the back-off), and whether it answers.
+        self.state_errors = Counter(
+            "proxyd_state_backend_errors",
+            "Failed calls to the shared state backend, by operation.",
+            ["op"],
+            registry=r,
+        )
+        self.state_fallbacks = Counter(
+            "proxyd_state_backend_fallbacks",
+            "Operations answered without the shared state backend (down or failing), by "
+            "operation.",
+            ["op"],
+            registry=r,
+        )
+        self.state_up = Gauge(
+            "proxyd_state_backend_up",
+            "1 while the shared state backend answers, 0 while proxyd runs without it.",
+            ["backend"],
+            registry=r,
+        )
         self.reloads = Counter(
             "proxyd_config_reloads",
             "Configuration reloads, by source and result.",

@@ -6,10 +6,14 @@ WithUnauthenticatedLimiter, 20/min burst 40) and an optional per-user limit on e
 sessions. Memory stays bounded under a flood of distinct keys: a bucket idle long enough to
 have refilled is indistinguishable from a new one and is dropped, and a hard cap evicts the
 least recently used key.
+
+With ``[state] backend = "redis"`` the buckets live in Redis (state.SharedBuckets) and every
+proxyd instance spends the same ones; when Redis cannot answer, ``limiter_failure`` decides.
 """
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 from collections import OrderedDict
 from collections.abc import Callable
@@ -17,8 +21,9 @@ from dataclasses import dataclass
 
 from proxyd.auth.jwt import Identity
 from proxyd.config import RateLimitSettings
-from proxyd.errors import RateLimited
+from proxyd.errors import RateLimited, StateUnavailable
 from proxyd.metrics import Metrics
+from proxyd.state import RedisState, SharedBuckets, StateDown
 
 # Seconds: below any real clock's meaningful resolution here, far above float noise.
 _DUE_SLACK = 1e-6
@@ -110,23 +115,89 @@ class Limiter:
         return self.buckets.take(f"{issuer}\x00{username}")
 
 
-class Limits:
-    """The two rate limits of the request path, answering 429 with Retry-After."""
+class SharedLimiter:
+    """A Limiter whose buckets live in Redis, with the fallback of ``state.limiter_failure``
+    while Redis cannot answer: open (allow), closed (503) or local (this process's buckets)."""
 
-    def __init__(self, unauthenticated: Limiter, per_user: Limiter, metrics: Metrics) -> None:
+    def __init__(
+        self, settings: RateLimitSettings, name: str, state: RedisState, local: Limiter
+    ) -> None:
+        self.enabled = settings.enabled
+        self._prefix = settings.ipv6_prefix
+        self.buckets = SharedBuckets(state, settings, name)
+        self._state = state
+        self._failure = state.settings.limiter_failure
+        self.local = local
+
+    async def for_address(self, address: str) -> float:
+        if not self.enabled:
+            return 0.0
+        key = address_key(address, self._prefix)
+        return await self._take(key, lambda: self.local.buckets.take(key))
+
+    async def for_user(self, issuer: str, username: str) -> float:
+        if not self.enabled:
+            return 0.0
+        # Hashed: bounded key length, and no user names in Redis key listings.
+        key = hashlib.sha256(f"{issuer}\x00{username}".encode()).hexdigest()[:32]
+        return await self._take(key, lambda: self.local.for_user(issuer, username))
+
+    async def _take(self, key: str, local: Callable[[], float]) -> float:
+        try:
+            return await self.buckets.take(key)
+        except StateDown:
+            if self._failure == "open":
+                return 0.0
+            if self._failure == "local":
+                return local()
+            raise StateUnavailable(
+                "the rate limiter's shared state is unavailable; try again shortly",
+                max(1.0, self._state.retry_in()),
+            ) from None
+
+
+class Limits:
+    """The two rate limits of the request path, answering 429 with Retry-After.
+
+    ``unauthenticated`` is awaited on the way to token verification. The per-user limit runs
+    on every request of an established session: with in-memory buckets it stays a plain call
+    (``per_user``), with shared ones the handler awaits ``shared_per_user`` instead."""
+
+    def __init__(
+        self,
+        unauthenticated: Limiter | SharedLimiter,
+        per_user: Limiter | SharedLimiter,
+        metrics: Metrics,
+    ) -> None:
         self._unauthenticated = unauthenticated
         self._per_user = per_user
+        # The plain-call path: in-memory buckets, or a disabled shared limiter's own (disabled,
+        # so free) local ones — no isinstance per request.
+        self._per_user_local = per_user.local if isinstance(per_user, SharedLimiter) else per_user
+        self.per_user_is_shared = isinstance(per_user, SharedLimiter) and per_user.enabled
         self._limited_unauthenticated = metrics.rate_limited.labels("unauthenticated")
         self._limited_user = metrics.rate_limited.labels("per_user")
 
-    def unauthenticated(self, address: str) -> None:
-        wait = self._unauthenticated.for_address(address)
+    async def unauthenticated(self, address: str) -> None:
+        limiter = self._unauthenticated
+        if isinstance(limiter, SharedLimiter):
+            wait = await limiter.for_address(address)
+        else:
+            wait = limiter.for_address(address)
         if wait:
             self._limited_unauthenticated.inc()
             raise RateLimited("too many unauthenticated requests; slow down", wait)
 
     def per_user(self, identity: Identity) -> None:
-        wait = self._per_user.for_user(identity.issuer, identity.username)
+        wait = self._per_user_local.for_user(identity.issuer, identity.username)
+        if wait:
+            self._limited_user.inc()
+            raise RateLimited("too many requests for this user; slow down", wait)
+
+    async def shared_per_user(self, identity: Identity) -> None:
+        limiter = self._per_user
+        assert isinstance(limiter, SharedLimiter)
+        wait = await limiter.for_user(identity.issuer, identity.username)
         if wait:
             self._limited_user.inc()
             raise RateLimited("too many requests for this user; slow down", wait)

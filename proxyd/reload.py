@@ -4,7 +4,8 @@ Apps, servers, health checks, limits, upstream timeouts, MCP session keys, the i
 assertion's lifetime, the main file's app auth configs and the log level change at once (one
 Runtime reference, see app.py); requests and streams in flight finish on the configuration
 they started with. A file with any problem changes nothing: every problem is logged. What a
-running process cannot change (listeners, directories, keys on disk) is named in the log.
+running process cannot change (listeners, directories, keys on disk, the state backend) is
+named in the log.
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ RESTART_ONLY: dict[str, Callable[[Settings], Any]] = {
     "jwks": lambda s: s.jwks,
     "app_auth.config_dir": lambda s: s.app_auth_config_dir,
     "audit.file": lambda s: s.audit.file,
+    # The Redis connection, its fallbacks and key names are built once, at start.
+    "state": lambda s: s.state,
 }
 
 
@@ -56,6 +59,7 @@ def in_force(new: Settings, boot: Settings) -> Settings:
         jwks=boot.jwks,
         app_auth_config_dir=boot.app_auth_config_dir,
         audit=dataclasses.replace(new.audit, file=boot.audit.file),
+        state=boot.state,
     )
 
 

@@ -8,6 +8,8 @@ Configs are only consulted when no session exists for a token (Teleport PR #6435
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -17,6 +19,7 @@ from proxyd.auth.jwt import Identity, UnverifiedToken, peek, verify
 from proxyd.auth.keys import KeySet, parse_jwks
 from proxyd.config import AppAuthConfig
 from proxyd.errors import InvalidToken, ServiceUnavailable
+from proxyd.labels import LabelSelector
 from proxyd.log import get_logger
 
 log = get_logger("proxyd.auth")
@@ -30,6 +33,10 @@ class AuthSnapshot:
     # config name → the generation in which it last changed. A session remembers the version
     # it was verified under: a different one means "verify again", none means "removed".
     versions: Mapping[str, int]
+    # config name → fingerprint of what the config accepts: unlike a version (a counter of
+    # this process), it means the same in every proxyd process, so a session shared through
+    # Redis by another instance is trusted here only under an identical config.
+    fingerprints: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
     def config(self, name: str) -> AppAuthConfig | None:
         for config in self.configs:
@@ -57,7 +64,39 @@ def build_snapshot(
             previous.versions[config.name] if unchanged and previous else generation
         )
     ordered = tuple(sorted(configs, key=lambda c: c.name))
-    return AuthSnapshot(generation, ordered, static, versions)
+    fingerprints = {c.name: fingerprint(c) for c in configs}
+    return AuthSnapshot(generation, ordered, static, versions, fingerprints)
+
+
+def fingerprint(config: AppAuthConfig) -> str:
+    """A digest of what ``_same`` compares (name, app_labels, jwt), stable across processes."""
+    jwt = config.jwt
+    doc = [
+        config.name,
+        _selector_doc(config.app_labels),
+        [
+            jwt.issuer,
+            jwt.audience,
+            jwt.jwks_url,
+            jwt.static_jwks,
+            jwt.username_claim,
+            sorted(jwt.algorithms),
+            jwt.max_token_age,
+            jwt.leeway,
+        ],
+    ]
+    text = json.dumps(doc, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def _selector_doc(selector: LabelSelector) -> list[object]:
+    return [
+        selector.match_all,
+        [
+            [key, sorted(m.exact), m.any_value, [p.pattern for p in m.patterns]]
+            for key, m in selector.terms
+        ],
+    ]
 
 
 def _same(a: AppAuthConfig, b: AppAuthConfig) -> bool:

@@ -3,6 +3,10 @@
 The key is a fixed prefix + hex sha256 over the app name and the token (Teleport hashes the
 token alone; binding the app means a token verified for app A is no session for app B, and the
 prefix keeps this id space apart from any other).
+
+With a shared state backend (Redis) a second tier sits behind the local cache: a local miss
+asks it (another instance may have verified the token), a new session is written to both.
+The local cache stays the hot path: an established session never waits for Redis.
 """
 
 from __future__ import annotations
@@ -10,11 +14,14 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from proxyd.auth.jwt import Identity
 
 SESSION_PREFIX = "proxyd-jwt:"
+# Identity.config_version of a session another instance verified under a config that differs
+# here (or is unknown here): never equal to a local version, so the handler verifies again.
+FOREIGN_VERSION = -1
 
 
 def session_key(app: str, token: str) -> str:
@@ -44,20 +51,56 @@ def session_ttl(identity: Identity, now: float, max_ttl: float) -> float:
     return max(0.0, min(identity.expires_at - now, max_ttl))
 
 
+class SharedTier(Protocol):
+    """Sessions shared between proxyd instances (auth/shared.py). Never raises for a backend
+    failure: a miss is always a correct answer (the token is verified again)."""
+
+    async def get(self, key: str) -> Session | None: ...
+
+    async def put(self, session: Session) -> None: ...
+
+    async def delete(self, key: str) -> None: ...
+
+
 class SessionStore:
     """An aiocache cache of verified sessions; expiry is also checked against our own clock
     so a session never outlives its token even if the cache's timer is late."""
 
-    def __init__(self, cache: Any, clock: Callable[[], float], max_ttl: float) -> None:
+    def __init__(
+        self,
+        cache: Any,
+        clock: Callable[[], float],
+        max_ttl: float,
+        shared: SharedTier | None = None,
+    ) -> None:
         self._cache = cache
         self._clock = clock
         self.max_ttl = max_ttl
+        self.shared = shared
 
     async def get(self, key: str) -> Session | None:
         session: Session | None = await self._cache.get(key)
-        if session is not None and session.expires_at <= self._clock():
+        if session is None:
+            return None if self.shared is None else await self._from_shared(key)
+        if session.expires_at <= self._clock():
             await self._cache.delete(key)
             return None
+        return session
+
+    async def _from_shared(self, key: str) -> Session | None:
+        assert self.shared is not None
+        session = await self.shared.get(key)
+        if session is None:
+            return None
+        now = self._clock()
+        # This instance's max_ttl holds here too, whatever the writer's was.
+        session.expires_at = min(session.expires_at, now + self.max_ttl)
+        ttl = session.expires_at - now
+        if ttl <= 0:
+            return None
+        if session.identity.config_version != FOREIGN_VERSION:
+            # Trusted under the same config here: from now on a local hit.
+            await self._cache.set(key, session, ttl=ttl)
         return session
 
     async def create(self, key: str, app: str, identity: Identity) -> Session:
@@ -66,10 +109,14 @@ class SessionStore:
         session = Session(key=key, app=app, identity=identity, expires_at=now + ttl)
         if ttl > 0:
             await self._cache.set(key, session, ttl=ttl)
+            if self.shared is not None:
+                await self.shared.put(session)
         return session
 
     async def delete(self, key: str) -> None:
         await self._cache.delete(key)
+        if self.shared is not None:
+            await self.shared.delete(key)
 
     async def close(self) -> None:
         await self._cache.clear()
