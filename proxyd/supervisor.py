@@ -152,6 +152,14 @@ class Supervisor:
                 "restart or work across proxyd instances (the workers share one key)",
             )
             self.mcp_key = os.urandom(32)
+        if s.state.backend == "memory":
+            log.warning(
+                "state_per_worker",
+                workers=s.server.workers,
+                detail="each worker keeps its own rate-limit buckets and verified sessions: "
+                "the workers together allow up to workers x the configured limits; "
+                '[state] backend = "redis" makes them one',
+            )
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
         loop.add_signal_handler(signal.SIGHUP, self._on_hup)

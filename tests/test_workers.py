@@ -10,8 +10,10 @@ kernel spreads them over the workers.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import tempfile
@@ -27,6 +29,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from proxyd.config import MAX_WORKERS, ConfigError, parse_settings
 from proxyd.supervisor import RestartPolicy, describe_exit, parse_fields
 from tests.issuer import TestIssuer
+from tests.redisserver import RedisServer
 from tests.test_cli import _spawn, free_port
 from tests.test_operate import (
     GUARD,
@@ -43,6 +46,8 @@ from tests.test_operate import (
 from tests.test_proxy import Upstreams
 
 WORKERS = 2
+BURST = 10
+MCP_KEY = base64.b64encode(bytes(range(32))).decode()
 
 LaunchWorkers = Callable[[Path], Awaitable[Daemon]]
 
@@ -214,6 +219,49 @@ async def test_metrics_merge_every_worker_with_a_worker_label(
     assert [s.value for s in ready] == [WORKERS]
     scraped = [s for s in samples if s.name == "proxyd_worker_scrape_ok"]
     assert sorted(s.value for s in scraped) == [1.0] * WORKERS
+
+
+async def test_workers_on_redis_enforce_one_unauthenticated_limit(
+    issuer: TestIssuer, launch: LaunchWorkers, upstreams: Upstreams, tmp_path: Path
+) -> None:
+    directory = Path(tempfile.mkdtemp(prefix="proxyd-wr-"))
+    redis = RedisServer(directory)
+    redis.start()
+    try:
+        _, url = await start_upstream(upstreams)
+        doc = workers_config(
+            issuer,
+            tmp_path,
+            url,
+            limits={"unauthenticated": {"average": 1, "period": "1h", "burst": BURST}},
+            state={"backend": "redis", "url": redis.url},
+            sessions={"mcp_keys": [MCP_KEY]},
+        )
+        proxyd = await launch(write_config(tmp_path / "proxyd.toml", doc))
+        assert not proxyd.find("state_per_worker")
+        since = proxyd.mark()
+        statuses: list[int] = []
+        async with fresh_connections() as http:
+            for _ in range(3 * BURST):
+                statuses.append((await post(http, proxyd.url("a"), None))[0])
+        # One bucket for the address, whichever worker answered: BURST verifications (401,
+        # no token) then 429 — with a bucket per worker it would have been up to 2 x BURST.
+        assert statuses == [401] * BURST + [429] * (2 * BURST)
+        await until(lambda: len(proxyd.find("request", since)) >= 3 * BURST, "access lines")
+        assert {line["worker"] for line in proxyd.find("request", since)} == set(range(WORKERS))
+    finally:
+        redis.stop()
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+async def test_workers_on_memory_state_say_their_limits_are_per_worker(
+    issuer: TestIssuer, launch: LaunchWorkers, upstreams: Upstreams, tmp_path: Path
+) -> None:
+    _, url = await start_upstream(upstreams)
+    proxyd = await launch(
+        write_config(tmp_path / "proxyd.toml", workers_config(issuer, tmp_path, url))
+    )
+    assert proxyd.find("state_per_worker", workers=WORKERS)
 
 
 # --------------------------------------------------------------------------------------------
