@@ -61,7 +61,8 @@ lint: $(STAMP)
 	$(BIN)/ruff check proxyd tests bench
 	$(BIN)/mypy
 
-## bench: proxyd vs a direct connection (prints ratios, writes bench/results/latest.json)
+## bench: proxyd vs direct vs nginx (installed if missing): ratios, PASS/MISS targets,
+## bench/results/latest.json
 bench: $(STAMP)
 	$(BIN)/python bench/run.py
 	$(BIN)/python bench/micro.py

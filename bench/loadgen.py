@@ -12,7 +12,14 @@ it is installed. Jobs:
 - ``sse``: ``repeat`` times ``streams`` parallel GET streams on fresh connections; each
   stream's time to first event,
   and each event's receive time (CLOCK_MONOTONIC) minus the upstream's stamp ``t`` (µs lists);
-- ``big``: ``repeat`` GETs of a large body on one connection; bytes and elapsed time.
+- ``big``: ``repeat`` GETs of a large body on one connection; bytes and elapsed time;
+- ``idle_open``: ``count`` SSE GET streams held open (one bare ``asyncio.Protocol`` per socket,
+  no reader objects, so 10,000 cost a few tens of MiB), at most ``concurrency`` being opened at
+  once; a stream counts as open once its 200 head and first event arrived. Optional
+  ``sources`` (local addresses used in turn, bound with IP_BIND_ADDRESS_NO_PORT so each gets
+  the whole ephemeral port range) and ``variants`` (header sets used in turn, e.g. one per MCP
+  session). The streams stay open after the job answers; ``idle_status`` reports how many are
+  still open and how many the server closed; ``idle_close`` closes them all.
 
 Every result carries ``statuses`` so the caller can insist on 200.
 """
@@ -23,10 +30,12 @@ import asyncio
 import contextlib
 import importlib
 import json
+import resource
+import socket
 import sys
 import time
 from collections import Counter
-from typing import Any
+from typing import Any, cast
 
 Job = dict[str, Any]
 Result = dict[str, Any]
@@ -39,6 +48,12 @@ class HttpError(Exception):
     pass
 
 
+class StatusError(HttpError):
+    def __init__(self, status: int, body: str) -> None:
+        super().__init__(f"status {status}: {body}")
+        self.status = status
+
+
 def build_request(job: Job, method: str) -> bytes:
     body: bytes = str(job.get("body", "")).encode()
     lines = [f"{method} {job['path']} HTTP/1.1", f"Host: {job['host']}:{job['port']}"]
@@ -49,7 +64,7 @@ def build_request(job: Job, method: str) -> bytes:
 
 
 class Response:
-    __slots__ = ("chunked", "length", "status", "will_close")
+    __slots__ = ("chunked", "headers", "length", "status", "will_close")
 
     def __init__(self, head: bytes) -> None:
         try:
@@ -60,9 +75,12 @@ class Response:
         self.length: int | None = None
         self.chunked = False
         self.will_close = False
+        self.headers: dict[str, str] = {}
         for line in header_lines:
             name, _, value = line.partition(":")
             key = name.strip().lower()
+            if key:
+                self.headers[key] = value.strip()
             if key == "content-length":
                 self.length = int(value.strip())
             elif key == "transfer-encoding":
@@ -138,13 +156,17 @@ class Connection:
         self.reader = self.writer = None
 
     async def roundtrip(self, raw: bytes) -> tuple[int, bytes]:
+        response, body = await self.exchange(raw)
+        return response.status, body
+
+    async def exchange(self, raw: bytes) -> tuple[Response, bytes]:
         reader, writer = await self.open()
         writer.write(raw)
         response = await read_head(reader)
         body = await read_body(reader, response)
         if response.will_close:
             await self.close()
-        return response.status, body
+        return response, body
 
 
 def percentiles(values: list[int]) -> dict[str, float]:
@@ -169,12 +191,13 @@ async def job_once(job: Job) -> Result:
     conn = Connection(job["host"], job["port"])
     try:
         started = time.perf_counter_ns()
-        status, body = await conn.roundtrip(build_request(job, job.get("method", "POST")))
+        response, body = await conn.exchange(build_request(job, job.get("method", "POST")))
         elapsed = time.perf_counter_ns() - started
     finally:
         await conn.close()
     return {
-        "statuses": {str(status): 1},
+        "statuses": {str(response.status): 1},
+        "headers": response.headers,
         "body": body[:_BODY_KEEP].decode("utf-8", "replace"),
         "latency_us": elapsed / 1000,
     }
@@ -293,7 +316,183 @@ async def job_big(job: Job) -> Result:
     }
 
 
-JOBS = {"once": job_once, "post": job_post, "sse": job_sse, "big": job_big}
+# Linux's IP_BIND_ADDRESS_NO_PORT (socket module constant from Python 3.12 on): bind() picks
+# the source address only; the port is chosen at connect() per 4-tuple, so each source address
+# gets the whole ephemeral range instead of reserving a port per bind.
+_IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
+
+
+class IdleHolder:
+    """The idle streams of one ``idle_open`` job, kept between jobs."""
+
+    def __init__(self) -> None:
+        self.streams: list[IdleStream] = []
+        self.open = 0
+        self.dropped = 0  # closed by the server while we held them
+        self.bytes_after_open = 0
+        self.closing = False
+
+
+class IdleStream(asyncio.Protocol):
+    """One held SSE GET: waits for the 200 head and the first event, then only counts bytes."""
+
+    __slots__ = ("buffer", "established", "holder", "ready", "request", "transport")
+
+    def __init__(self, request: bytes, holder: IdleHolder) -> None:
+        self.request = request
+        self.holder = holder
+        self.buffer = b""
+        self.established = False
+        self.transport: asyncio.Transport | None = None
+        self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is no subclass
+        self.transport.write(self.request)
+
+    def data_received(self, data: bytes) -> None:
+        if self.established:
+            self.holder.bytes_after_open += len(data)
+            return
+        self.buffer += data
+        head_end = self.buffer.find(b"\r\n\r\n")
+        if head_end < 0:
+            return
+        try:
+            response = Response(self.buffer[:head_end + 4])
+        except HttpError as exc:
+            self._fail(exc)
+            return
+        if response.status != 200:
+            body = self.buffer[head_end + 4:][:200].decode("utf-8", "replace")
+            self._fail(StatusError(response.status, body))
+            return
+        if b"\n\n" in self.buffer[head_end + 4:]:  # the first event (chunk framing aside)
+            self.established = True
+            self.buffer = b""
+            self.holder.open += 1
+            if not self.ready.done():
+                self.ready.set_result(None)
+
+    def _fail(self, exc: Exception) -> None:
+        if not self.ready.done():
+            self.ready.set_exception(exc)
+        if self.transport is not None:
+            self.transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.established:
+            self.holder.open -= 1
+            if not self.holder.closing:
+                self.holder.dropped += 1
+        elif not self.ready.done():
+            self.ready.set_exception(HttpError(f"closed before the first event ({exc})"))
+
+
+_IDLE = IdleHolder()
+
+
+async def job_idle_open(job: Job) -> Result:
+    global _IDLE
+    if _IDLE.streams:
+        await job_idle_close({})
+    holder = _IDLE = IdleHolder()
+    loop = asyncio.get_running_loop()
+    count = int(job["count"])
+    sources: list[str] = list(job.get("sources", []))
+    variants: list[dict[str, str]] = list(job.get("variants", [])) or [{}]
+    requests = [
+        build_request({**job, "headers": {**dict(job.get("headers", {})), **v}}, "GET")
+        for v in variants
+    ]
+    timeout = float(job.get("timeout", 30.0))
+    gate = asyncio.Semaphore(int(job.get("concurrency", 64)))
+    statuses: Counter[str] = Counter()
+    errors: Counter[str] = Counter()
+    latencies: list[int] = []
+    target = (str(job["host"]), int(job["port"]))
+
+    deadline = time.monotonic() + float(job.get("deadline", 180.0))
+
+    async def open_one(index: int) -> None:
+        async with gate:
+            if time.monotonic() > deadline:  # the server is stuck: do not wait on every stream
+                errors["not tried: the job's deadline passed"] += 1
+                statuses["error"] += 1
+                return
+            started = time.perf_counter_ns()
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.setblocking(False)
+            stream: IdleStream | None = None
+            try:
+                if sources:
+                    sock.setsockopt(socket.SOL_IP, _IP_BIND_ADDRESS_NO_PORT, 1)
+                    sock.bind((sources[index % len(sources)], 0))
+                async with asyncio.timeout(timeout):
+                    await loop.sock_connect(sock, target)
+                    request = requests[index % len(requests)]
+                    _, stream = await loop.create_connection(
+                        lambda: IdleStream(request, holder), sock=sock
+                    )
+                    holder.streams.append(stream)
+                    await stream.ready
+            except (OSError, HttpError, TimeoutError) as exc:
+                if stream is None:
+                    sock.close()
+                elif stream.transport is not None:
+                    stream.transport.close()
+                text = str(exc) or type(exc).__name__
+                errors[f"{type(exc).__name__}: {text[:120]}"] += 1
+                statuses[str(exc.status) if isinstance(exc, StatusError) else "error"] += 1
+                return
+            statuses["200"] += 1
+            latencies.append((time.perf_counter_ns() - started) // 1000)
+
+    started = time.perf_counter()
+    await asyncio.gather(*(open_one(i) for i in range(count)))
+    return {
+        "statuses": dict(statuses),
+        "opened": holder.open,
+        "elapsed": time.perf_counter() - started,
+        "open_latency_us": percentiles(latencies),
+        "errors": dict(errors.most_common(5)),
+    }
+
+
+async def job_idle_status(_: Job) -> Result:
+    return {
+        "statuses": {},
+        "open": _IDLE.open,
+        "dropped": _IDLE.dropped,
+        "bytes_after_open": _IDLE.bytes_after_open,
+    }
+
+
+async def job_idle_close(_: Job) -> Result:
+    holder = _IDLE
+    holder.closing = True
+    for stream in holder.streams:
+        if stream.transport is not None:
+            stream.transport.close()
+    await asyncio.sleep(0)  # let connection_lost run
+    for _attempt in range(100):
+        if holder.open <= 0:
+            break
+        await asyncio.sleep(0.01)
+    result = await job_idle_status({})
+    holder.streams.clear()
+    return result
+
+
+JOBS = {
+    "once": job_once,
+    "post": job_post,
+    "sse": job_sse,
+    "big": job_big,
+    "idle_open": job_idle_open,
+    "idle_status": job_idle_status,
+    "idle_close": job_idle_close,
+}
 
 
 async def serve(loop_name: str) -> None:
@@ -311,6 +510,9 @@ async def serve(loop_name: str) -> None:
 
 
 def main() -> int:
+    # Up to the hard limit: the idle job holds one descriptor per stream.
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     try:
         uvloop: Any = importlib.import_module("uvloop")  # optional: a cheaper client
     except ImportError:

@@ -1,62 +1,86 @@
-"""proxyd benchmark: the same requests sent directly to an upstream and through proxyd, in one run.
+"""proxyd benchmark: the same requests sent directly, through nginx and through proxyd, in one run.
 
-    python bench/run.py            # ~45 s: 3 rounds
-    python bench/run.py --quick    # ~15 s: CI smoke
+    python bench/run.py            # ~3 min: 3 rounds + 10,000 idle SSE streams
+    python bench/run.py --quick    # ~1 min: CI smoke (1,000 idle streams)
     python bench/run.py --help
 
-It starts bench/upstream.py and a real ``proxyd run -c <generated config>`` (app auth on, a
-static_jwks issuer, a minted token whose session is created before measuring), then alternates
-targets (direct, proxyd; the order flips every round) over several rounds:
+It starts bench/upstream.py, a real ``proxyd run -c <generated config>`` (app auth on with a
+static_jwks issuer and a minted token whose session is created before measuring, the
+unauthenticated and per-user limiters on, audit to a file on, an access line per request) and
+nginx as the peer proxy (installed from Debian when missing; one worker, upstream keepalive,
+no buffering). Then it alternates targets (direct, nginx, proxyd, proxyd with two app servers;
+the order rotates every round) over several rounds:
 
 - small JSON-RPC POST at each concurrency: requests/s, p50/p99 latency, CPU µs per request of
-  the proxyd process (and of the upstream) from /proc/<pid>/stat;
+  the proxy process(es) (and of the upstream) from /proc/<pid>/stat;
 - SSE: time to first event and per-event delay (receive time minus the upstream's
   CLOCK_MONOTONIC stamp);
-- a 10 MiB response body: MB/s.
+- a 10 MiB response body: MB/s;
 
-The load generator is ``wrk`` with a Lua script when it is on PATH, else bench/loadgen.py in a
-separate process (SSE and the large body always use loadgen.py). The table shows proxyd ÷ direct
-(and proxyd - direct for delays); the same goes to bench/results/latest.json. Any answer other
-than 200, direct or through proxyd, fails the run (exit 1). Every child is stopped on exit.
+and last, once per proxy, N idle SSE GET streams (MCP 2025 GET streams on an established MCP
+session) held open through ONE process: its RSS, and the p99 of a small POST at c=4 meanwhile.
 
-Targets are data (``Target``) so a peer proxy (nginx) slots in as a third column later.
+The POST load generator is ``wrk`` with a Lua script when it is on PATH, else bench/loadgen.py
+in a separate process (SSE, the large body and the idle streams always use loadgen.py). The
+table shows proxyd ÷ direct and ÷ nginx (and the differences for delays), then the issue's
+targets with PASS/MISS; all of it goes to bench/results/latest.json. Any answer other than 200
+fails the run (exit 1). Every child is stopped on exit.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
-import resource
 import shutil
 import signal
-import socket
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager, suppress
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import Any, TextIO
+from typing import Any
+
+import peer_nginx
+import report
+from procs import (
+    HOST,
+    START_DEADLINE,
+    BenchError,
+    Child,
+    Children,
+    children_cpu_seconds,
+    cpu_seconds,
+    descendants,
+    ephemeral_ports,
+    free_port,
+    log,
+    machine_busy_seconds,
+    pin,
+    raise_nofile,
+    rss_bytes,
+    tree_cpu_seconds,
+    wait_accepting,
+)
 
 from proxyd.dev import DevIssuer
 
 BENCH_DIR = Path(__file__).resolve().parent
 DEFAULT_OUTPUT = BENCH_DIR / "results" / "latest.json"
-HOST = "127.0.0.1"
-CLK_TCK = os.sysconf("SC_CLK_TCK")
-START_DEADLINE = 20.0  # seconds for a child to accept connections
 NOISE_WARN = 0.3  # CPUs used by other processes during a measurement before we warn
+MiB = 1024 * 1024
 
 # One app per upstream path: proxyd forwards an app's requests to its configured server URL.
 APPS = {"post": "bench-json", "sse": "bench-sse", "big": "bench-big"}
 DIRECT_PATHS = {"post": "/mcp", "sse": "/sse", "big": "/big"}
 TWO_SERVER_APP = "bench-json-2"
+IDLE_APP = "bench-idle"
 
 # A stateless-era (2026-07-28) tools/call: headers match the body, no Mcp-Session-Id to pin.
 POST_BODY = json.dumps(
@@ -77,10 +101,30 @@ POST_HEADERS = {
 }
 SSE_HEADERS = {"Accept": "text/event-stream", "MCP-Protocol-Version": "2026-07-28"}
 BIG_HEADERS = {"Accept": "application/octet-stream"}
-
-
-class BenchError(Exception):
-    """The benchmark cannot produce honest numbers; the message says why."""
+# The idle streams are 2025-era GET streams: initialize (no protocol header) mints a session
+# that proxyd pins and seals; every GET presents the sealed id and the negotiated version.
+IDLE_INIT_BODY = json.dumps(
+    {
+        "jsonrpc": "2.0",
+        "id": 0,
+        "method": "initialize",
+        "params": {
+            "protocolVersion": "2025-11-25",
+            "capabilities": {},
+            "clientInfo": {"name": "proxyd-bench", "version": "1"},
+        },
+    },
+    separators=(",", ":"),
+)
+IDLE_INIT_HEADERS = {"Content-Type": "application/json",
+                     "Accept": "application/json, text/event-stream"}
+IDLE_HEADERS = {"Accept": "text/event-stream", "MCP-Protocol-Version": "2025-11-25"}
+IDLE_POST_CONCURRENCY = 4
+IDLE_OPEN_CONCURRENCY = 64  # streams being opened at once (the accept backlogs stay short)
+PORT_HEADROOM = 3000  # ephemeral ports left for everything else on the machine
+# Descriptors a proxy process needs besides its streams: listeners, logs, the audit file, and
+# the upstream keep-alive pool the POST runs left behind (up to ~2 x 64 connections).
+FD_SPARE = 512
 
 
 # ---------------------------------------------------------------------------------------------
@@ -99,32 +143,67 @@ class Plan:
     sse_probes: int
     big_repeat: int
     loadgen: str  # "auto" | "wrk" | "python"
-    pin: bool
+    pin: str  # "auto" | "on" | "off"
+    upstream_workers: int  # 0: auto
+    nginx: bool
+    access_logs: bool
+    idle_streams: int  # 0: skip the idle scenario
+    idle_addrs: int  # 0: auto (from the ephemeral port range)
+    idle_post_seconds: int
+    idle_heartbeat_s: int
     output: Path
+
+
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name, "").strip()
+    return int(raw) if raw.isdigit() else default
 
 
 def parse_args(argv: Sequence[str] | None) -> Plan:
     parser = argparse.ArgumentParser(
-        description="proxyd vs direct: small POST, SSE and large body, in one run."
+        description="proxyd vs direct vs nginx: small POST, SSE, large body and idle streams."
     )
-    parser.add_argument("--quick", action="store_true", help="~15 s smoke run (CI)")
+    parser.add_argument("--quick", action="store_true", help="~1 min smoke run (CI)")
     parser.add_argument("--rounds", type=int, help="rounds of alternating targets (default 3)")
     parser.add_argument("--duration", type=int, help="seconds per POST measurement (default 2)")
     parser.add_argument(
-        "--concurrency", default="1,16", help="POST concurrency levels (default %(default)s)"
+        "--concurrency", default="1,16,64", help="POST concurrency levels (default %(default)s)"
     )
     parser.add_argument("--sse-events", type=int, help="events per SSE stream (default 50)")
     parser.add_argument("--sse-interval-ms", type=int, default=10, help="default %(default)s")
     parser.add_argument("--sse-streams", type=int, default=1, help="parallel SSE streams")
     parser.add_argument("--big-repeat", type=int, help="10 MiB GETs per round (default 5)")
     parser.add_argument(
+        "--idle-streams", type=int,
+        help="idle SSE streams held through each proxy (default $BENCH_IDLE_STREAMS or 10000; "
+             "1000 with --quick; 0 skips the scenario)",
+    )
+    parser.add_argument(
+        "--idle-addrs", type=int, default=0,
+        help="loopback addresses to spread idle sockets over (default: from the ephemeral "
+             "port range)",
+    )
+    parser.add_argument("--idle-post-seconds", type=int, default=3,
+                        help="POST c=4 run beside the idle streams (default %(default)s)")
+    parser.add_argument("--idle-heartbeat", type=int, default=30,
+                        help="seconds between SSE comments on idle streams, 0 = none "
+                             "(default %(default)s)")
+    parser.add_argument(
         "--loadgen", choices=("auto", "wrk", "python"), default="auto",
         help="POST load generator: wrk if on PATH (auto), or the Python client",
     )
     parser.add_argument(
-        "--pin", action="store_true",
-        help="pin the load generator and the servers to separate CPUs",
+        "--pin", nargs="?", const="on", choices=("auto", "on", "off"), default="auto",
+        help="CPU pinning: load generator, proxy and upstream apart (auto: with >= 3 CPUs)",
     )
+    parser.add_argument("--upstream-workers", type=int, default=0,
+                        help="upstream processes sharing the port (default: one per upstream "
+                             "CPU when pinned, up to 4; else 1)")
+    parser.add_argument("--no-nginx", action="store_true",
+                        help="skip the nginx peer (its columns and targets become n/a)")
+    parser.add_argument("--quiet-logs", action="store_true",
+                        help="proxyd at log level warning and nginx access_log off "
+                             "(default: both write an access line per request)")
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="JSON results file")
     args = parser.parse_args(argv)
     quick = bool(args.quick)
@@ -134,6 +213,9 @@ def parse_args(argv: Sequence[str] | None) -> Plan:
         parser.error("--concurrency: comma-separated positive integers")
     if not levels or min(levels) < 1:
         parser.error("--concurrency: comma-separated positive integers")
+    idle = args.idle_streams
+    if idle is None:
+        idle = 1000 if quick else _env_int("BENCH_IDLE_STREAMS", 10_000)
     plan = Plan(
         rounds=args.rounds or (2 if quick else 3),
         duration=args.duration or (1 if quick else 2),
@@ -145,120 +227,51 @@ def parse_args(argv: Sequence[str] | None) -> Plan:
         sse_probes=5 if quick else 10,
         big_repeat=args.big_repeat or (2 if quick else 5),
         loadgen=args.loadgen,
-        pin=bool(args.pin),
+        pin=str(args.pin),
+        upstream_workers=max(0, int(args.upstream_workers)),
+        nginx=not args.no_nginx,
+        access_logs=not args.quiet_logs,
+        idle_streams=max(0, int(idle)),
+        idle_addrs=max(0, int(args.idle_addrs)),
+        idle_post_seconds=max(1, int(args.idle_post_seconds)),
+        idle_heartbeat_s=max(0, int(args.idle_heartbeat)),
         output=args.output,
     )
     if plan.rounds < 1 or plan.duration < 1 or plan.sse_events < 1 or plan.big_repeat < 1:
         parser.error("rounds, duration, sse-events and big-repeat must be positive")
+    if plan.idle_addrs > 250:
+        parser.error("--idle-addrs: at most 250 (127.0.0.1 … 127.0.0.250)")
     return plan
 
 
 # ---------------------------------------------------------------------------------------------
-# Processes
+# CPU layout
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
-        port: int = sock.getsockname()[1]
-        return port
+@dataclass(frozen=True, slots=True)
+class Layout:
+    """Which CPUs the load generator, the proxy under test and the upstream(s) run on."""
+
+    client: set[int]
+    proxy: set[int]
+    upstream: set[int]
+    pinned: bool
+
+    def describe(self) -> dict[str, list[int]] | None:
+        if not self.pinned:
+            return None
+        return {"client": sorted(self.client), "proxy": sorted(self.proxy),
+                "upstream": sorted(self.upstream)}
 
 
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process (all its threads), from /proc/<pid>/stat."""
-    with open(f"/proc/{pid}/stat", encoding="ascii") as fh:
-        fields = fh.read().rsplit(")", 1)[1].split()
-    # After "pid (comm)": state is field 3, utime 14 and stime 15 (proc(5)), so index 11, 12.
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
-
-
-def machine_busy_seconds() -> float:
-    """CPU seconds all CPUs spent busy (user, nice, system, irq, softirq), from /proc/stat."""
-    with open("/proc/stat", encoding="ascii") as fh:
-        fields = fh.readline().split()[1:]
-    user, nice, system, _idle, _iowait, irq, softirq = (int(v) for v in fields[:7])
-    return (user + nice + system + irq + softirq) / CLK_TCK
-
-
-def children_cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
-
-
-def pin(pid: int, cpus: set[int]) -> None:
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        with suppress(ProcessLookupError):
-            os.sched_setaffinity(int(tid), cpus)
-
-
-@dataclass
-class Child:
-    name: str
-    proc: subprocess.Popen[bytes]
-    log: Path
-
-    def tail(self, lines: int = 20) -> str:
-        try:
-            text = self.log.read_text(encoding="utf-8", errors="replace")
-        except OSError:
-            return ""
-        return "\n".join(text.splitlines()[-lines:])
-
-
-class Children:
-    """Every process the benchmark starts; ``stop_all`` terminates and waits for each."""
-
-    def __init__(self, workdir: Path) -> None:
-        self.workdir = workdir
-        self.items: list[Child] = []
-
-    def start(self, name: str, argv: list[str], *, pipes: bool = False) -> Child:
-        log = self.workdir / f"{name}.log"
-        with open(log, "wb") as out:
-            proc = subprocess.Popen(
-                argv,
-                stdin=subprocess.PIPE if pipes else subprocess.DEVNULL,
-                stdout=subprocess.PIPE if pipes else out,
-                stderr=out,
-                cwd=self.workdir,
-            )
-        child = Child(name, proc, log)
-        self.items.append(child)
-        return child
-
-    def stop_all(self) -> None:
-        for child in reversed(self.items):
-            proc = child.proc
-            if proc.stdin is not None:
-                proc.stdin.close()
-            if proc.poll() is None:
-                proc.terminate()
-        for child in reversed(self.items):
-            try:
-                child.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                child.proc.kill()
-                child.proc.wait()
-            if child.proc.stdout is not None:
-                child.proc.stdout.close()
-
-
-def wait_accepting(child: Child, port: int, deadline: float) -> None:
-    """Poll until ``port`` accepts a TCP connection, the child dies, or the deadline passes."""
-    while True:
-        if child.proc.poll() is not None:
-            raise BenchError(
-                f"{child.name} exited with {child.proc.returncode} before accepting "
-                f"connections:\n{child.tail()}"
-            )
-        try:
-            with socket.create_connection((HOST, port), timeout=0.5):
-                return
-        except OSError:
-            pass
-        if time.monotonic() > deadline:
-            raise BenchError(f"{child.name} did not accept on {HOST}:{port}:\n{child.tail()}")
-        time.sleep(0.05)
+def cpu_layout(cpus: list[int], mode: str) -> Layout:
+    every = set(cpus)
+    if mode == "off" or len(cpus) < 2 or (mode == "auto" and len(cpus) < 3):
+        return Layout(every, every, every, False)
+    if len(cpus) >= 4:  # one CPU each for the client and the proxy, the rest for upstreams
+        return Layout({cpus[0]}, {cpus[1]}, set(cpus[2:]), True)
+    servers = set(cpus[1:])
+    return Layout({cpus[0]}, servers, servers, True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -269,19 +282,29 @@ def toml_str(value: str) -> str:
     return json.dumps(value)  # JSON string escapes are valid TOML basic-string escapes
 
 
-def proxyd_config(port: int, admin_port: int, upstream_port: int, state_dir: Path,
-                  issuer: DevIssuer, second_upstream_port: int) -> str:
+@dataclass(frozen=True, slots=True)
+class ProxydPorts:
+    listen: int
+    admin: int
+    upstream: int
+    second_upstream: int
+    idle_servers: tuple[str, ...]  # "host:port" of the idle upstream, one per address
+
+
+def proxyd_config(ports: ProxydPorts, workdir: Path, issuer: DevIssuer, plan: Plan) -> str:
     lines = [
         "[server]",
-        f"listen = {toml_str(f'{HOST}:{port}')}",
-        f"public_url = {toml_str(f'http://{HOST}:{port}')}",
-        f"state_dir = {toml_str(str(state_dir))}",
+        f"listen = {toml_str(f'{HOST}:{ports.listen}')}",
+        f"public_url = {toml_str(f'http://{HOST}:{ports.listen}')}",
+        f"state_dir = {toml_str(str(workdir / 'state'))}",
         "",
         "[admin]",
-        f"listen = {toml_str(f'{HOST}:{admin_port}')}",
+        f"listen = {toml_str(f'{HOST}:{ports.admin}')}",
         "",
         "[log]",
-        'level = "warning"',  # one access line per request would dominate the profile
+        # info = the default: one access line per request (to a file here, as journald would
+        # take it); --quiet-logs drops to warning. Audit events are written at any level.
+        f"level = {toml_str('info' if plan.access_logs else 'warning')}",
         'format = "json"',
         "",
         "[limits.unauthenticated]",  # on, as in production; cached sessions never reach it
@@ -289,28 +312,35 @@ def proxyd_config(port: int, admin_port: int, upstream_port: int, state_dir: Pat
         'period = "1m"',
         "burst = 40",
         "",
+        "[limits.per_user]",  # on: every request on an established session pays the check;
+        "average = 1000000000",  # the ceiling is far above what the bench can send
+        'period = "1s"',
+        "burst = 1000000000",
+        "",
         "[sessions]",
         'max_ttl = "12h"',
+        "",
+        "[audit]",  # on: one tools/call record per POST, to a file and to the log
+        f"file = {toml_str(str(workdir / 'audit.jsonl'))}",
     ]
-    for scenario, app in APPS.items():
-        server = f"http://{HOST}:{upstream_port}{DIRECT_PATHS[scenario]}"
+    servers = {
+        app: [f"http://{HOST}:{ports.upstream}{DIRECT_PATHS[scenario]}"]
+        for scenario, app in APPS.items()
+    }
+    # The same JSON app on two app servers (issue 3: random healthy choice, health checks on).
+    servers[TWO_SERVER_APP] = [
+        f"http://{HOST}:{p}{DIRECT_PATHS['post']}" for p in (ports.upstream, ports.second_upstream)
+    ]
+    if ports.idle_servers:
+        servers[IDLE_APP] = [f"http://{s}/idle" for s in ports.idle_servers]
+    for app, urls in servers.items():
         lines += [
             "",
             "[[apps]]",
             f"name = {toml_str(app)}",
             'labels = { env = "bench" }',
-            f"servers = [{toml_str(server)}]",
+            f"servers = [{', '.join(toml_str(u) for u in urls)}]",
         ]
-    # The same JSON app on two app servers (issue 3: random healthy choice, health checks on).
-    ports = (upstream_port, second_upstream_port)
-    both = [f"http://{HOST}:{p}{DIRECT_PATHS['post']}" for p in ports]
-    lines += [
-        "",
-        "[[apps]]",
-        f"name = {toml_str(TWO_SERVER_APP)}",
-        'labels = { env = "bench" }',
-        f"servers = [{', '.join(toml_str(u) for u in both)}]",
-    ]
     lines += [
         "",
         "[[app_auth_configs]]",
@@ -335,7 +365,7 @@ class Target:
     port: int
     paths: Mapping[str, str]  # scenario → request path
     headers: Mapping[str, str]  # added to every request (credentials)
-    proxy_pid: int | None  # the proxy process charged per request; None when direct
+    proxy_pids: tuple[int, ...] = ()  # the proxy's processes charged per request; () = direct
 
     def job(
         self, kind: str, scenario: str, headers: Mapping[str, str], **extra: Any
@@ -381,11 +411,13 @@ class PythonLoad:
         result: dict[str, Any] = json.loads(line)
         self.loop = str(result.get("loop", "?"))
         if "error" in result:
-            raise BenchError(f"load generator: {result['error']} (job {job['kind']} {job['path']})")
+            raise BenchError(
+                f"load generator: {result['error']} (job {job['kind']} {job.get('path', '')})"
+            )
         return result
 
     def cpu(self) -> float:
-        return cpu_seconds(self.child.proc.pid)
+        return cpu_seconds(self.child.pid)
 
     def post(self, target: Target, concurrency: int, duration: float) -> PostRun:
         result = self.run(
@@ -423,7 +455,7 @@ def lua_str(value: str) -> str:
 
 
 class WrkLoad:
-    """wrk with a Lua script; its done() hook prints the numbers as one JSON line."""
+    """wrk (one thread) with a Lua script; its done() hook prints the numbers as one JSON line."""
 
     name = "wrk"
 
@@ -502,31 +534,32 @@ def require_ok(what: str, target: Target, statuses: Mapping[str, int], detail: s
 
 
 @contextmanager
-def cpu_meter(pids: Mapping[str, int | None], load: LoadGen) -> Iterator[dict[str, float]]:
-    """CPU seconds spent inside the block by each named pid and by the load generator, and
-    ``other``: what the rest of the machine used meanwhile, in CPUs (a noisy-neighbour signal;
-    it also holds kernel work charged to no process)."""
-    before = {k: cpu_seconds(p) for k, p in pids.items() if p is not None}
+def cpu_meter(groups: Mapping[str, Sequence[int]], load: LoadGen) -> Iterator[dict[str, float]]:
+    """CPU seconds spent inside the block by each named group of pids and by the load
+    generator, and ``other``: what the rest of the machine used meanwhile, in CPUs (a
+    noisy-neighbour signal; it also holds kernel work charged to no process)."""
+    before = {k: tree_cpu_seconds(p) for k, p in groups.items() if p}
     load_before, wall, busy = load.cpu(), time.monotonic(), machine_busy_seconds()
     spent: dict[str, float] = {}
     yield spent
-    for key, pid in pids.items():
-        if pid is not None:
-            spent[key] = cpu_seconds(pid) - before[key]
+    for key, pids in groups.items():
+        if pids:
+            spent[key] = tree_cpu_seconds(pids) - before[key]
     spent["loadgen"] = load.cpu() - load_before
     spent["wall"] = time.monotonic() - wall
-    ours = sum(spent[k] for k in pids if k in spent) + spent["loadgen"]
+    ours = sum(spent[k] for k in groups if k in spent) + spent["loadgen"]
     spent["other"] = max(0.0, machine_busy_seconds() - busy - ours) / spent["wall"]
 
 
-def measure_post(load: LoadGen, target: Target, upstream_pid: int, concurrency: int,
+def measure_post(load: LoadGen, target: Target, upstream_pids: Sequence[int], concurrency: int,
                  duration: float) -> dict[str, Any]:
-    with cpu_meter({"proxy": target.proxy_pid, "upstream": upstream_pid}, load) as cpu:
+    with cpu_meter({"proxy": target.proxy_pids, "upstream": upstream_pids}, load) as cpu:
         run = load.post(target, concurrency, duration)
     require_ok(f"POST c={concurrency}", target, run.statuses, run.errors)
     if run.errors or run.requests == 0:
         raise BenchError(f"POST c={concurrency} via {target.name}: {run.errors or 'no requests'}")
     n = run.requests
+    wall = cpu["wall"]
     return {
         "requests": n,
         "elapsed_s": run.elapsed,
@@ -537,7 +570,9 @@ def measure_post(load: LoadGen, target: Target, upstream_pid: int, concurrency: 
         "upstream_cpu_s": cpu["upstream"],
         "proxy_cpu_us_per_req": cpu["proxy"] / n * 1e6 if "proxy" in cpu else None,
         "upstream_cpu_us_per_req": cpu["upstream"] / n * 1e6,
-        "loadgen_cpu_util": cpu["loadgen"] / cpu["wall"] if cpu["wall"] else None,
+        "proxy_cpu_util": cpu["proxy"] / wall if "proxy" in cpu and wall else None,
+        "upstream_cpu_util": cpu["upstream"] / wall if wall else 0.0,
+        "loadgen_cpu_util": cpu["loadgen"] / wall if wall else None,
         "other_cpus_busy": cpu["other"],
     }
 
@@ -568,218 +603,273 @@ def measure_sse(load: PythonLoad, target: Target, plan: Plan) -> dict[str, Any]:
 
 
 def measure_big(load: PythonLoad, target: Target, plan: Plan) -> dict[str, Any]:
-    with cpu_meter({"proxy": target.proxy_pid}, load) as cpu:
+    with cpu_meter({"proxy": target.proxy_pids}, load) as cpu:
         result = load.run(target.job("big", "big", BIG_HEADERS, repeat=plan.big_repeat))
     require_ok("10 MiB GET", target, result["statuses"], str(result.get("body", "")))
     size = int(result["bytes"])
-    if size != plan.big_repeat * 10 * 1024 * 1024:
+    if size != plan.big_repeat * report.BIG_SIZE:
         raise BenchError(f"10 MiB GET via {target.name}: got {size} bytes")
     return {"bytes": size, "elapsed_s": float(result["elapsed"]), "proxy_cpu_s": cpu.get("proxy")}
 
 
 # ---------------------------------------------------------------------------------------------
-# Aggregation and the table
+# Idle streams
 
 
-def pct(values: Sequence[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
+@dataclass(frozen=True, slots=True)
+class IdlePlan:
+    planned: int  # what was asked for
+    streams: int  # what the descriptor limit lets one proxy process hold (normally = planned)
+    addrs: tuple[str, ...]  # loopback addresses: client sources and idle upstream listeners
+    ports: Mapping[str, int]  # proxy name → the idle upstream port it uses (one each, so one
+    # proxy's TIME_WAIT sockets never crowd the next one's ports)
+    port_range: tuple[int, int]
+    nofile: tuple[int, int]
+    variants: list[dict[str, str]] = field(default_factory=list)  # one header set per session
+
+    def servers(self, proxy: str) -> tuple[str, ...]:
+        return tuple(f"{a}:{self.ports[proxy]}" for a in self.addrs)
 
 
-def summarize(raw: dict[str, dict[str, list[dict[str, Any]]]]) -> dict[str, dict[str, Any]]:
-    """Per scenario and target: medians over rounds (rates, percentiles), sums for CPU."""
-    out: dict[str, dict[str, Any]] = {}
-    for scenario, by_target in raw.items():
-        out[scenario] = {}
-        for target, rounds in by_target.items():
-            if scenario.startswith("post"):
-                n = sum(r["requests"] for r in rounds)
-                proxy = [r["proxy_cpu_s"] for r in rounds if r["proxy_cpu_s"] is not None]
-                out[scenario][target] = {
-                    "rps": statistics.median(r["rps"] for r in rounds),
-                    "p50_ms": statistics.median(r["p50_ms"] for r in rounds),
-                    "p99_ms": statistics.median(r["p99_ms"] for r in rounds),
-                    "proxy_cpu_us_per_req": sum(proxy) / n * 1e6 if proxy else None,
-                    "upstream_cpu_us_per_req": sum(r["upstream_cpu_s"] for r in rounds) / n * 1e6,
-                    "loadgen_cpu_util": max(r["loadgen_cpu_util"] or 0.0 for r in rounds),
-                    "other_cpus_busy": max(r["other_cpus_busy"] for r in rounds),
-                    "requests": n,
-                }
-            elif scenario == "sse":
-                firsts = [f / 1000 for r in rounds for f in r["first_event_us"]]
-                delays = [d / 1000 for r in rounds for d in r["delay_us"]]
-                out[scenario][target] = {
-                    "first_event_ms": statistics.median(firsts),
-                    "delay_mean_ms": statistics.fmean(delays),
-                    "delay_p50_ms": pct(delays, 0.50),
-                    "delay_p99_ms": pct(delays, 0.99),
-                    "events": len(delays),
-                }
-            else:
-                size = sum(r["bytes"] for r in rounds)
-                secs = sum(r["elapsed_s"] for r in rounds)
-                proxy = [r["proxy_cpu_s"] for r in rounds if r["proxy_cpu_s"] is not None]
-                out[scenario][target] = {
-                    "mb_per_s": size / secs / 1e6,
-                    "proxy_cpu_ms_per_10mib": (
-                        sum(proxy) / (size / (10 * 1024 * 1024)) * 1000 if proxy else None
-                    ),
-                }
+def plan_idle(plan: Plan, proxies: Sequence[str]) -> IdlePlan | None:
+    n = plan.idle_streams
+    if n <= 0:
+        return None
+    low, high = ephemeral_ports()
+    span = high - low + 1
+    # connect() picks a source port per (source address, destination): each destination
+    # (the proxy's listener, each idle upstream port) needs n ports of the range per source
+    # address. Past the range, spread the sockets over several loopback addresses.
+    usable = max(1000, span - PORT_HEADROOM)
+    addrs = plan.idle_addrs or math.ceil(n / usable)
+    if addrs > 250:
+        raise BenchError(f"{n} idle streams need {addrs} loopback addresses (ephemeral range "
+                         f"{low}-{high}); lower --idle-streams")
+    # A proxy holds 2 descriptors per stream (client + upstream socket) plus its own few;
+    # the idle upstream and the client hold one per stream. Children inherit our limit.
+    need = 2 * n + FD_SPARE
+    soft, hard = raise_nofile(need)
+    streams = n
+    if soft < need:
+        streams = max(0, (soft - FD_SPARE) // 2)
+        log(f"WARNING: {n} idle streams need {need} open files in the proxy process but "
+            f"RLIMIT_NOFILE is {soft}/{hard} and cannot be raised here (raising the hard "
+            f"limit needs root with CAP_SYS_RESOURCE, or `ulimit -Hn {need}` before the run). "
+            f"Holding {streams} streams instead; the {n}-stream targets read n/a.")
+    log(f"idle streams: {streams} per proxy over {addrs} loopback address(es); ephemeral "
+        f"ports {low}-{high} ({span} per destination); RLIMIT_NOFILE {soft}/{hard}")
+    if streams <= 0:
+        return None
+    return IdlePlan(
+        planned=n,
+        streams=streams,
+        addrs=tuple(f"127.0.0.{i + 1}" for i in range(addrs)),
+        ports={p: free_port() for p in proxies},
+        port_range=(low, high),
+        nofile=(soft, hard),
+    )
+
+
+def idle_sessions(worker: PythonLoad, target: Target, idle: IdlePlan) -> list[dict[str, str]]:
+    """One MCP session pinned to each idle server address (initialize until every one is hit):
+    the header sets the idle GETs use in turn."""
+    found: dict[str, str] = {}
+    for _attempt in range(40 * len(idle.addrs)):
+        job = target.job("once", "idle", IDLE_INIT_HEADERS, method="POST", body=IDLE_INIT_BODY)
+        result = worker.run(job)
+        require_ok("initialize (idle app)", target, result["statuses"],
+                   str(result.get("body", "")))
+        sealed = result.get("headers", {}).get("mcp-session-id")
+        if not sealed:
+            raise BenchError(f"initialize via {target.name}: no Mcp-Session-Id in the answer")
+        server = json.loads(result["body"])["result"]["serverInfo"]["name"].split()[-1]
+        found.setdefault(server, sealed)
+        if len(found) == len(idle.addrs):
+            break
+    else:
+        raise BenchError(f"initialize via {target.name}: sessions reached only {sorted(found)}")
+    return [{"Mcp-Session-Id": sealed} for sealed in found.values()]
+
+
+def measure_idle(load: LoadGen, holder: PythonLoad, target: Target, idle: IdlePlan,
+                 plan: Plan, variants: list[dict[str, str]],
+                 upstream_pids: Sequence[int]) -> dict[str, Any]:
+    n = idle.streams
+    pids = target.proxy_pids
+    out: dict[str, Any] = {"planned": idle.planned, "streams": n,
+                           "addresses": len(idle.addrs)}
+    before = measure_post(load, target, upstream_pids, IDLE_POST_CONCURRENCY,
+                          plan.idle_post_seconds)
+    out["rss_before_mib"] = rss_bytes(pids) / MiB
+    job = target.job("idle_open", "idle", IDLE_HEADERS, count=n,
+                     concurrency=IDLE_OPEN_CONCURRENCY, variants=variants,
+                     sources=list(idle.addrs) if len(idle.addrs) > 1 else [])
+    job["path"] += f"?heartbeat_s={plan.idle_heartbeat_s}"
+    log(f"idle: opening {n} SSE streams through {target.name}")
+    opened = holder.run(job)
+    out |= {
+        "opened": int(opened["opened"]),
+        "open_s": float(opened["elapsed"]),
+        "open_rate": int(opened["opened"]) / float(opened["elapsed"]),
+        "open_p99_ms": float(opened["open_latency_us"].get("p99", 0.0)) / 1000,
+        "open_statuses": opened["statuses"],
+        "open_errors": opened["errors"],
+    }
+    with cpu_meter({"proxy": pids}, load) as held:
+        time.sleep(2.0)  # the streams only sit there: what does holding them cost?
+    out["hold_cpu_util"] = held["proxy"] / held["wall"]
+    out["rss_mib"] = rss_bytes(pids) / MiB
+    out["rss_per_stream_kib"] = (
+        (out["rss_mib"] - out["rss_before_mib"]) * 1024 / out["opened"] if out["opened"] else None
+    )
+    during = measure_post(load, target, upstream_pids, IDLE_POST_CONCURRENCY,
+                          plan.idle_post_seconds)
+    status = holder.run({"kind": "idle_status"})
+    out |= {"still_open": int(status["open"]), "dropped": int(status["dropped"])}
+    holder.run({"kind": "idle_close"})
+    time.sleep(0.5)
+    out["rss_after_close_mib"] = rss_bytes(pids) / MiB
+    out |= {
+        "post_before_p50_ms": before["p50_ms"], "post_before_p99_ms": before["p99_ms"],
+        "post_before_rps": before["rps"],
+        "post_during_p50_ms": during["p50_ms"], "post_during_p99_ms": during["p99_ms"],
+        "post_during_rps": during["rps"],
+        "post_during_proxy_cpu_us_per_req": during["proxy_cpu_us_per_req"],
+    }
+    if out["opened"] < n or out["dropped"]:
+        log(f"WARNING: idle via {target.name}: {out['opened']}/{n} opened, "
+            f"{out['dropped']} dropped; errors: {opened['errors']}")
     return out
-
-
-@dataclass(slots=True)
-class Row:
-    label: str
-    direct: float | None
-    proxyd: float | None
-    diff: bool = False  # also show proxyd - direct (delays)
-    fmt: str = "{:.3f}"
-
-    def ratio(self) -> float | None:
-        if self.direct is None or self.proxyd is None or self.direct == 0:
-            return None
-        return self.proxyd / self.direct
-
-    def delta(self) -> float | None:
-        if not self.diff or self.direct is None or self.proxyd is None:
-            return None
-        return self.proxyd - self.direct
-
-
-def table_rows(summary: dict[str, dict[str, Any]], plan: Plan) -> list[Row]:
-    rows: list[Row] = []
-    for c in plan.concurrency:
-        s = summary[f"post_c{c}"]
-        d, p = s["direct"], s["proxyd"]
-        rows += [
-            Row(f"POST c={c}  requests/s", d["rps"], p["rps"], fmt="{:.0f}"),
-            Row(f"POST c={c}  p50 ms", d["p50_ms"], p["p50_ms"], diff=True),
-            Row(f"POST c={c}  p99 ms", d["p99_ms"], p["p99_ms"], diff=True),
-            # Direct has no proxy: its column shows the upstream's own CPU, so the ratio reads
-            # "proxyd costs N x a bare aiohttp server per request".
-            Row(f"POST c={c}  CPU µs/req (direct: upstream)", d["upstream_cpu_us_per_req"],
-                p["proxy_cpu_us_per_req"], fmt="{:.0f}"),
-        ]
-        two = s.get("proxyd_2up")
-        if two is not None:
-            # The same POST to an app with two servers (random healthy pick, limiter on).
-            rows += [
-                Row(f"POST c={c}  2 servers requests/s", d["rps"], two["rps"], fmt="{:.0f}"),
-                Row(f"POST c={c}  2 servers p99 ms", d["p99_ms"], two["p99_ms"], diff=True),
-                Row(f"POST c={c}  2 servers CPU µs/req", d["upstream_cpu_us_per_req"],
-                    two["proxy_cpu_us_per_req"], fmt="{:.0f}"),
-            ]
-    s = summary["sse"]
-    d, p = s["direct"], s["proxyd"]
-    rows += [
-        Row("SSE first event ms", d["first_event_ms"], p["first_event_ms"], diff=True),
-        Row("SSE per-event delay mean ms", d["delay_mean_ms"], p["delay_mean_ms"], diff=True),
-        Row("SSE per-event delay p99 ms", d["delay_p99_ms"], p["delay_p99_ms"], diff=True),
-    ]
-    s = summary["big"]
-    rows.append(Row("10 MiB body MB/s", s["direct"]["mb_per_s"], s["proxyd"]["mb_per_s"],
-                    fmt="{:.0f}"))
-    return rows
-
-
-def render(rows: Sequence[Row]) -> str:
-    def cell(value: float | None, fmt: str) -> str:
-        return "—" if value is None else fmt.format(value)
-
-    width = max(len(r.label) for r in rows)
-    head = f"{'':<{width}}  {'direct':>10}  {'proxyd':>10}  {'÷ direct':>9}  {'- direct':>9}"
-    lines = [head, "-" * len(head)]
-    for r in rows:
-        ratio = r.ratio()
-        delta = r.delta()
-        lines.append(
-            f"{r.label:<{width}}  {cell(r.direct, r.fmt):>10}  {cell(r.proxyd, r.fmt):>10}  "
-            f"{cell(ratio, '{:.2f}'):>9}  {cell(delta, '{:+.3f}'):>9}"
-        )
-    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------------
 # The run
 
 
-def log(message: str, stream: TextIO = sys.stderr) -> None:
-    print(f"[bench] {message}", file=stream, flush=True)
-
-
 def choose_loadgen(plan: Plan) -> str | None:
     wrk = shutil.which("wrk")
     if plan.loadgen == "wrk" and wrk is None:
         raise BenchError("--loadgen wrk: wrk is not on PATH (apt-get install wrk)")
+    if plan.loadgen == "auto" and wrk is None:
+        log("wrk is not on PATH (apt-get install wrk): the Python client sends the POSTs")
     return wrk if plan.loadgen in ("auto", "wrk") else None
 
 
 def run(plan: Plan) -> dict[str, Any]:
     started = time.monotonic()
     wrk = choose_loadgen(plan)
+    nginx = peer_nginx.ensure() if plan.nginx else None
     cpus = sorted(os.sched_getaffinity(0))
     with tempfile.TemporaryDirectory(prefix="proxyd-bench-") as tmp:
         workdir = Path(tmp)
         children = Children(workdir)
         try:
-            return _run(plan, workdir, children, wrk, cpus, started)
+            return _run(plan, workdir, children, wrk, nginx, cpus, started)
         finally:
             children.stop_all()
 
 
-def _run(plan: Plan, workdir: Path, children: Children, wrk: str | None, cpus: list[int],
-         started: float) -> dict[str, Any]:
+def _start_upstreams(children: Children, port: int, workers: int) -> list[Child]:
+    script = str(BENCH_DIR / "upstream.py")
+    extra = ["--reuse-port"] if workers > 1 else []
+    return [
+        children.start(f"upstream{i or ''}", [sys.executable, script, *extra, str(port)])
+        for i in range(workers)
+    ]
+
+
+def _run(plan: Plan, workdir: Path, children: Children, wrk: str | None, nginx: str | None,
+         cpus: list[int], started: float) -> dict[str, Any]:
+    layout = cpu_layout(cpus, plan.pin)
+    workers = plan.upstream_workers or (
+        min(4, len(layout.upstream)) if layout.pinned and len(cpus) >= 4 else 1
+    )
+    proxies = ["proxyd", *(["nginx"] if nginx else [])]
+    idle = plan_idle(plan, proxies)
+
     upstream_port, proxyd_port, admin_port = free_port(), free_port(), free_port()
-    second_port = free_port()
+    second_port, nginx_port = free_port(), free_port()
     issuer = DevIssuer(audience="proxyd-bench")
     config = workdir / "proxyd.toml"
-    config.write_text(
-        proxyd_config(proxyd_port, admin_port, upstream_port, workdir / "state", issuer,
-                      second_port),
-        encoding="utf-8",
-    )
-    upstream = children.start(
-        "upstream", [sys.executable, str(BENCH_DIR / "upstream.py"), str(upstream_port)]
-    )
-    second = children.start(
-        "upstream2", [sys.executable, str(BENCH_DIR / "upstream.py"), str(second_port)]
-    )
-    proxyd = children.start("proxyd", [sys.executable, "-m", "proxyd", "run", "-c", str(config)])
-    deadline = time.monotonic() + START_DEADLINE
-    wait_accepting(upstream, upstream_port, deadline)
-    wait_accepting(second, second_port, deadline)
-    wait_accepting(proxyd, proxyd_port, deadline)
+    ports = ProxydPorts(proxyd_port, admin_port, upstream_port, second_port,
+                        idle.servers("proxyd") if idle else ())
+    config.write_text(proxyd_config(ports, workdir, issuer, plan), encoding="utf-8")
 
-    client_cpus, server_cpus = set(cpus), set(cpus)
-    if plan.pin and len(cpus) >= 2:
-        client_cpus, server_cpus = {cpus[0]}, set(cpus[1:])
-        pin(upstream.proc.pid, server_cpus)
-        pin(second.proc.pid, server_cpus)
-        pin(proxyd.proc.pid, server_cpus)
-        os.sched_setaffinity(0, client_cpus)  # the load generator inherits it
+    upstreams = _start_upstreams(children, upstream_port, workers)
+    second = children.start(
+        "upstream-2", [sys.executable, str(BENCH_DIR / "upstream.py"), str(second_port)]
+    )
+    idle_upstream = None
+    if idle:
+        listen = [f"--listen={s}" for p in proxies for s in idle.servers(p)]
+        idle_upstream = children.start(
+            "upstream-idle", [sys.executable, str(BENCH_DIR / "upstream.py"), *listen]
+        )
+    proxyd = children.start("proxyd", [sys.executable, "-m", "proxyd", "run", "-c", str(config)])
+    nginx_child = None
+    if nginx:
+        conf = workdir / "nginx.conf"
+        conf.write_text(peer_nginx.config(workdir, peer_nginx.NginxPlan(
+            port=nginx_port,
+            routes={
+                **{f"/mcp/apps/{app}": f"bench{DIRECT_PATHS[s]}" for s, app in APPS.items()},
+                **({f"/mcp/apps/{IDLE_APP}": "bench_idle/idle"} if idle else {}),
+            },
+            pools={
+                "bench": [f"{HOST}:{upstream_port}"],
+                **({"bench_idle": list(idle.servers("nginx"))} if idle else {}),
+            },
+            max_connections=2 * (idle.streams if idle else 0) + 1024,
+            access_log=plan.access_logs,
+            nofile_limit=idle.nofile[1] if idle else None,
+        )), encoding="utf-8")
+        nginx_child = children.start(
+            "nginx", [nginx, "-p", str(workdir / "nginx"), "-c", str(conf), "-g", "daemon off;"]
+        )
+    deadline = time.monotonic() + START_DEADLINE
+    for child in upstreams:
+        wait_accepting(child, upstream_port, deadline)
+    wait_accepting(second, second_port, deadline)
+    if idle and idle_upstream:
+        for p in proxies:
+            host, port = idle.servers(p)[0].split(":")
+            wait_accepting(idle_upstream, int(port), deadline, host)
+    wait_accepting(proxyd, proxyd_port, deadline)
+    nginx_pids: tuple[int, ...] = ()
+    if nginx_child is not None:
+        wait_accepting(nginx_child, nginx_port, deadline)
+        nginx_pids = _nginx_processes(nginx_child, deadline)
+
+    upstream_pids = [c.pid for c in upstreams]
+    if layout.pinned:
+        pin(descendants(proxyd.pid), layout.proxy)
+        pin(nginx_pids, layout.proxy)
+        pin([*upstream_pids, second.pid], layout.upstream)
+        if idle_upstream is not None:
+            pin([idle_upstream.pid], layout.upstream)
+        os.sched_setaffinity(0, layout.client)  # wrk and the Python clients inherit it
     worker = PythonLoad(
         children.start("loadgen", [sys.executable, str(BENCH_DIR / "loadgen.py")], pipes=True)
     )
+    holder = None
+    if idle:
+        holder = PythonLoad(children.start(
+            "loadgen-idle", [sys.executable, str(BENCH_DIR / "loadgen.py")], pipes=True
+        ))
     load: LoadGen = WrkLoad(wrk, workdir) if wrk else worker
 
     token = issuer.token(ttl=3600)
-    targets = [
-        Target("direct", upstream_port, DIRECT_PATHS, {}, None),
-        Target(
-            "proxyd",
-            proxyd_port,
-            {k: f"/mcp/apps/{app}" for k, app in APPS.items()},
-            {"Authorization": f"Bearer {token}"},
-            proxyd.proc.pid,
-        ),
-        Target(
-            "proxyd_2up",
-            proxyd_port,
-            {"post": f"/mcp/apps/{TWO_SERVER_APP}"},
-            {"Authorization": f"Bearer {token}"},
-            proxyd.proc.pid,
-        ),
+    bearer = {"Authorization": f"Bearer {token}"}
+    proxyd_paths = {k: f"/mcp/apps/{app}" for k, app in APPS.items()}
+    proxyd_paths["idle"] = f"/mcp/apps/{IDLE_APP}"
+    targets = [Target("direct", upstream_port, DIRECT_PATHS, {})]
+    if nginx_pids:
+        # The proxyd token goes along (same request bytes); nginx passes it through unread.
+        targets.append(Target("nginx", nginx_port, proxyd_paths, bearer, nginx_pids))
+    targets += [
+        Target("proxyd", proxyd_port, proxyd_paths, bearer, (proxyd.pid,)),
+        Target("proxyd_2up", proxyd_port, {"post": f"/mcp/apps/{TWO_SERVER_APP}"}, bearer,
+               (proxyd.pid,)),
     ]
     # Preflight: each proxyd app's first request verifies the token and creates the session,
     # so every measured request below rides a cached session. Exactly 200 or we stop.
@@ -800,58 +890,111 @@ def _run(plan: Plan, workdir: Path, children: Children, wrk: str | None, cpus: l
             require_ok(f"preflight {method} {scenario}", target, result["statuses"],
                        str(result.get("body", "")))
         load.post(target, max(plan.concurrency), plan.warmup)  # warm-up, not recorded
+    variants: list[dict[str, str]] = []
+    if idle:
+        proxyd_target = next(t for t in targets if t.name == "proxyd")
+        variants = idle_sessions(worker, proxyd_target, idle)  # proxyd's sealed session ids
     log(f"load generator: {load.name}" + (f" ({load.version})" if isinstance(load, WrkLoad)
-                                         else f" ({worker.loop})"))
+                                         else f" ({worker.loop})")
+        + f"; upstream workers: {workers}; pinned: {layout.describe() or 'no'}"
+        + (f"; nginx {peer_nginx.version(nginx)}" if nginx else "; no nginx"))
 
-    raw: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    raw: report.Raw = {}
 
     def record(scenario: str, target: Target, result: dict[str, Any]) -> None:
         raw.setdefault(scenario, {}).setdefault(target.name, []).append(result)
 
     for round_no in range(plan.rounds):
-        order = targets if round_no % 2 == 0 else targets[::-1]
+        shift = round_no % len(targets)
+        order = targets[shift:] + targets[:shift]  # every target takes every position in turn
         log(f"round {round_no + 1}/{plan.rounds}: {' then '.join(t.name for t in order)}")
         for c in plan.concurrency:
             for target in order:
-                post = measure_post(load, target, upstream.proc.pid, c, plan.duration)
-                record(f"post_c{c}", target, post)
+                record(f"post_c{c}", target,
+                       measure_post(load, target, upstream_pids, c, plan.duration))
         for target in order:
             if "sse" in target.paths:
                 record("sse", target, measure_sse(worker, target, plan))
         for target in order:
             if "big" in target.paths:
                 record("big", target, measure_big(worker, target, plan))
+        for child in (*upstreams, second, proxyd, *([nginx_child] if nginx_child else [])):
+            child.check_alive()
 
-    summary = summarize(raw)
-    rows = table_rows(summary, plan)
+    idle_results: dict[str, dict[str, Any]] = {}
+    if idle and holder is not None:
+        for target in targets:
+            if target.name not in idle.ports:
+                continue
+            try:
+                idle_results[target.name] = measure_idle(load, holder, target, idle, plan,
+                                                         variants, upstream_pids)
+            except BenchError as exc:  # recorded as a MISS; the rest of the run still counts
+                log(f"WARNING: idle streams via {target.name} failed: {exc}")
+                idle_results[target.name] = {"planned": idle.planned, "streams": idle.streams,
+                                             "opened": 0, "error": str(exc)[:500]}
+                with_holder_reset(holder)
+
+    summary = report.summarize(raw)
+    rows = report.table_rows(summary, plan.concurrency, idle_results)
+    checks = report.checks(summary, plan.concurrency, idle_results, plan.idle_streams)
+    audit_lines = _count_lines(workdir / "audit.jsonl")
+    if audit_lines == 0:
+        raise BenchError("proxyd wrote no audit record: audit is not on, the numbers would lie")
     return {
         "meta": {
             "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "python": platform.python_version(),
             "machine": f"{platform.machine()} {os.cpu_count()} CPUs, {platform.platform()}",
+            "cpus_used": cpus,
             "loadgen": load.name,
             "loadgen_detail": load.version if isinstance(load, WrkLoad) else worker.loop,
-            "pinned": {"client": sorted(client_cpus), "servers": sorted(server_cpus)}
-            if plan.pin else None,
+            "nginx": peer_nginx.version(nginx) if nginx else None,
+            "upstream_workers": workers,
+            "pinned": layout.describe(),
+            "access_logs": plan.access_logs,
             "plan": {
                 "rounds": plan.rounds, "duration_s": plan.duration,
                 "concurrency": list(plan.concurrency), "sse_events": plan.sse_events,
                 "sse_interval_ms": plan.sse_interval_ms, "sse_streams": plan.sse_streams,
                 "sse_first_event_probes": plan.sse_probes,
                 "big_repeat": plan.big_repeat,
+                "idle_streams": plan.idle_streams,
+                "idle_addresses": list(idle.addrs) if idle else [],
+                "idle_heartbeat_s": plan.idle_heartbeat_s,
+                "ephemeral_ports": list(idle.port_range) if idle else None,
+                "rlimit_nofile": list(idle.nofile) if idle else None,
             },
             "proxyd_log_lines": _count_lines(proxyd.log),
+            "proxyd_audit_lines": audit_lines,
+            "nginx_access_lines": _count_lines(workdir / "nginx" / "access.log"),
             "seconds": round(time.monotonic() - started, 1),
         },
         "summary": summary,
-        "table": [
-            {"metric": r.label, "direct": r.direct, "proxyd": r.proxyd,
-             "proxyd_div_direct": r.ratio(), "proxyd_minus_direct": r.delta()}
-            for r in rows
-        ],
+        "idle": idle_results,
+        "table": [r.as_json() for r in rows],
+        "targets": [c.as_json() for c in checks],
         "rounds": raw,
-        "_rendered": render(rows),
+        "_rendered": report.render(rows) + "\n\n" + report.render_checks(checks),
     }
+
+
+def with_holder_reset(holder: PythonLoad) -> None:
+    try:
+        holder.run({"kind": "idle_close"})
+    except BenchError as exc:
+        log(f"idle holder: {exc}")
+
+
+def _nginx_processes(child: Child, deadline: float) -> tuple[int, ...]:
+    """The master and its worker (the master forks it right after binding)."""
+    while True:
+        pids = descendants(child.pid)
+        if len(pids) >= 2:
+            return tuple(pids)
+        if time.monotonic() > deadline:
+            raise BenchError(f"nginx started no worker:\n{child.tail()}")
+        time.sleep(0.05)
 
 
 def _count_lines(path: Path) -> int:
@@ -878,16 +1021,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(rendered)
     meta = results["meta"]
     print(
-        f"\nloadgen={meta['loadgen']} ({meta['loadgen_detail']}), rounds={plan.rounds}, "
-        f"{plan.duration}s per POST run, {meta['seconds']}s total; "
-        f"proxyd wrote {meta['proxyd_log_lines']} log lines at level warning"
+        f"\nloadgen={meta['loadgen']} ({meta['loadgen_detail']}), nginx={meta['nginx']}, "
+        f"rounds={plan.rounds}, {plan.duration}s per POST run, {meta['seconds']}s total; "
+        f"upstream workers {meta['upstream_workers']}, pinned {meta['pinned'] or 'no'}"
     )
+    print(f"logs: proxyd {meta['proxyd_log_lines']} lines, audit {meta['proxyd_audit_lines']} "
+          f"records, nginx access {meta['nginx_access_lines']} lines "
+          f"({'access lines on' if plan.access_logs else '--quiet-logs'})")
     posts = [v for k, by in results["summary"].items() if k.startswith("post") for v in by.values()]
     busiest_client = max(p["loadgen_cpu_util"] for p in posts)
     noise = max(p["other_cpus_busy"] for p in posts)
     print(f"load generator peak {busiest_client:.2f} CPU; other processes up to {noise:.2f} CPU")
     if busiest_client > 0.9:
         print("WARNING: the load generator was saturated; requests/s understate the servers")
+    for scenario, by in results["summary"].items():
+        if scenario.startswith("post"):
+            for name, s in by.items():
+                if s["upstream_cpu_util"] > 0.9 * meta["upstream_workers"]:
+                    print(f"WARNING: {scenario} via {name}: the upstream was saturated "
+                          f"({s['upstream_cpu_util']:.2f} CPU): its requests/s are the "
+                          "upstream's, not the proxy's")
     if noise > NOISE_WARN:
         print("WARNING: other processes were busy during the run; rates are unreliable "
               "(CPU per request is the steadier number)")
