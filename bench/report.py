@@ -115,7 +115,7 @@ def _get(summary: Mapping[str, Any], target: str, key: str) -> float | None:
 
 
 def table_rows(summary: dict[str, dict[str, Any]], concurrency: Sequence[int],
-               idle: Mapping[str, dict[str, Any]]) -> list[Row]:
+               idle: Mapping[str, dict[str, Any]], workers: int = 0) -> list[Row]:
     rows: list[Row] = []
 
     def row(label: str, scenario: Mapping[str, Any], key: str, *, proxyd: str = "proxyd",
@@ -145,6 +145,15 @@ def table_rows(summary: dict[str, dict[str, Any]], concurrency: Sequence[int],
                     fmt="{:.0f}"),
                 row(f"POST c={c}  proxyd 2 servers CPU µs/req", s, "proxy_cpu_us_per_req",
                     proxyd="proxyd_2up", direct_key="upstream_cpu_us_per_req", fmt="{:.0f}"),
+            ]
+        if "proxyd_workers" in s:
+            # server.workers = N (all processes' CPU counted) against nginx's single worker.
+            rows += [
+                row(f"POST c={c}  proxyd {workers} workers requests/s", s, "rps",
+                    proxyd="proxyd_workers", fmt="{:.0f}"),
+                row(f"POST c={c}  proxyd {workers} workers CPU µs/req", s,
+                    "proxy_cpu_us_per_req", proxyd="proxyd_workers",
+                    direct_key="upstream_cpu_us_per_req", fmt="{:.0f}"),
             ]
     s = summary["sse"]
     rows += [

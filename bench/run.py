@@ -151,6 +151,7 @@ class Plan:
     idle_addrs: int  # 0: auto (from the ephemeral port range)
     idle_post_seconds: int
     idle_heartbeat_s: int
+    proxyd_workers: int  # 0: no multi-process proxyd target
     output: Path
 
 
@@ -204,6 +205,12 @@ def parse_args(argv: Sequence[str] | None) -> Plan:
     parser.add_argument("--quiet-logs", action="store_true",
                         help="proxyd at log level warning and nginx access_log off "
                              "(default: both write an access line per request)")
+    parser.add_argument(
+        "--proxyd-workers", type=int,
+        help="also measure the POST through a proxyd with server.workers = N (default: the "
+             "number of CPUs when there are 2 or more; 0 skips it); against nginx's one worker "
+             "it shows what the extra processes buy, not a like-for-like ratio",
+    )
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="JSON results file")
     args = parser.parse_args(argv)
     quick = bool(args.quick)
@@ -235,6 +242,8 @@ def parse_args(argv: Sequence[str] | None) -> Plan:
         idle_addrs=max(0, int(args.idle_addrs)),
         idle_post_seconds=max(1, int(args.idle_post_seconds)),
         idle_heartbeat_s=max(0, int(args.idle_heartbeat)),
+        proxyd_workers=max(0, int(args.proxyd_workers)) if args.proxyd_workers is not None
+        else (n if (n := len(os.sched_getaffinity(0))) >= 2 else 0),
         output=args.output,
     )
     if plan.rounds < 1 or plan.duration < 1 or plan.sse_events < 1 or plan.big_repeat < 1:
@@ -291,12 +300,14 @@ class ProxydPorts:
     idle_servers: tuple[str, ...]  # "host:port" of the idle upstream, one per address
 
 
-def proxyd_config(ports: ProxydPorts, workdir: Path, issuer: DevIssuer, plan: Plan) -> str:
+def proxyd_config(ports: ProxydPorts, workdir: Path, issuer: DevIssuer, plan: Plan,
+                  workers: int = 1) -> str:
     lines = [
         "[server]",
         f"listen = {toml_str(f'{HOST}:{ports.listen}')}",
         f"public_url = {toml_str(f'http://{HOST}:{ports.listen}')}",
         f"state_dir = {toml_str(str(workdir / 'state'))}",
+        f"workers = {workers}",
         "",
         "[admin]",
         f"listen = {toml_str(f'{HOST}:{ports.admin}')}",
@@ -321,7 +332,7 @@ def proxyd_config(ports: ProxydPorts, workdir: Path, issuer: DevIssuer, plan: Pl
         'max_ttl = "12h"',
         "",
         "[audit]",  # on: one tools/call record per POST, to a file and to the log
-        f"file = {toml_str(str(workdir / 'audit.jsonl'))}",
+        f"file = {toml_str(str(workdir / ('audit.jsonl' if workers == 1 else 'audit-w.jsonl')))}",
     ]
     servers = {
         app: [f"http://{HOST}:{ports.upstream}{DIRECT_PATHS[scenario]}"]
@@ -806,6 +817,20 @@ def _run(plan: Plan, workdir: Path, children: Children, wrk: str | None, nginx: 
             "upstream-idle", [sys.executable, str(BENCH_DIR / "upstream.py"), *listen]
         )
     proxyd = children.start("proxyd", [sys.executable, "-m", "proxyd", "run", "-c", str(config)])
+    multi = None
+    multi_port = free_port()
+    if plan.proxyd_workers > 1:
+        # The same configuration with server.workers = N: a supervisor and N processes
+        # sharing one port (SO_REUSEPORT), each with its own cached session.
+        multi_ports = ProxydPorts(multi_port, free_port(), upstream_port, second_port, ())
+        multi_config = workdir / "proxyd-workers.toml"
+        multi_config.write_text(
+            proxyd_config(multi_ports, workdir, issuer, plan, plan.proxyd_workers),
+            encoding="utf-8",
+        )
+        multi = children.start(
+            "proxyd-workers", [sys.executable, "-m", "proxyd", "run", "-c", str(multi_config)]
+        )
     nginx_child = None
     if nginx:
         conf = workdir / "nginx.conf"
@@ -835,6 +860,10 @@ def _run(plan: Plan, workdir: Path, children: Children, wrk: str | None, nginx: 
             host, port = idle.servers(p)[0].split(":")
             wait_accepting(idle_upstream, int(port), deadline, host)
     wait_accepting(proxyd, proxyd_port, deadline)
+    multi_pids: tuple[int, ...] = ()
+    if multi is not None:
+        wait_accepting(multi, multi_port, deadline)
+        multi_pids = _process_tree(multi, plan.proxyd_workers + 1, deadline)
     nginx_pids: tuple[int, ...] = ()
     if nginx_child is not None:
         wait_accepting(nginx_child, nginx_port, deadline)
@@ -843,6 +872,7 @@ def _run(plan: Plan, workdir: Path, children: Children, wrk: str | None, nginx: 
     upstream_pids = [c.pid for c in upstreams]
     if layout.pinned:
         pin(descendants(proxyd.pid), layout.proxy)
+        pin(multi_pids, layout.proxy)
         pin(nginx_pids, layout.proxy)
         pin([*upstream_pids, second.pid], layout.upstream)
         if idle_upstream is not None:
@@ -871,6 +901,10 @@ def _run(plan: Plan, workdir: Path, children: Children, wrk: str | None, nginx: 
         Target("proxyd_2up", proxyd_port, {"post": f"/mcp/apps/{TWO_SERVER_APP}"}, bearer,
                (proxyd.pid,)),
     ]
+    if multi_pids:
+        targets.append(
+            Target("proxyd_workers", multi_port, {"post": proxyd_paths["post"]}, bearer, multi_pids)
+        )
     # Preflight: each proxyd app's first request verifies the token and creates the session,
     # so every measured request below rides a cached session. Exactly 200 or we stop.
     for target in targets:
@@ -918,7 +952,8 @@ def _run(plan: Plan, workdir: Path, children: Children, wrk: str | None, nginx: 
         for target in order:
             if "big" in target.paths:
                 record("big", target, measure_big(worker, target, plan))
-        for child in (*upstreams, second, proxyd, *([nginx_child] if nginx_child else [])):
+        for child in (*upstreams, second, proxyd, *([nginx_child] if nginx_child else []),
+                      *([multi] if multi else [])):
             child.check_alive()
 
     idle_results: dict[str, dict[str, Any]] = {}
@@ -936,7 +971,7 @@ def _run(plan: Plan, workdir: Path, children: Children, wrk: str | None, nginx: 
                 with_holder_reset(holder)
 
     summary = report.summarize(raw)
-    rows = report.table_rows(summary, plan.concurrency, idle_results)
+    rows = report.table_rows(summary, plan.concurrency, idle_results, plan.proxyd_workers)
     checks = report.checks(summary, plan.concurrency, idle_results, plan.idle_streams)
     audit_lines = _count_lines(workdir / "audit.jsonl")
     if audit_lines == 0:
@@ -964,6 +999,7 @@ def _run(plan: Plan, workdir: Path, children: Children, wrk: str | None, nginx: 
                 "idle_heartbeat_s": plan.idle_heartbeat_s,
                 "ephemeral_ports": list(idle.port_range) if idle else None,
                 "rlimit_nofile": list(idle.nofile) if idle else None,
+                "proxyd_workers": plan.proxyd_workers,
             },
             "proxyd_log_lines": _count_lines(proxyd.log),
             "proxyd_audit_lines": audit_lines,
@@ -984,6 +1020,17 @@ def with_holder_reset(holder: PythonLoad) -> None:
         holder.run({"kind": "idle_close"})
     except BenchError as exc:
         log(f"idle holder: {exc}")
+
+
+def _process_tree(child: Child, count: int, deadline: float) -> tuple[int, ...]:
+    """A supervised proxyd: the supervisor and its workers, once all ``count`` exist."""
+    while time.monotonic() < deadline:
+        child.check_alive()
+        pids = descendants(child.pid)
+        if len(pids) >= count:
+            return tuple(pids)
+        time.sleep(0.05)  # polling /proc: nothing signals a new process to us
+    raise BenchError(f"{child.name}: expected {count} processes")
 
 
 def _nginx_processes(child: Child, deadline: float) -> tuple[int, ...]:
