@@ -11,6 +11,8 @@ lives in one routing object that the cached processors consult.
 
 from __future__ import annotations
 
+import datetime
+import json
 import logging
 import sys
 from collections.abc import MutableMapping
@@ -24,11 +26,26 @@ SECRET_KEYS = frozenset(
 )
 
 
+def _fallback(value: Any) -> Any:
+    # structlog's JSONRenderer fallback: an object's own __structlog__(), else its repr().
+    hook = getattr(value, "__structlog__", None)
+    return hook() if callable(hook) else repr(value)
+
+
+# What structlog's JSONRenderer does (json.dumps with that fallback), with the encoder built
+# once: json.dumps builds a new one on every call that passes ``default``.
+_ENCODER = json.JSONEncoder(default=_fallback)
+
+
+def _json(_: Any, __: str, event: MutableMapping[str, Any]) -> str:
+    return _ENCODER.encode(event)
+
+
 class _Routing:
     def __init__(self) -> None:
         self.level = logging.INFO
         self.stream: TextIO = sys.stdout
-        self.renderer: Any = structlog.processors.JSONRenderer()
+        self.renderer: Any = _json
 
     # The file-like object structlog's PrintLogger writes to.
     def write(self, text: str) -> int:
@@ -53,23 +70,54 @@ def is_enabled(level: int) -> bool:
     return level >= _routing.level
 
 
-def _filter(_: Any, method: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+_LEVEL_NAMES = {"warn": "warning", "exception": "error"}  # structlog's add_log_level mapping
+
+
+def _now_iso() -> str:
+    return datetime.datetime.now(tz=datetime.UTC).isoformat().replace("+00:00", "Z")
+
+
+def _finish(logger: Any, method: str, event: MutableMapping[str, Any]) -> Any:
+    """The whole processor chain in one call (it was six, one call each per log line):
+    level filter, ``level``, ``timestamp`` (ISO 8601, UTC), exception text, redaction, render.
+
+    The keys and their order are what structlog's add_log_level, TimeStamper(fmt="iso",
+    utc=True), format_exc_info and JSONRenderer produced, so the lines are unchanged.
+    """
     # Audit events are records, not diagnostics: the log level never silences them.
-    if event.get("logger_name") == AUDIT_LOGGER:
-        return event
-    if _LEVELS.get(method, logging.INFO) < _routing.level:
+    if event.get("logger_name") != AUDIT_LOGGER and _LEVELS.get(method, logging.INFO) < (
+        _routing.level
+    ):
         raise structlog.DropEvent
-    return event
-
-
-def _redact(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    event["level"] = _LEVEL_NAMES.get(method, method)
+    event["timestamp"] = _now_iso()
+    if "exc_info" in event:
+        event = structlog.processors.format_exc_info(logger, method, event)
+    # Values under secret-looking keys never reach the output, whatever the caller passed.
     for key in SECRET_KEYS.intersection(event):
         event[key] = "[redacted]"
-    return event
-
-
-def _render(logger: Any, method: str, event: MutableMapping[str, Any]) -> Any:
     return _routing.renderer(logger, method, event)
+
+
+def info(logger: Any, name: str, event: str, fields: dict[str, Any]) -> None:
+    """``logger.info(event, **fields)`` for ``logger = get_logger(name)``: the same line, but
+    written straight when the output is JSON (the access and audit lines, once per request,
+    spent a third of their cost in structlog's bound-logger calls and dict copies).
+
+    The line is built exactly as ``_finish`` builds it: logger_name, the fields, event,
+    level, timestamp; secret-looking keys redacted.
+    """
+    if _routing.renderer is not _json or not structlog.is_configured():
+        logger.info(event, **fields)
+        return
+    if name != AUDIT_LOGGER and _routing.level > logging.INFO:
+        return
+    line = {"logger_name": name, **fields, "event": event, "level": "info"}
+    line["timestamp"] = _now_iso()
+    for key in SECRET_KEYS.intersection(fields):
+        line[key] = "[redacted]"
+    _routing.write(_ENCODER.encode(line) + "\n")
+    _routing.flush()
 
 
 def set_level(level: str) -> None:
@@ -86,19 +134,12 @@ def configure(level: str = "info", fmt: str = "auto", stream: TextIO | None = No
     _routing.renderer = (
         structlog.dev.ConsoleRenderer(colors=out.isatty())
         if fmt == "console"
-        else structlog.processors.JSONRenderer()
+        else _json
     )
     if structlog.is_configured():
         return
     structlog.configure(
-        processors=[
-            _filter,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.format_exc_info,
-            _redact,
-            _render,
-        ],
+        processors=[_finish],
         logger_factory=structlog.PrintLoggerFactory(_routing),  # type: ignore[arg-type]
         cache_logger_on_first_use=True,
     )
