@@ -15,6 +15,7 @@ import datetime
 import json
 import logging
 import sys
+import time
 from collections.abc import MutableMapping
 from typing import Any, TextIO
 
@@ -73,8 +74,27 @@ def is_enabled(level: int) -> bool:
 _LEVEL_NAMES = {"warn": "warning", "exception": "error"}  # structlog's add_log_level mapping
 
 
-def _now_iso() -> str:
-    return datetime.datetime.now(tz=datetime.UTC).isoformat().replace("+00:00", "Z")
+class _Stamp:
+    """ISO 8601 UTC timestamps as structlog's TimeStamper(fmt="iso", utc=True) writes them
+    (``2026-01-02T03:04:05.678901Z``; no fraction when it is zero), with the date and time
+    of day formatted once per second instead of once per line."""
+
+    def __init__(self) -> None:
+        self.second = -1
+        self.prefix = ""
+
+    def now(self) -> str:
+        now = time.time()
+        second = int(now)
+        if second != self.second:
+            moment = datetime.datetime.fromtimestamp(second, tz=datetime.UTC)
+            self.prefix = moment.strftime("%Y-%m-%dT%H:%M:%S")
+            self.second = second
+        micro = int((now - second) * 1_000_000)
+        return f"{self.prefix}.{micro:06d}Z" if micro else f"{self.prefix}Z"
+
+
+_now_iso = _Stamp().now
 
 
 def _finish(logger: Any, method: str, event: MutableMapping[str, Any]) -> Any:

@@ -157,6 +157,7 @@ class Connection(asyncio.Protocol):
         self.body_sent = True
         self._reason = b""
         self._head_size = 0
+        self._fields_size = 0
         self._interim = False
         self._stray = False
         self._chunks: list[bytes] = []
@@ -197,7 +198,8 @@ class Connection(asyncio.Protocol):
             else:
                 self._fail(UpstreamError(f"upstream {self.origin.label} sent a malformed answer"))
         if not self.head_done and self._head_size > MAX_HEAD and not self.complete:
-            self._fail(UpstreamError(f"upstream {self.origin.label} sent too big a header"))
+            # A head still unfinished past the limit (llhttp would buffer a field forever).
+            self._fail(self._too_big())
 
     def eof_received(self) -> bool | None:
         return None  # close our side too; connection_lost follows
@@ -237,6 +239,11 @@ class Connection(asyncio.Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         if self.head_done:
             return  # a trailer field: dropped
+        self._fields_size += len(name) + len(value) + 4
+        if self._fields_size > MAX_HEAD:
+            # A head that arrived whole in one read, past the limit.
+            self._fail(self._too_big())
+            raise _Stop
         self.headers.append(
             (name.decode("latin-1"), value.decode("utf-8", "surrogateescape"))
         )
@@ -407,6 +414,9 @@ class Connection(asyncio.Protocol):
             self.error = error
         self._abort()
         self._wake()
+
+    def _too_big(self) -> UpstreamError:
+        return UpstreamError(f"upstream {self.origin.label} sent too big a header")
 
     def _on_timer(self) -> None:
         # One timer per exchange, re-armed from the last read instead of reset on every read

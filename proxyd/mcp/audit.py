@@ -26,8 +26,12 @@ NOISY = frozenset(
 )
 
 
+# Built once: json.dumps builds a new encoder on every call with non-default options.
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
 def arguments_hash(arguments: Any) -> str:
-    canonical = json.dumps(arguments, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    canonical = _CANONICAL.encode(arguments)
     return "sha256:" + hashlib.sha256(canonical.encode()).hexdigest()
 
 
