@@ -23,7 +23,8 @@ Behaviour a proxy relies on (RFC 9112 = HTTP/1.1 messages, RFC 9110 = semantics)
   upgrade: Upgrade is hop-by-hop and stripped);
 - a body without Content-Length or chunked framing ends when the upstream closes (RFC 9112
   §6.3 item 8); any other close before the end is a truncation;
-- trailers are dropped (RFC 9110 §6.5.1 lets a recipient discard them);
+- trailers are dropped (RFC 9112 §7.1.2: a recipient that removes the chunked coding may
+  discard them);
 - idle connections are closed after ``keepalive_timeout`` (shorter than common upstream
   keep-alive timeouts, so the upstream rarely closes one under a request), at most
   ``max_idle`` are kept per upstream; active connections are never capped (open SSE streams
@@ -65,7 +66,7 @@ class _Stop(Exception):
 
 def _host_header(url: URL) -> str:
     host = url.raw_host or ""
-    if ":" in host:  # an IPv6 literal (RFC 9112 §3.2 uses the URI authority's form)
+    if ":" in host:  # an IPv6 literal, bracketed as in the URI (RFC 9110 §7.2, RFC 3986 §3.2.2)
         host = f"[{host}]"
     return host if url.is_default_port() else f"{host}:{url.port}"
 
@@ -590,4 +591,6 @@ class UpstreamClient:
         self._drained = self.loop.create_future()
         for conn in list(self._all):
             conn._abort()
-        await self._drained
+        # Each abort reports its connection_lost on the next loop turns; bounded all the same,
+        # so that a transport that never reports cannot hold up a shutdown.
+        await asyncio.wait({self._drained}, timeout=5.0)

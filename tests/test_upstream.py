@@ -523,7 +523,7 @@ async def test_huge_answer_head_is_refused(raw: RawStart, client: UpstreamClient
 
 
 async def test_chunk_extensions_and_trailers(raw: RawStart, client: UpstreamClient) -> None:
-    """Extensions are ignored, trailers dropped (RFC 9110 §6.5.1), and none of them leaks
+    """Extensions are ignored, trailers dropped (RFC 9112 §7.1.2), and none of them leaks
     into the next answer on the same connection."""
     chunked = (
         b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
