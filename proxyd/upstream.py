@@ -22,7 +22,9 @@ Behaviour a proxy relies on (RFC 9112 = HTTP/1.1 messages, RFC 9110 = semantics)
 - 1xx interim answers are skipped (RFC 9110 §15.2); 101 is an error (proxyd never asks for an
   upgrade: Upgrade is hop-by-hop and stripped);
 - a body without Content-Length or chunked framing ends when the upstream closes (RFC 9112
-  §6.3 item 8); any other close before the end is a truncation;
+  §6.3 item 8); any other close before the end is a truncation. Over TLS, RFC 9112 §9.8 wants
+  such a body refused without a close_notify alert; asyncio's SSL layer reports a bare TCP
+  close the same way as the alert, so that case passes as a clean end (as with aiohttp);
 - trailers are dropped (RFC 9112 §7.1.2: a recipient that removes the chunked coding may
   discard them);
 - idle connections are closed after ``keepalive_timeout`` (shorter than common upstream

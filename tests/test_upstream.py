@@ -726,6 +726,15 @@ def _certificate() -> tuple[bytes, bytes]:
 
 
 async def test_tls_upstream_is_verified(tmp_path: Path) -> None:
+    await _tls_round(tmp_path)
+
+
+def test_tls_upstream_is_verified_on_uvloop(tmp_path: Path) -> None:
+    uvloop = pytest.importorskip("uvloop")
+    uvloop.run(_tls_round(tmp_path))
+
+
+async def _tls_round(tmp_path: Path) -> None:
     cert, key = _certificate()
     (tmp_path / "cert.pem").write_bytes(cert)
     (tmp_path / "key.pem").write_bytes(key)
