@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from dataclasses import dataclass
 
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
+from prometheus_client import Counter, Histogram
 
 from proxyd.errors import ProxydError, error_response
 from proxyd.forward import Outcome
-from proxyd.log import get_logger
+from proxyd.log import get_logger, info, is_enabled
 from proxyd.metrics import Metrics
 
-access_log = get_logger("proxyd.access")
+ACCESS_LOGGER = "proxyd.access"
+access_log = get_logger(ACCESS_LOGGER)
 
 
 @dataclass(slots=True)
@@ -43,6 +46,25 @@ def resource_metadata_url(public_url: str, request: web.Request) -> str | None:
 
 
 def access_middleware(public_url: str, metrics: Metrics | None = None) -> Middleware:
+    # The metric children of each (app, method, status), looked up once: prometheus-client's
+    # labels() takes a lock and builds a tuple per call. Apps come from the config and
+    # statuses from a small set; the bound only guards against a surprise.
+    children: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
+
+    def observe(app: str, method: str, status: int, elapsed: float) -> None:
+        assert metrics is not None
+        key = (app, method, status)
+        child = children.get(key)
+        if child is None:
+            if len(children) > 10_000:
+                children.clear()
+            child = children[key] = (
+                metrics.requests.labels(app, method, str(status)),
+                metrics.duration.labels(app),
+            )
+        child[0].inc()
+        child[1].observe(elapsed)
+
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         started = time.perf_counter()
@@ -75,13 +97,14 @@ def access_middleware(public_url: str, metrics: Metrics | None = None) -> Middle
             elapsed = time.perf_counter() - started
             _log(request, record, status, elapsed)
             if metrics is not None and record.app is not None:
-                metrics.requests.labels(record.app, request.method, str(status)).inc()
-                metrics.duration.labels(record.app).observe(elapsed)
+                observe(record.app, request.method, status, elapsed)
 
     return middleware
 
 
 def _log(request: web.Request, record: AccessRecord, status: int, elapsed: float) -> None:
+    if not is_enabled(logging.INFO):
+        return  # access lines are info: nothing to build at level warning and above
     outcome = record.outcome
     fields: dict[str, object] = {
         "method": request.method,
@@ -104,4 +127,4 @@ def _log(request: web.Request, record: AccessRecord, status: int, elapsed: float
         fields["bytes_out"] = outcome.bytes_down
         if outcome.broken:
             fields["broken"] = outcome.broken
-    access_log.info("request", **fields)
+    info(access_log, ACCESS_LOGGER, "request", fields)

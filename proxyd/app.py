@@ -36,6 +36,7 @@ from proxyd.metrics import Metrics, counter, gauge
 from proxyd.ratelimit import Limiter, Limits, SharedLimiter
 from proxyd.registry import Registry
 from proxyd.state import RedisState
+from proxyd.upstream import UpstreamClient
 from proxyd.watcher import AuthConfigWatcher
 from proxyd.wellknown import WellKnown
 
@@ -53,7 +54,8 @@ class Shared:
     store: AppAuthStore
     health: HealthBook
     metrics: Metrics
-    http: aiohttp.ClientSession | None = None
+    http: aiohttp.ClientSession | None = None  # JWKS and health checks
+    upstreams: UpstreamClient | None = None  # the hot path: requests to app servers
     jwks: JwksCache | None = None
     sessions: SessionStore | None = None
     identity_key: ECKey | None = None
@@ -94,7 +96,9 @@ class Runtime:
     def install(self, settings: Settings) -> None:
         s = self.shared
         assert s.http is not None and s.jwks is not None and s.sessions is not None
-        assert s.identity_key is not None and s.auditor is not None
+        assert s.identity_key is not None and s.auditor is not None and s.upstreams is not None
+        s.upstreams.keepalive_timeout = settings.upstream.keepalive_timeout
+        s.upstreams.max_idle = settings.upstream.max_idle_connections
         s.auditor.settings = settings.audit
         s.health.reconfigure(settings.apps)
         registry = Registry(settings.apps, s.rng, s.health)
@@ -113,7 +117,9 @@ class Runtime:
             registry,
             s.sessions,
             Authenticator(s.store, s.jwks, s.clocks.wall),
-            Forwarder(s.http, settings.upstream, settings.server.max_request_body, s.metrics),
+            Forwarder(
+                s.upstreams, settings.upstream, settings.server.max_request_body, s.metrics
+            ),
             signer,
             s.clocks,
             limits,
@@ -189,8 +195,14 @@ def create_app(
     register_collectors(metrics, runtime)
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
-        # One shared client for upstreams and JWKS; no cap on connections, so open SSE
-        # streams never queue behind each other (aiohttp's default limit is 100).
+        # Requests to app servers go through proxyd's lean client (proxyd/upstream.py): its
+        # pools survive reloads; open connections are never capped (SSE streams).
+        upstreams = UpstreamClient(
+            keepalive_timeout=settings.upstream.keepalive_timeout,
+            max_idle=settings.upstream.max_idle_connections,
+        )
+        shared.upstreams = upstreams
+        # JWKS fetches and health checks keep aiohttp's client (off the hot path).
         http = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0, limit_per_host=0),
             cookie_jar=aiohttp.DummyCookieJar(),
@@ -244,6 +256,7 @@ def create_app(
             await shared.sessions.close()
             if shared.state is not None:
                 await shared.state.close()
+            await upstreams.close()
             await http.close()
             shared.auditor.close()
 

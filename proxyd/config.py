@@ -143,6 +143,13 @@ class UpstreamSettings:
     idle_timeout: float = 300.0
     # Tries for new work when connecting fails (never after a byte of the request was sent).
     max_attempts: int = 3
+    # Idle keep-alive connections are closed after this. Below the common upstream keep-alive
+    # timeouts (uvicorn 5 s, Node 5 s, aiohttp and nginx 75 s), so an upstream rarely closes
+    # a connection just as proxyd sends a request on it (which would then be a 502: a request
+    # that may have reached the upstream is never sent again).
+    keepalive_timeout: float = 4.0
+    # Idle connections kept per app server; open ones are never capped (SSE streams).
+    max_idle_connections: int = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -535,6 +542,12 @@ def parse_workers(value: object) -> int:
     return value
 
 
+def _non_negative_int(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError("expected an integer, 0 or more")
+    return value
+
+
 def _positive_duration(value: object) -> float:
     seconds = parse_duration(value)
     if seconds <= 0:
@@ -739,6 +752,10 @@ def _parse_upstream(t: _Table) -> UpstreamSettings:
             connect_timeout=t.get("connect_timeout", _positive_duration, d.connect_timeout),
             idle_timeout=t.get("idle_timeout", _positive_duration, d.idle_timeout),
             max_attempts=t.get("max_attempts", _positive_int, d.max_attempts),
+            keepalive_timeout=t.get("keepalive_timeout", _positive_duration, d.keepalive_timeout),
+            max_idle_connections=t.get(
+                "max_idle_connections", _non_negative_int, d.max_idle_connections
+            ),
         )
 
 

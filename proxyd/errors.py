@@ -127,6 +127,16 @@ class UpstreamTimeout(UpstreamError):
     reason = "upstream_timeout"
 
 
+class ConnectFailed(UpstreamError):
+    """No connection to the upstream was made: nothing of the request reached it, so the
+    caller may try another server."""
+
+    def __init__(self, message: str, *, timed_out: bool = False) -> None:
+        super().__init__(message, reason="upstream_connect_timeout" if timed_out else None)
+        if timed_out:
+            self.status = 504
+
+
 class ServiceUnavailable(ProxydError):
     status = 503
     reason = "unavailable"

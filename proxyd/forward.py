@@ -1,27 +1,31 @@
 """The streaming forwarder: request body up, response down, each chunk flushed as it arrives.
 
-This is the only module that translates aiohttp client errors into proxyd errors. Bytes pass
-untouched (no decompression, no re-encoding); Content-Length is kept when the upstream gives
-one, chunked otherwise. A client that goes away cancels the handler (aiohttp
-``handler_cancellation``), which closes the upstream request at once.
+The upstream side is proxyd's own HTTP/1.1 client (proxyd/upstream.py), which raises proxyd
+errors only. Bytes pass untouched (no decompression, no re-encoding); Content-Length is kept
+when the upstream gives one, chunked otherwise. A client that goes away cancels the handler
+(aiohttp ``handler_cancellation``), which closes the upstream connection at once.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass
+from functools import partial
 from typing import Final
 
 import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
-from yarl import URL
 
 from proxyd.config import UpstreamSettings
-from proxyd.errors import PayloadTooLarge, UpstreamError, UpstreamTimeout
+from proxyd.errors import ConnectFailed, PayloadTooLarge, UpstreamError, UpstreamTimeout
 from proxyd.mcp.filter import MAX_JSON_ANSWER, SseFilter, ToolsListFilter
 from proxyd.metrics import Metrics
+from proxyd.upstream import Connection, UpstreamClient, request_head
+
+__all__ = ["ConnectFailed", "Forwarder", "Outcome", "RequestBody", "request_headers"]
 
 HeaderHook = Callable[[CIMultiDict[str]], None]
 
@@ -52,9 +56,6 @@ _STRIP_REQUEST: Final = HOP_BY_HOP | {
     "x-real-ip",
 }
 _STRIP_RESPONSE: Final = HOP_BY_HOP | {"content-length"}
-# aiohttp would add these by itself; a proxy must send exactly what the client asked for
-# (an added Accept-Encoding would make the upstream compress for a client that cannot inflate).
-_SKIP_AUTO: Final = ("Accept-Encoding", "User-Agent", "Accept", "Content-Type")
 
 
 @dataclass(slots=True)
@@ -73,15 +74,15 @@ class Outcome:
 SMALL_BODY: Final = 64 * 1024
 
 
-def _connection_tokens(headers: Mapping[str, str]) -> set[str]:
-    value = headers.get("Connection")
+def _connection_tokens(value: str | None) -> set[str]:
     return {t.strip().lower() for t in value.split(",")} if value else set()
 
 
 def request_headers(
     incoming: CIMultiDictProxy[str], extra: Mapping[str, str], identity_header: str
 ) -> CIMultiDict[str]:
-    drop = _STRIP_REQUEST | _connection_tokens(incoming) | {identity_header.lower()}
+    drop = _STRIP_REQUEST | _connection_tokens(incoming.get("Connection"))
+    drop |= {identity_header.lower()}
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in incoming.items():
         if name.lower() not in drop:
@@ -90,13 +91,37 @@ def request_headers(
     return out
 
 
-def response_headers(upstream: CIMultiDictProxy[str]) -> CIMultiDict[str]:
-    drop = _STRIP_RESPONSE | _connection_tokens(upstream)
+@dataclass(slots=True)
+class AnswerHead:
+    """The upstream's fields as they go to the client, and the framing facts taken from them."""
+
+    headers: CIMultiDict[str]
+    length: int | None
+    chunked: bool
+    sse: bool
+
+
+def response_headers(upstream: Iterable[tuple[str, str]]) -> AnswerHead:
+    fields = list(upstream)
+    tokens: set[str] = set()
+    for name, value in fields:
+        if name.lower() == "connection":
+            tokens |= _connection_tokens(value)
+    drop = _STRIP_RESPONSE | tokens if tokens else _STRIP_RESPONSE
     out: CIMultiDict[str] = CIMultiDict()
-    for name, value in upstream.items():
-        if name.lower() not in drop:
+    length: int | None = None
+    chunked = sse = False
+    for name, value in fields:
+        lower = name.lower()
+        if lower not in drop:
             out.add(name, value)
-    return out
+            if lower == "content-type":
+                sse = value.startswith("text/event-stream")
+        elif lower == "content-length":
+            length = int(value)  # llhttp refused anything but one valid number
+        elif lower == "transfer-encoding":
+            chunked = chunked or "chunked" in value.lower()
+    return AnswerHead(out, length, chunked, sse)
 
 
 class _BodyCounter:
@@ -112,15 +137,6 @@ class _BodyCounter:
                 self.too_large = True
                 raise PayloadTooLarge(_too_large(self.limit))
             yield chunk
-
-
-class ConnectFailed(UpstreamError):
-    """No connection to the upstream was made: nothing of the request reached it."""
-
-    def __init__(self, message: str, *, timed_out: bool = False) -> None:
-        super().__init__(message, reason="upstream_connect_timeout" if timed_out else None)
-        if timed_out:
-            self.status = 504
 
 
 class RequestBody:
@@ -145,8 +161,7 @@ class RequestBody:
             raise PayloadTooLarge(_too_large(limit))
         if request.body_exists and declared is not None and declared <= SMALL_BODY:
             # A typical JSON-RPC message: read it whole (bounded by its Content-Length) and
-            # send plain bytes; aiohttp's streaming-body machinery costs a write task and was
-            # a third of the CPU of a small proxied POST (bench/README.md).
+            # send it with the head in one write.
             return cls(request, limit, await request.read())
         return cls(request, limit)
 
@@ -156,6 +171,8 @@ class RequestBody:
         declared = request.content_length
         if declared is not None and declared > limit:
             raise PayloadTooLarge(_too_large(limit))
+        if declared is not None and not request.body_exists:
+            return cls(request, limit, b"")
         chunks: list[bytes] = []
         total = 0
         async for chunk in request.content.iter_any():
@@ -163,7 +180,7 @@ class RequestBody:
             if total > limit:
                 raise PayloadTooLarge(_too_large(limit))
             chunks.append(chunk)
-        return cls(request, limit, b"".join(chunks))
+        return cls(request, limit, chunks[0] if len(chunks) == 1 else b"".join(chunks))
 
     @property
     def data(self) -> bytes | None:
@@ -181,37 +198,49 @@ class RequestBody:
     def replayable(self) -> bool:
         return self._bytes is not None or self._counter.total == 0
 
-    def payload(self, headers: CIMultiDict[str]) -> bytes | AsyncIterator[bytes] | None:
-        if self._bytes is not None:
-            return self._bytes if (self._bytes or self._request.body_exists) else None
-        if not self._request.body_exists:
-            return None
-        if self.declared is not None:
-            headers["Content-Length"] = str(self.declared)
-        return self._counter.stream(self._request.content)
+    def upstream(self, method: str) -> tuple[bytes | None, AsyncIterator[bytes] | None, str]:
+        """What goes upstream: the whole body or a stream of it, and its framing field."""
+        body = self._bytes
+        if body is not None and (body or self._request.body_exists):
+            return body, None, f"Content-Length: {len(body)}\r\n"
+        if body is None and self._request.body_exists:
+            stream = self._counter.stream(self._request.content)
+            if self.declared is not None:
+                return None, stream, f"Content-Length: {self.declared}\r\n"
+            # Length unknown (a chunked client body): chunked upstream too (RFC 9112 §7.1).
+            return None, stream, "Transfer-Encoding: chunked\r\n"
+        # No body. RFC 9110 §8.6: Content-Length: 0 where the method gives content a meaning
+        # (what aiohttp's client sent, so upstreams see the same requests as before).
+        return None, None, "" if method == "GET" else "Content-Length: 0\r\n"
 
 
 def _too_large(limit: int) -> str:
     return f"request body exceeds the limit of {limit} bytes"
 
 
+def _body_done(conn: Connection, task: asyncio.Task[None]) -> None:
+    """A streamed request body stopped: if it failed, so did the exchange."""
+    if task.cancelled():
+        return
+    exc = task.exception()
+    if exc is not None:
+        label = conn.origin.label
+        conn.fail_request(UpstreamError(f"upstream {label} failed: request body broke off"))
+
+
 class Forwarder:
     def __init__(
         self,
-        http: aiohttp.ClientSession,
+        client: UpstreamClient,
         settings: UpstreamSettings,
         max_body: int,
         metrics: Metrics | None = None,
     ) -> None:
-        self._http = http
+        self._client = client
         self._streams = metrics.open_streams if metrics is not None else None
         self._max_body = max_body
-        self._timeout = aiohttp.ClientTimeout(
-            total=None,  # streams live as long as they need
-            connect=settings.connect_timeout,
-            sock_connect=settings.connect_timeout,
-            sock_read=settings.idle_timeout,
-        )
+        self._connect_timeout = settings.connect_timeout
+        self._idle_timeout = settings.idle_timeout  # between reads, never a total timeout
 
     async def forward(
         self,
@@ -228,58 +257,56 @@ class Forwarder:
         Raises ConnectFailed when no connection could be made (the caller may try another
         server if ``body.replayable``), other UpstreamErrors when it failed later.
         """
-        data = body.payload(headers)
+        client = self._client
+        origin = client.origin(target)
+        data, stream, framing = body.upstream(request.method)
         # The raw query, never the decoded one: decoding and re-encoding changes bytes (and
         # meaning: %20 came back as "+"), and an upstream may sign or compare them.
-        raw_query = request.rel_url.raw_query_string
-        url = URL(target) if not raw_query else URL(f"{URL(target)}?{raw_query}", encoded=True)
+        head = request_head(
+            request.method, origin, request.rel_url.raw_query_string, headers.items(), framing
+        )
+        conn = client.pooled(origin) or await client.connect(origin, self._connect_timeout)
+        sender: asyncio.Task[None] | None = None
         try:
-            async with self._http.request(
-                request.method,
-                url,
-                headers=headers,
-                data=data,
-                allow_redirects=False,
-                auto_decompress=False,
-                skip_auto_headers=_SKIP_AUTO,
-                timeout=self._timeout,
-            ) as upstream:
-                outcome.status = upstream.status
-                outcome.bytes_up = body.sent
-                if tools_filter is not None and upstream.status == 200:
-                    return await self._filtered(
-                        request, upstream, outcome, tools_filter, on_response
-                    )
-                return await self._relay(request, upstream, outcome, on_response)
-        except PayloadTooLarge:
-            raise
-        except aiohttp.ClientError as exc:
+            conn.send(head, data, self._idle_timeout)
+            if stream is not None:
+                # The body goes up while the answer is awaited: an upstream may answer (and
+                # stop reading) before the body's end.
+                sender = asyncio.ensure_future(conn.send_stream(stream, "chunked" in framing))
+                sender.add_done_callback(partial(_body_done, conn))
+            await conn.head()
+            outcome.status = conn.status
+            outcome.bytes_up = body.sent
+            if tools_filter is not None and conn.status == 200:
+                return await self._filtered(request, conn, outcome, tools_filter, on_response)
+            return await self._relay(request, conn, outcome, on_response)
+        except UpstreamError:
             if body.too_large:
                 raise PayloadTooLarge(_too_large(self._max_body)) from None
-            raise _translate(exc, target) from None
-        except TimeoutError:
-            raise UpstreamTimeout(f"upstream {_host(target)} timed out") from None
+            raise
+        finally:
+            if sender is not None and not sender.done():
+                sender.cancel()
+            conn.finish()
 
     async def _relay(
         self,
         request: web.Request,
-        upstream: aiohttp.ClientResponse,
+        upstream: Connection,
         outcome: Outcome,
         on_response: HeaderHook | None,
     ) -> web.StreamResponse:
-        headers = response_headers(upstream.headers)
+        answer = response_headers(upstream.headers)
         if on_response is not None:
-            on_response(headers)
-        chunked = "chunked" in upstream.headers.get("Transfer-Encoding", "").lower()
-        sse = upstream.headers.get("Content-Type", "").startswith("text/event-stream")
-        length = upstream.content_length
-        if length is not None and length <= SMALL_BODY and not chunked and not sse:
-            return await self._whole(upstream, outcome, headers)
-        out = web.StreamResponse(status=upstream.status, reason=upstream.reason)
-        out.headers.extend(headers)
-        if length is not None and not chunked:
+            on_response(answer.headers)
+        length = answer.length
+        if length is not None and length <= SMALL_BODY and not answer.chunked and not answer.sse:
+            return await self._whole(upstream, outcome, answer.headers)
+        out = web.StreamResponse(status=upstream.status, reason=upstream.reason or None)
+        out.headers.extend(answer.headers)
+        if length is not None and not answer.chunked:
             out.content_length = length
-        if sse:
+        if answer.sse:
             # Tell any buffering proxy in front of us (nginx) to pass events through at once.
             out.headers["X-Accel-Buffering"] = "no"
         return await self._stream(request, upstream, out, outcome)
@@ -287,7 +314,7 @@ class Forwarder:
     async def _stream(
         self,
         request: web.Request,
-        upstream: aiohttp.ClientResponse,
+        upstream: Connection,
         out: web.StreamResponse,
         outcome: Outcome,
         events: SseFilter | None = None,
@@ -298,7 +325,7 @@ class Forwarder:
         if gauge is not None:
             gauge.inc()
         try:
-            async for chunk in upstream.content.iter_any():
+            while chunk := await upstream.read():
                 ready = chunk if events is None else events.feed(chunk)
                 if ready:
                     await out.write(ready)  # aiohttp writes straight to the transport: a flush
@@ -308,13 +335,14 @@ class Forwarder:
                 await out.write(rest)
                 outcome.bytes_down += len(rest)
         except ConnectionResetError:
-            # The client went away while we wrote; leaving the `async with` closes upstream.
+            # The client went away while we wrote; the caller closes the upstream connection.
             outcome.broken = "client_disconnected"
             return out
-        except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError) as exc:
+        except UpstreamError as exc:
             # Headers are gone already: the only honest signal left is to cut the connection,
             # so the client sees a truncated response, never a clean end.
-            outcome.broken = _broken_reason(exc)
+            timed_out = isinstance(exc, UpstreamTimeout)
+            outcome.broken = "upstream_idle_timeout" if timed_out else "upstream_reset"
             if request.transport is not None:
                 request.transport.abort()
             return out
@@ -327,13 +355,14 @@ class Forwarder:
     async def _filtered(
         self,
         request: web.Request,
-        upstream: aiohttp.ClientResponse,
+        upstream: Connection,
         outcome: Outcome,
         tools_filter: ToolsListFilter,
         on_response: HeaderHook | None = None,
     ) -> web.StreamResponse:
         """A tools/list answer, with the tools the session may not call taken out."""
-        headers = response_headers(upstream.headers)
+        answer = response_headers(upstream.headers)
+        headers = answer.headers
         if on_response is not None:
             # A filtered answer is the session's too: its Mcp-Session-Id is sealed like any
             # other (it reached the client as the upstream's own id, unsealed).
@@ -341,7 +370,6 @@ class Forwarder:
         codings = {
             c.strip().lower() for v in headers.popall("Content-Encoding", []) for c in v.split(",")
         } - {"", "identity"}
-        sse = upstream.headers.get("Content-Type", "").startswith("text/event-stream")
 
         def whole(body: bytes) -> web.Response:
             headers["Content-Type"] = "application/json"
@@ -354,61 +382,35 @@ class Forwarder:
             # every tool inside, a gunzip away: fail closed.
             body = json.dumps(tools_filter.error("answer is compressed")).encode()
             return whole(body)
-        if not sse:
+        if not answer.sse:
             # JSON (or anything else, which the filter turns into an error): read whole, bounded.
             # Every chunk to the end: one read() returned only what had arrived so far, so a
             # large answer became an error, and one over the limit passed on its first chunk.
-            chunks: list[bytes] = []
-            size = 0
-            async for chunk in upstream.content.iter_any():
-                size += len(chunk)
-                if size > MAX_JSON_ANSWER:
-                    break
-                chunks.append(chunk)
-            if size > MAX_JSON_ANSWER:
+            raw = await upstream.read_whole(MAX_JSON_ANSWER)
+            if raw is None:
                 body = json.dumps(tools_filter.error("answer too large")).encode()
             else:
-                body = tools_filter.json_body(b"".join(chunks))
+                body = tools_filter.json_body(raw)
             return whole(body)
-        out = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+        out = web.StreamResponse(status=upstream.status, reason=upstream.reason or None)
         out.headers.extend(headers)
         out.headers["X-Accel-Buffering"] = "no"
         return await self._stream(request, upstream, out, outcome, tools_filter.sse())
 
     @staticmethod
     async def _whole(
-        upstream: aiohttp.ClientResponse, outcome: Outcome, headers: CIMultiDict[str]
+        upstream: Connection, outcome: Outcome, headers: CIMultiDict[str]
     ) -> web.Response:
         """A small answer with a Content-Length: one write of headers and body together.
 
         Nothing has been sent to the client yet, so an upstream failure here is still a 502/504.
         """
-        body = await upstream.read()
+        body = await upstream.read_whole(SMALL_BODY)
+        assert body is not None  # llhttp stops at the Content-Length, which is at most this
         outcome.bytes_down = len(body)
         return web.Response(
             status=upstream.status,
-            reason=upstream.reason,
+            reason=upstream.reason or None,
             headers=headers,
             body=body,
         )
-
-
-def _broken_reason(exc: BaseException) -> str:
-    if isinstance(exc, TimeoutError):
-        return "upstream_idle_timeout"
-    return "upstream_reset"
-
-
-def _host(target: str) -> str:
-    return target.split("/")[2] if "://" in target else target
-
-
-def _translate(exc: aiohttp.ClientError, target: str) -> UpstreamError:
-    host = _host(target)
-    if isinstance(exc, aiohttp.ConnectionTimeoutError):
-        return ConnectFailed(f"upstream {host} timed out", timed_out=True)
-    if isinstance(exc, aiohttp.ServerTimeoutError):
-        return UpstreamTimeout(f"upstream {host} timed out")
-    if isinstance(exc, aiohttp.ClientConnectorError):
-        return ConnectFailed(f"upstream {host} is unreachable")
-    return UpstreamError(f"upstream {host} failed: {type(exc).__name__}")

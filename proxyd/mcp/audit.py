@@ -17,17 +17,21 @@ import time
 from typing import IO, Any
 
 from proxyd.config import AuditSettings
-from proxyd.log import get_logger
+from proxyd.log import AUDIT_LOGGER, get_logger, info
 
-log = get_logger("proxyd.audit")
+log = get_logger(AUDIT_LOGGER)
 
 NOISY = frozenset(
     {"tools/list", "resources/list", "resources/templates/list", "prompts/list", "ping"}
 )
 
 
+# Built once: json.dumps builds a new encoder on every call with non-default options.
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
 def arguments_hash(arguments: Any) -> str:
-    canonical = json.dumps(arguments, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    canonical = _CANONICAL.encode(arguments)
     return "sha256:" + hashlib.sha256(canonical.encode()).hexdigest()
 
 
@@ -43,7 +47,10 @@ class Auditor:
         return failed or self.settings.list_methods or method not in NOISY
 
     def emit(self, event: str, **fields: Any) -> None:
-        log.info(event, **fields)
+        self.record(event, fields)
+
+    def record(self, event: str, fields: dict[str, Any]) -> None:
+        info(log, AUDIT_LOGGER, event, fields)
         if self._file is not None:
             line = {"time": time.time(), "event": event, **fields}
             self._file.write(json.dumps(line, separators=(",", ":"), default=str) + "\n")
@@ -91,34 +98,34 @@ class AuditContext:
         fields["status"] = status
         fields["latency_ms"] = round((time.perf_counter() - self._started) * 1000, 2)
         failed = status >= 400 or not allowed
+        auditor = self._auditor
         if http_method == "GET":
-            self._auditor.emit("mcp.session.listen_stream", **fields)
+            auditor.record("mcp.session.listen_stream", fields)
             return
         if http_method == "DELETE":
-            self._auditor.emit("mcp.session.end", **fields)
+            auditor.record("mcp.session.end", fields)
             return
         method = exchange.method
         if exchange.kind == "notification":
-            if self._auditor.records(method, failed):
-                self._auditor.emit("mcp.session.notification", **fields, mcp_method=method)
+            if auditor.records(method, failed):
+                fields["mcp_method"] = method
+                auditor.record("mcp.session.notification", fields)
             return
         if exchange.kind != "request":
             return
         if method == "initialize" and status < 400 and allowed:
-            self._auditor.emit("mcp.session.start", **fields)
-        if not self._auditor.records(method, failed):
+            auditor.record("mcp.session.start", dict(fields))
+        if not auditor.records(method, failed):
             return
-        request_fields: dict[str, Any] = {
-            "mcp_method": method,
-            "id": exchange.message.get("id"),
-            "allowed": allowed,
-        }
+        fields["mcp_method"] = method
+        fields["id"] = exchange.message.get("id")
+        fields["allowed"] = allowed
         name = exchange.param("uri") if method == "resources/read" else exchange.param("name")
         if isinstance(name, str):
-            request_fields["name"] = name
+            fields["name"] = name
         if method == "tools/call":
             arguments = exchange.param("arguments")
-            request_fields["arguments_hash"] = arguments_hash(arguments)
-            if self._auditor.settings.include_arguments:
-                request_fields["arguments"] = arguments
-        self._auditor.emit("mcp.session.request", **fields, **request_fields)
+            fields["arguments_hash"] = arguments_hash(arguments)
+            if auditor.settings.include_arguments:
+                fields["arguments"] = arguments
+        auditor.record("mcp.session.request", fields)

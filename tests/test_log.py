@@ -1,0 +1,91 @@
+"""proxyd.log: the lines written straight (access, audit) are the lines structlog writes."""
+
+from __future__ import annotations
+
+import datetime
+import io
+import json
+import re
+from typing import Any
+
+from proxyd.log import AUDIT_LOGGER, _Stamp, configure, get_logger, info
+
+FIELDS: dict[str, Any] = {
+    "method": "POST",
+    "path": "/mcp/apps/a",
+    "status": 200,
+    "duration_ms": 1.25,
+    "client": "127.0.0.1",
+    "user": "zoë@example.com",  # not ASCII: escaped the same way
+    "allowed": True,
+    "id": None,
+    "arguments": {"b": [1, 2], "a": "x"},
+    "odd": object(),  # rendered by the fallback, as structlog's JSONRenderer does
+    "token": "secret-value",  # a secret-looking key: redacted
+}
+ISO = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{6})?Z$")
+
+
+def _lines(stream: io.StringIO) -> list[str]:
+    return stream.getvalue().splitlines()
+
+
+def _without_time(line: str) -> tuple[list[str], dict[str, Any]]:
+    data = json.loads(line)
+    assert ISO.match(data.pop("timestamp"))
+    return list(data), data
+
+
+def test_written_line_is_structlogs_line() -> None:
+    stream = io.StringIO()
+    configure("debug", "json", stream)
+    for name in ("proxyd.access", AUDIT_LOGGER):
+        logger = get_logger(name)
+        fields = {**FIELDS, "odd": FIELDS["odd"]}
+        logger.info("request", **fields)
+        info(logger, name, "request", fields)
+        by_structlog, written = _lines(stream)[-2:]
+        assert _without_time(written) == _without_time(by_structlog)
+        # Byte for byte, once the timestamps are set aside.
+        strip = re.compile(r'"timestamp": "[^"]*"')
+        assert strip.sub("", written) == strip.sub("", by_structlog)
+        assert "secret-value" not in written
+        assert json.loads(written)["token"] == "[redacted]"
+        assert written.index('"logger_name"') < written.index('"method"')
+        assert written.index('"event"') < written.index('"level"') < written.index('"timestamp"')
+
+
+def test_written_line_follows_the_level_but_audit_ignores_it() -> None:
+    stream = io.StringIO()
+    configure("warning", "json", stream)
+    info(get_logger("proxyd.access"), "proxyd.access", "request", {"status": 200})
+    assert _lines(stream) == []
+    info(get_logger(AUDIT_LOGGER), AUDIT_LOGGER, "mcp.session.request", {"status": 200})
+    [line] = _lines(stream)
+    assert json.loads(line)["event"] == "mcp.session.request"
+    configure("debug", "json", io.StringIO())
+
+
+def test_console_format_goes_through_structlog() -> None:
+    stream = io.StringIO()
+    configure("debug", "console", stream)
+    try:
+        info(get_logger("proxyd.access"), "proxyd.access", "request", {"status": 200})
+        text = stream.getvalue()
+        assert "request" in text and "status" in text
+        assert not text.startswith("{")
+    finally:
+        configure("debug", "json", io.StringIO())
+
+
+def test_timestamps_match_datetime_isoformat() -> None:
+    stamp = _Stamp()
+    for _ in range(1000):
+        before = datetime.datetime.now(datetime.UTC)
+        text = stamp.now()
+        after = datetime.datetime.now(datetime.UTC)
+        assert ISO.match(text)
+        moment = datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
+        # Same clock, same format; a microsecond of rounding either way at most.
+        slack = datetime.timedelta(microseconds=1)
+        assert before - slack <= moment <= after + slack
