@@ -13,7 +13,7 @@ import grp
 import os
 import shutil
 import subprocess
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,31 +40,39 @@ def _apt(argv: list[str]) -> subprocess.CompletedProcess[str]:
 
 def ensure() -> str:
     """The nginx binary; installed with apt-get when missing. Fails loudly if it cannot be."""
-    found = find()
+    return ensure_debian("nginx", PACKAGES, find, "the peer proxy of the benchmark",
+                         "or run with --no-nginx to skip the peer")
+
+
+def ensure_debian(what: str, packages: Sequence[str], locate: Callable[[], str | None],
+                  why: str, otherwise: str) -> str:
+    """``what`` from Debian's packages (the first of ``packages`` that installs) when
+    ``locate`` does not find it; BenchError saying what to do when that fails."""
+    found = locate()
     if found:
         return found
     apt = shutil.which("apt-get")
     if apt is None:
-        raise BenchError("nginx is not installed and there is no apt-get: install nginx "
-                         "(or run with --no-nginx to skip the peer)")
+        raise BenchError(f"{what} is not installed and there is no apt-get: install {what} "
+                         f"({otherwise})")
     prefix = [] if os.geteuid() == 0 else ["sudo", "-n"]
     if prefix and shutil.which("sudo") is None:
-        raise BenchError("nginx is not installed and we are not root: "
-                         "sudo apt-get install -y nginx-light (or run with --no-nginx)")
-    log("nginx not found: installing it from Debian (the peer proxy of the benchmark)")
+        raise BenchError(f"{what} is not installed and we are not root: "
+                         f"sudo apt-get install -y {packages[0]} ({otherwise})")
+    log(f"{what} not found: installing it from Debian ({why})")
     update = _apt([*prefix, apt, "update"])
     if update.returncode != 0:
         log(f"apt-get update failed ({update.returncode}); trying the install anyway:\n"
             + _tail(update))
     failures = []
-    for package in PACKAGES:
+    for package in packages:
         done = _apt([*prefix, apt, "install", "-y", "--no-install-recommends", package])
-        found = find()
+        found = locate()
         if done.returncode == 0 and found:
-            log(f"installed {package}: {found} ({version(found)})")
+            log(f"installed {package}: {found}")
             return found
         failures.append(f"apt-get install {package}: exit {done.returncode}\n{_tail(done)}")
-    raise BenchError("could not install nginx:\n" + "\n".join(failures))
+    raise BenchError(f"could not install {what}:\n" + "\n".join(failures))
 
 
 def _tail(done: subprocess.CompletedProcess[str], lines: int = 8) -> str:

@@ -28,6 +28,7 @@ NOISY = frozenset(
 
 # Built once: json.dumps builds a new encoder on every call with non-default options.
 _CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+_FILE_LINE = json.JSONEncoder(separators=(",", ":"), default=str)
 
 
 def arguments_hash(arguments: Any) -> str:
@@ -53,7 +54,7 @@ class Auditor:
         info(log, AUDIT_LOGGER, event, fields)
         if self._file is not None:
             line = {"time": time.time(), "event": event, **fields}
-            self._file.write(json.dumps(line, separators=(",", ":"), default=str) + "\n")
+            self._file.write(_FILE_LINE.encode(line) + "\n")
 
     def close(self) -> None:
         if self._file is not None:
