@@ -108,6 +108,7 @@ class Worker:
     readies: int = 0  # READY=1 messages so far: a reload is applied when this moves
     restarts: int = 0
     delay: float = 0.0
+    generation: int = 0  # of the configuration text it was started with or told to reload
 
     @property
     def pid(self) -> int | None:
@@ -131,6 +132,7 @@ class Supervisor:
     failed: bool = False  # a worker died before the service was ready
     booted: bool = False
     reload_failures: int = 0
+    generation: int = 0  # bumped by every configuration the supervisor accepts
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
     _reloading: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -291,6 +293,7 @@ class Supervisor:
         finally:
             theirs.close()
         worker.channel = ours
+        worker.generation = self.generation
         worker.state = "starting"
         worker.started_at = loop.time()
         loop.add_reader(ours.fileno(), self._on_message, worker)
@@ -327,6 +330,12 @@ class Supervisor:
                 first = worker.state == "starting"
                 worker.state = "ready"
                 worker.readies += 1
+                if first and worker.generation < self.generation:
+                    # Started on the text before a reload it was too young to be sent (a
+                    # SIGHUP before its handler exists would kill it): it catches up now.
+                    worker.generation = self.generation
+                    self._signal(worker, signal.SIGHUP)
+                    log.info("reload_forwarded", workers=[worker.index], reason="late_start")
                 if first and self.booted:
                     log.info(
                         "worker_replaced",
@@ -368,6 +377,7 @@ class Supervisor:
                 self.notifier.ready("reload failed: previous configuration in force")
                 return
             self.text = text
+            self.generation += 1
             if new.server.workers != self.settings.server.workers:
                 log.warning(
                     "config_change_needs_restart",
@@ -377,6 +387,7 @@ class Supervisor:
             targets = [w for w in self.workers if w.alive and w.state != "starting"]
             marks = {w.index: w.readies for w in targets}
             for worker in targets:
+                worker.generation = self.generation
                 self._signal(worker, signal.SIGHUP)
             log.info("reload_forwarded", workers=[w.index for w in targets])
 

@@ -311,6 +311,44 @@ async def test_a_replacement_worker_runs_the_accepted_configuration_not_a_broken
     assert await spread(proxyd, issuer) == set(range(WORKERS))
 
 
+async def test_a_worker_still_starting_at_a_reload_applies_it_once_it_serves(
+    issuer: TestIssuer, launch: LaunchWorkers, upstreams: Upstreams, tmp_path: Path
+) -> None:
+    _, url = await start_upstream(upstreams)
+    path = write_config(tmp_path / "proxyd.toml", workers_config(issuer, tmp_path, url))
+    proxyd = await launch(path)
+    since = proxyd.mark()
+    os.kill(worker_pids(proxyd)[1], signal.SIGKILL)
+    spawned = await proxyd.wait_for("worker_spawned", since, worker=1)
+    # Frozen while it boots (long before it could serve): it is "starting" at the reload, and
+    # a SIGHUP then would kill it (no handler yet), so the supervisor must not send one.
+    os.kill(spawned["pid"], signal.SIGSTOP)
+    try:
+        assert not proxyd.find("worker_replaced", since), "the worker booted too fast to test"
+        _, url_b = await start_upstream(upstreams)
+        server = {"workers": WORKERS, "shutdown_grace": "5s"}
+        doc = proxyd_config(
+            issuer,
+            tmp_path,
+            {"a": [url], "b": [url_b]},
+            port=proxyd.port,
+            admin=proxyd.admin,
+            server=server,
+        )
+        write_config(path, doc)
+        proxyd.signal(signal.SIGHUP)
+        forwarded = await proxyd.wait_for("reload_forwarded", since)
+        assert forwarded["workers"] == [0]
+        await proxyd.wait_for("config_reloaded", since, worker=0)
+    finally:
+        os.kill(spawned["pid"], signal.SIGCONT)
+    await proxyd.wait_for("worker_replaced", since, worker=1)
+    late = await proxyd.wait_for("reload_forwarded", since, reason="late_start")
+    assert late["workers"] == [1]
+    await proxyd.wait_for("config_reloaded", since, worker=1)
+    assert await spread(proxyd, issuer, app="b") == set(range(WORKERS))
+
+
 async def test_the_workers_stop_when_the_supervisor_is_killed(
     issuer: TestIssuer, launch: LaunchWorkers, upstreams: Upstreams, tmp_path: Path
 ) -> None:
