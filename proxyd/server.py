@@ -8,6 +8,7 @@ cut; then the process exits 0. SIGHUP reloads the main file (proxyd.reload), one
 from __future__ import annotations
 
 import asyncio
+import resource
 import signal
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,12 +36,33 @@ class WorkerRole:
     mcp_key: bytes | None
 
 
+def raise_fd_limit() -> int:
+    """The soft RLIMIT_NOFILE raised to the hard one; the limit now in force.
+
+    Each client connection and each upstream stream holds a descriptor: 10,000 open SSE
+    streams need 20,000. Started by hand the soft limit is often 1024 — about 500 streams —
+    while the hard one allows far more (Go's runtime and nginx's worker_rlimit_nofile do the
+    same). Under systemd the unit's LimitNOFILE sets both.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError) as exc:
+            log.warning("fd_limit_unchanged", soft=soft, hard=hard, error=str(exc))
+            return soft
+        return target
+    return soft
+
+
 async def serve(
     settings: Settings,
     on_ready: Callable[[], None] | None = None,
     role: WorkerRole | None = None,
 ) -> None:
     loop = asyncio.get_running_loop()
+    fd_limit = raise_fd_limit()
     stop = asyncio.Event()
     notifier = role.control if role is not None else Notifier()
     draining = False
@@ -106,6 +128,7 @@ async def serve(
             apps=[a.name for a in settings.apps],
             app_auth_configs=[c.name for c in runtime.shared.store.snapshot.configs],
             loop=type(loop).__module__.split(".")[0],
+            fd_limit=fd_limit,
         )
         notifier.ready(f"serving {len(settings.apps)} apps on {s.listen_host}:{s.listen_port}")
         if on_ready is not None:

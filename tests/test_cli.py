@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import re
+import resource
 import signal
 import socket
 import sys
@@ -137,6 +138,55 @@ async def test_run_serves_and_exits_cleanly_on_sigterm(issuer: TestIssuer, tmp_p
         # The identity key was created on first start, private to the service.
         key = tmp_path / "state" / "identity-key.pem"
         assert key.stat().st_mode & 0o077 == 0
+        assert await _stop(proc, signal.SIGTERM) == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+async def test_run_raises_its_descriptor_limit_to_the_hard_one(
+    issuer: TestIssuer, tmp_path: Path
+) -> None:
+    """Started by hand with a soft limit of 256 (about 120 streams), proxyd takes what the hard
+    limit allows: 10,000 SSE streams need 20,000 descriptors (issue 6)."""
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard <= 256:
+        pytest.fail(f"this machine's hard descriptor limit ({hard}) leaves nothing to raise")
+    port = free_port()
+    doc = base_config(
+        issuer,
+        {"a": ["http://127.0.0.1:9/mcp"]},
+        tmp_path,
+        server={"listen": f"127.0.0.1:{port}", "state_dir": str(tmp_path / "state")},
+        admin={"enabled": False},
+        log={"format": "json"},
+    )
+    config = tmp_path / "proxyd.toml"
+    config.write_text(_toml(doc))
+
+    def low_soft_limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "proxyd",
+        "run",
+        "-c",
+        str(config),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        preexec_fn=low_soft_limit,
+    )
+    try:
+        assert proc.stdout is not None
+        started = await asyncio.wait_for(_read_until(proc.stdout, "proxyd_started"), GUARD)
+        limit = json.loads(started[-1])["fd_limit"]
+        assert limit == (hard if hard != resource.RLIM_INFINITY else 1 << 20)
+        soft_now, _ = resource.prlimit(proc.pid, resource.RLIMIT_NOFILE)
+        assert soft_now == limit
         assert await _stop(proc, signal.SIGTERM) == 0
     finally:
         if proc.returncode is None:
