@@ -25,6 +25,7 @@ from typing import Any
 import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.samples import Sample
 
 from proxyd.config import MAX_WORKERS, ConfigError, parse_settings
 from proxyd.supervisor import RestartPolicy, describe_exit, parse_fields
@@ -34,6 +35,7 @@ from tests.test_cli import _spawn, free_port
 from tests.test_operate import (
     GUARD,
     Daemon,
+    Upstream,
     _message,
     _notify_socket,
     _pending,
@@ -135,6 +137,23 @@ def workers_config(issuer: TestIssuer, tmp_path: Path, url: str, **sections: Any
     return proxyd_config(issuer, tmp_path, {"a": [url]}, server=server, **sections)
 
 
+async def start_workers(
+    issuer: TestIssuer, launch: LaunchWorkers, upstreams: Upstreams, tmp_path: Path
+) -> tuple[Daemon, Upstream, str, Path]:
+    """An upstream, and a supervised proxyd with WORKERS workers serving app "a" from it."""
+    upstream, url = await start_upstream(upstreams)
+    path = write_config(tmp_path / "proxyd.toml", workers_config(issuer, tmp_path, url))
+    return await launch(path), upstream, url, path
+
+
+async def scrape(daemon: Daemon) -> list[Sample]:
+    """Every sample of the supervisor's /metrics."""
+    async with aiohttp.ClientSession() as http, http.get(daemon.admin_url("/metrics")) as resp:
+        assert resp.status == 200
+        text = await resp.text()
+    return [s for f in text_string_to_metric_families(text) for s in f.samples]
+
+
 # --------------------------------------------------------------------------------------------
 # Serving
 
@@ -200,18 +219,12 @@ async def _session_upstream(upstreams: Upstreams) -> str:
 async def test_metrics_merge_every_worker_with_a_worker_label(
     issuer: TestIssuer, launch: LaunchWorkers, upstreams: Upstreams, tmp_path: Path
 ) -> None:
-    _, url = await start_upstream(upstreams)
-    path = write_config(tmp_path / "proxyd.toml", workers_config(issuer, tmp_path, url))
-    proxyd = await launch(path)
+    proxyd, _upstream, _url, _path = await start_workers(issuer, launch, upstreams, tmp_path)
     served = await spread(proxyd, issuer)
-    async with aiohttp.ClientSession() as http:
-        async with http.get(proxyd.admin_url("/metrics")) as resp:
-            assert resp.status == 200
-            text = await resp.text()
-        async with http.get(proxyd.admin_url("/readyz")) as resp:
-            assert resp.status == 200
-            assert (await resp.json())["workers"]["ready"] == WORKERS
-    samples = [s for f in text_string_to_metric_families(text) for s in f.samples]
+    samples = await scrape(proxyd)
+    async with aiohttp.ClientSession() as http, http.get(proxyd.admin_url("/readyz")) as resp:
+        assert resp.status == 200
+        assert (await resp.json())["workers"]["ready"] == WORKERS
     requests = [s for s in samples if s.name == "proxyd_requests_total" and s.labels["app"] == "a"]
     assert {s.labels["worker"] for s in requests} == {str(w) for w in served}
     assert sum(s.value for s in requests) == 40
@@ -271,9 +284,7 @@ async def test_workers_on_memory_state_say_their_limits_are_per_worker(
 async def test_a_sigkilled_worker_is_replaced_and_the_service_keeps_answering(
     issuer: TestIssuer, launch: LaunchWorkers, upstreams: Upstreams, tmp_path: Path
 ) -> None:
-    _, url = await start_upstream(upstreams)
-    path = write_config(tmp_path / "proxyd.toml", workers_config(issuer, tmp_path, url))
-    proxyd = await launch(path)
+    proxyd, _upstream, _url, _path = await start_workers(issuer, launch, upstreams, tmp_path)
     assert await spread(proxyd, issuer) == set(range(WORKERS))
     victim = worker_pids(proxyd)[0]
 
@@ -287,12 +298,9 @@ async def test_a_sigkilled_worker_is_replaced_and_the_service_keeps_answering(
     replaced = await proxyd.wait_for("worker_replaced", since, worker=exited["worker"])
     assert replaced["pid"] != victim and alive(replaced["pid"])
     assert await spread(proxyd, issuer) == set(range(WORKERS))
-    async with aiohttp.ClientSession() as http, http.get(proxyd.admin_url("/metrics")) as resp:
-        text = await resp.text()
     restarts = {
         s.labels["worker"]: s.value
-        for f in text_string_to_metric_families(text)
-        for s in f.samples
+        for s in await scrape(proxyd)
         if s.name == "proxyd_worker_restarts_total"
     }
     assert restarts == {str(exited["worker"]): 1.0, str(1 - exited["worker"]): 0.0}
@@ -301,9 +309,7 @@ async def test_a_sigkilled_worker_is_replaced_and_the_service_keeps_answering(
 async def test_a_replacement_worker_runs_the_accepted_configuration_not_a_broken_file(
     issuer: TestIssuer, launch: LaunchWorkers, upstreams: Upstreams, tmp_path: Path
 ) -> None:
-    _, url = await start_upstream(upstreams)
-    path = write_config(tmp_path / "proxyd.toml", workers_config(issuer, tmp_path, url))
-    proxyd = await launch(path)
+    proxyd, _upstream, _url, path = await start_workers(issuer, launch, upstreams, tmp_path)
     path.write_text("this is [not toml")  # edited, never reloaded
     since = proxyd.mark()
     os.kill(worker_pids(proxyd)[1], signal.SIGKILL)
@@ -314,9 +320,7 @@ async def test_a_replacement_worker_runs_the_accepted_configuration_not_a_broken
 async def test_a_worker_still_starting_at_a_reload_applies_it_once_it_serves(
     issuer: TestIssuer, launch: LaunchWorkers, upstreams: Upstreams, tmp_path: Path
 ) -> None:
-    _, url = await start_upstream(upstreams)
-    path = write_config(tmp_path / "proxyd.toml", workers_config(issuer, tmp_path, url))
-    proxyd = await launch(path)
+    proxyd, _upstream, url, path = await start_workers(issuer, launch, upstreams, tmp_path)
     since = proxyd.mark()
     os.kill(worker_pids(proxyd)[1], signal.SIGKILL)
     spawned = await proxyd.wait_for("worker_spawned", since, worker=1)
@@ -352,9 +356,7 @@ async def test_a_worker_still_starting_at_a_reload_applies_it_once_it_serves(
 async def test_the_workers_stop_when_the_supervisor_is_killed(
     issuer: TestIssuer, launch: LaunchWorkers, upstreams: Upstreams, tmp_path: Path
 ) -> None:
-    _, url = await start_upstream(upstreams)
-    path = write_config(tmp_path / "proxyd.toml", workers_config(issuer, tmp_path, url))
-    proxyd = await launch(path)
+    proxyd, _upstream, _url, _path = await start_workers(issuer, launch, upstreams, tmp_path)
     pids = worker_pids(proxyd)
     assert all(alive(pid) for pid in pids)
     proxyd.proc.kill()  # SIGKILL: the supervisor cannot forward anything
@@ -460,9 +462,7 @@ async def test_sighup_reaches_every_worker_and_systemd_hears_one_service(
 async def test_sigterm_lets_a_request_in_flight_on_a_worker_finish(
     issuer: TestIssuer, launch: LaunchWorkers, upstreams: Upstreams, tmp_path: Path
 ) -> None:
-    upstream, url = await start_upstream(upstreams)
-    path = write_config(tmp_path / "proxyd.toml", workers_config(issuer, tmp_path, url))
-    proxyd = await launch(path)
+    proxyd, upstream, _url, _path = await start_workers(issuer, launch, upstreams, tmp_path)
     token = issuer.token(time.time())
     async with fresh_connections() as http:
         held = asyncio.ensure_future(post(http, proxyd.url("a"), token, "hold"))
