@@ -199,6 +199,7 @@ class Supervisor:
 
     async def _shutdown(self, keepers: list[asyncio.Task[None]], reloads: set[Any]) -> None:
         self.stopping = True
+        self._stop.set()  # wakes a slot waiting out a restart back-off, whatever ended run()
         self._changed()
         self.notifier.stopping()
         log.info("supervisor_stopping", grace_seconds=self.settings.server.shutdown_grace)
@@ -219,7 +220,10 @@ class Supervisor:
                         reason="did not exit after the shutdown grace",
                     )
                     self._signal(worker, signal.SIGKILL)
-            await asyncio.gather(*late, return_exceptions=True)
+        for outcome in await asyncio.gather(*keepers, return_exceptions=True):
+            if isinstance(outcome, Exception):
+                # A slot's own failure: said here, since nothing else awaits it.
+                log.error("worker_slot_failed", error=f"{type(outcome).__name__}: {outcome}")
 
     async def _keep(self, worker: Worker) -> None:
         """One worker slot for the supervisor's whole life: start, watch, start again."""

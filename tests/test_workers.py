@@ -385,6 +385,35 @@ async def test_a_worker_that_cannot_start_fails_the_service(
     assert daemon.find("listen_failed")
     assert not daemon.find("supervisor_started")
     assert daemon.find("supervisor_stopped")
+    daemon.check_output()
+
+
+async def test_an_admin_port_in_use_fails_the_service_and_stops_its_workers(
+    issuer: TestIssuer, upstreams: Upstreams, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
+    _, url = await start_upstream(upstreams)
+    admin = free_port()
+    path = write_config(
+        tmp_path / "proxyd.toml", workers_config(issuer, tmp_path, url, admin=admin)
+    )
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", admin))
+        squatter.listen()
+        daemon = Daemon(await _spawn("run", "-c", str(path)), *_ports(path))
+        try:
+            assert await daemon.exit_code() == 1
+        finally:
+            await daemon.kill()
+    # The workers were serving when the supervisor's own listener failed: they are stopped,
+    # not left behind holding the MCP port.
+    pids = worker_pids(daemon)
+    assert len(pids) == WORKERS
+    assert not any(alive(pid) for pid in pids)
+    assert sorted(line["worker"] for line in daemon.find("proxyd_stopped")) == [0, 1]
+    assert daemon.find("listen_failed")
+    assert not daemon.find("supervisor_started")
+    daemon.check_output()
 
 
 # --------------------------------------------------------------------------------------------
