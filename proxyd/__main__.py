@@ -116,7 +116,19 @@ def _worker(args: argparse.Namespace) -> int:
     channel = socket.socket(fileno=args.control_fd)
     boot = read_boot(channel)
     try:
-        settings = settings_from_text(boot.text, args.config)
+        if boot.boot_text is None or boot.boot_text == boot.text:
+            settings = settings_from_text(boot.text, args.config)
+        else:
+            from proxyd.reload import in_force
+
+            # Started after a reload: the reloaded settings, with the restart-only values the
+            # service started on (its siblings kept them: same port, Redis, key and audit file),
+            # as a worker that started then and applied the reload would have. The directory
+            # is left to the watcher's first scan, as on a reload.
+            settings = in_force(
+                settings_from_text(boot.text, args.config, load_dir=False),
+                settings_from_text(boot.boot_text, args.config, load_dir=False),
+            )
     except ConfigError as exc:
         configure()
         log.error("config_invalid", path=args.config, problems=exc.problems)

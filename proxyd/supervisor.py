@@ -137,6 +137,13 @@ class Supervisor:
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
     _reloading: asyncio.Lock = field(default_factory=asyncio.Lock)
     _reload_tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    # The text the service started on: its restart-only values (listen, state, key file,
+    # audit file, ...) stay in force after a reload, so a replacement worker must get them
+    # too, not the reloaded ones (it bound a reloaded port alone, split from its siblings).
+    boot_text: str = field(init=False, default="")
+
+    def __post_init__(self) -> None:
+        self.boot_text = self.text
 
     # ------------------------------------------------------------------------------------
     # The service's life
@@ -266,7 +273,11 @@ class Supervisor:
         try:
             with contextlib.suppress(OSError):
                 ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, MAX_BOOT_MESSAGE)
-            boot = {"config": self.text, "mcp_key": self.mcp_key.hex() if self.mcp_key else None}
+            boot = {
+                "config": self.text,
+                "boot_config": self.boot_text,
+                "mcp_key": self.mcp_key.hex() if self.mcp_key else None,
+            }
             ours.send(json.dumps(boot).encode())
             ours.setblocking(False)
             env = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"}
@@ -557,6 +568,7 @@ class _Families(Collector):
 class Boot:
     text: str
     mcp_key: bytes | None
+    boot_text: str | None = None  # the supervisor's start text: its restart-only values hold
 
 
 def read_boot(channel: socket.socket) -> Boot:
@@ -564,7 +576,12 @@ def read_boot(channel: socket.socket) -> Boot:
     raw = channel.recv(MAX_BOOT_MESSAGE)
     data: Mapping[str, Any] = json.loads(raw)
     key = data.get("mcp_key")
-    return Boot(text=str(data["config"]), mcp_key=bytes.fromhex(key) if key else None)
+    started = data.get("boot_config")
+    return Boot(
+        text=str(data["config"]),
+        mcp_key=bytes.fromhex(key) if key else None,
+        boot_text=str(started) if started is not None else None,
+    )
 
 
 def die_with_supervisor(supervisor_pid: int) -> bool:

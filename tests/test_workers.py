@@ -317,6 +317,26 @@ async def test_a_replacement_worker_runs_the_accepted_configuration_not_a_broken
     assert await spread(proxyd, issuer) == set(range(WORKERS))
 
 
+async def test_a_replacement_worker_keeps_the_restart_only_settings_the_others_run(
+    issuer: TestIssuer, launch: LaunchWorkers, upstreams: Upstreams, tmp_path: Path
+) -> None:
+    # A reload that changes a restart-only key (here the MCP port): the running workers keep
+    # the old value until a restart. A worker replaced after it must keep it too, not bind
+    # the new port alone and leave the service split over two ports.
+    proxyd, _upstream, url, path = await start_workers(issuer, launch, upstreams, tmp_path)
+    server = {"workers": WORKERS, "shutdown_grace": "5s"}
+    doc = proxyd_config(issuer, tmp_path, {"a": [url]}, admin=proxyd.admin, server=server)
+    write_config(path, doc)
+    since = proxyd.mark()
+    proxyd.signal(signal.SIGHUP)
+    await proxyd.wait_for("config_change_needs_restart", since, worker=0)
+    await proxyd.wait_for("config_change_needs_restart", since, worker=1)
+    since = proxyd.mark()
+    os.kill(worker_pids(proxyd)[1], signal.SIGKILL)
+    await proxyd.wait_for("worker_replaced", since, worker=1)
+    assert await spread(proxyd, issuer) == set(range(WORKERS))
+
+
 async def test_a_worker_still_starting_at_a_reload_applies_it_once_it_serves(
     issuer: TestIssuer, launch: LaunchWorkers, upstreams: Upstreams, tmp_path: Path
 ) -> None:
