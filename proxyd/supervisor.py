@@ -273,6 +273,9 @@ class Supervisor:
         try:
             with contextlib.suppress(OSError):
                 ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, MAX_BOOT_MESSAGE)
+            # The generation of the text sent now: a reload while the spawn is awaited sends
+            # this worker nothing (not alive yet) and must reach it once it serves.
+            generation = self.generation
             boot = {
                 "config": self.text,
                 "boot_config": self.boot_text,
@@ -308,7 +311,7 @@ class Supervisor:
         finally:
             theirs.close()
         worker.channel = ours
-        worker.generation = self.generation
+        worker.generation = generation
         worker.state = "starting"
         worker.started_at = loop.time()
         loop.add_reader(ours.fileno(), self._on_message, worker)

@@ -27,8 +27,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
-from proxyd.config import MAX_WORKERS, ConfigError, parse_settings
-from proxyd.supervisor import RestartPolicy, describe_exit, parse_fields
+from proxyd.config import MAX_WORKERS, ConfigError, parse_settings, settings_from_text
+from proxyd.supervisor import RestartPolicy, Supervisor, describe_exit, parse_fields
 from tests.issuer import TestIssuer
 from tests.redisserver import RedisServer
 from tests.test_cli import _spawn, free_port
@@ -371,6 +371,62 @@ async def test_a_worker_still_starting_at_a_reload_applies_it_once_it_serves(
     assert late["workers"] == [1]
     await proxyd.wait_for("config_reloaded", since, worker=1)
     assert await spread(proxyd, issuer, app="b") == set(range(WORKERS))
+
+
+async def test_a_reload_while_a_replacement_is_being_spawned_reaches_it(
+    issuer: TestIssuer, upstreams: Upstreams, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The supervisor in this process (its workers are real): a real SIGHUP lands exactly while
+    # a replacement worker is being started (its boot text already sent, the spawn awaited).
+    # The replacement runs the text from before the reload, so it must be sent the reload once
+    # it serves, like any worker still starting at a reload.
+    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
+    _, url = await start_upstream(upstreams)
+    path = write_config(tmp_path / "proxyd.toml", workers_config(issuer, tmp_path, url))
+    text = path.read_text()
+    supervisor = Supervisor(settings_from_text(text, str(path)), str(path), text)
+    port, admin = _ports(path)
+    real_exec = asyncio.create_subprocess_exec
+    armed = False
+
+    async def spawn(*args: Any, **kwargs: Any) -> asyncio.subprocess.Process:
+        nonlocal armed
+        if armed:
+            armed = False
+            _, url_b = await start_upstream(upstreams)
+            doc = proxyd_config(
+                issuer,
+                tmp_path,
+                {"a": [url], "b": [url_b]},
+                port=port,
+                admin=admin,
+                server={"workers": WORKERS, "shutdown_grace": "5s"},
+            )
+            write_config(path, doc)
+            generation = supervisor.generation
+            os.kill(os.getpid(), signal.SIGHUP)
+            await until(lambda: supervisor.generation > generation, "reload accepted")
+        return await real_exec(*args, **kwargs)
+
+    monkeypatch.setattr(asyncio, "create_subprocess_exec", spawn)
+    running = asyncio.ensure_future(supervisor.run())
+    try:
+        await until(lambda: supervisor.booted and supervisor._all_ready(), "serving")
+        victim = supervisor.workers[1]
+        readies = victim.readies
+        armed = True
+        assert victim.pid is not None
+        os.kill(victim.pid, signal.SIGKILL)
+        # Started (READY) and then the reload applied (RELOADING=1 ... READY=1).
+        await until(lambda: victim.restarts == 1 and victim.readies >= readies + 2, "reloaded")
+        token = issuer.token(time.time())
+        async with fresh_connections() as http:
+            for _ in range(40):
+                status, body = await post(http, f"http://127.0.0.1:{port}/mcp/apps/b", token)
+                assert status == 200, body
+    finally:
+        supervisor._stop.set()
+        assert await asyncio.wait_for(running, GUARD) == 0
 
 
 async def test_the_workers_stop_when_the_supervisor_is_killed(
