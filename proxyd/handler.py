@@ -219,8 +219,14 @@ class McpHandler:
         charge = True
         if session is not None:
             identity = session.identity
-            version = self.authenticator.store.snapshot.versions.get(identity.config)
-            if version == identity.config_version:
+            snapshot = self.authenticator.store.snapshot
+            version = snapshot.versions.get(identity.config)
+            # The config must still select this app: the fingerprint (shared sessions) and
+            # version (local ones) cover the config, not the app's labels, which another
+            # instance or a reload may set so that no config here accepts the token for it.
+            config = snapshot.config(identity.config)
+            covers = config is not None and config.app_labels.matches(app.labels)
+            if version == identity.config_version and covers:
                 record.user, record.session = session.username, "cached"
                 if self.limits.per_user_is_shared:
                     await self.limits.shared_per_user(identity)

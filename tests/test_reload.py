@@ -422,6 +422,28 @@ async def test_reloaded_main_app_auth_configs_apply_and_sessions_follow(
     assert len(echo.seen) == 2
 
 
+async def test_a_relabelled_app_no_config_selects_ends_its_sessions(
+    issuer: TestIssuer,
+    make_proxy: ProxyFactory,
+    upstreams: Upstreams,
+    clock: FakeClock,
+    tmp_path: Path,
+) -> None:
+    echo, url = await echo_at(upstreams)
+    doc = config(issuer, {"a": url}, tmp_path)
+    proxy = await start(make_proxy, tmp_path, doc)
+    token = issuer.token(clock.wall())
+    assert (await proxy.post(token)).status == 200
+    # The config is unchanged (same version) but no longer selects app "a": the token is
+    # refused for it, and so is the session it had.
+    relabelled = copy.deepcopy(doc)
+    relabelled["apps"][0]["labels"]["env"] = "prod"
+    assert await proxy.reload(relabelled) is True
+    body = await rpc_error(await proxy.post(token), 401)
+    assert reason(body) == "no_matching_config"
+    assert len(echo.seen) == 1
+
+
 # --------------------------------------------------------------------------------------------
 # The admin listener: /healthz, /readyz, /metrics
 

@@ -407,6 +407,28 @@ async def test_a_changed_app_auth_config_on_the_other_instance_verifies_again(
     assert sessions == ["test-idp", "other-idp" if change == "renamed" else "test-idp"]
 
 
+async def test_a_record_is_no_session_for_an_app_the_config_does_not_cover_here(
+    redis: RedisServer,
+    issuer: TestIssuer,
+    make_proxy: ProxyFactory,
+    upstreams: Upstreams,
+    clock: FakeClock,
+    tmp_path: Path,
+) -> None:
+    # Same app auth config (same fingerprint) on both, but on B app "a" has other labels: the
+    # config does not select it, so B refuses the token for it. A session A wrote to Redis
+    # must not open app "a" on B all the same.
+    doc = redis_doc(issuer, await upstreams.start(Echo().app()), tmp_path, redis.url)
+    doc_b = copy.deepcopy(doc)
+    doc_b["apps"][0]["labels"]["env"] = "prod"
+    a, b = await start_pair(make_proxy, doc, doc_b)
+    good = new_token(issuer, clock, "labels")
+    await assert_ok(a, good)
+    body = await rpc_error(await post(b, good), 401)
+    assert body["error"]["data"]["reason"] == "no_matching_config"
+    await assert_ok(a, good)
+
+
 async def test_a_forged_or_moved_record_in_redis_is_no_session(
     redis: RedisServer,
     issuer: TestIssuer,
