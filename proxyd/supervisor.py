@@ -243,6 +243,10 @@ class Supervisor:
                 code = None
             else:
                 assert worker.process is not None
+                if self.stopping:
+                    # Stopped while this spawn was awaited: _shutdown's SIGTERM missed it, and
+                    # it would serve until the SIGKILL past the grace.
+                    self._signal(worker, signal.SIGTERM)
                 code = await worker.process.wait()
             self._closed(worker)
             if self.stopping:

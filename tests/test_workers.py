@@ -429,6 +429,41 @@ async def test_a_reload_while_a_replacement_is_being_spawned_reaches_it(
         assert await asyncio.wait_for(running, GUARD) == 0
 
 
+async def test_a_sigterm_while_a_worker_is_being_spawned_stops_it_too(
+    issuer: TestIssuer, upstreams: Upstreams, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The supervisor in this process (its workers are real): a real SIGTERM lands while a
+    # worker is being started, after the others were told to stop. That worker must be
+    # stopped as well, not left serving until the SIGKILL past shutdown_grace + EXIT_SLACK.
+    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
+    _, url = await start_upstream(upstreams)
+    path = write_config(tmp_path / "proxyd.toml", workers_config(issuer, tmp_path, url))
+    text = path.read_text()
+    supervisor = Supervisor(settings_from_text(text, str(path)), str(path), text)
+    real_exec = asyncio.create_subprocess_exec
+    armed = True
+
+    async def spawn(*args: Any, **kwargs: Any) -> asyncio.subprocess.Process:
+        nonlocal armed
+        if armed:
+            armed = False
+            os.kill(os.getpid(), signal.SIGTERM)
+            await until(lambda: supervisor.stopping, "stopping")
+        return await real_exec(*args, **kwargs)
+
+    monkeypatch.setattr(asyncio, "create_subprocess_exec", spawn)
+    running = asyncio.ensure_future(supervisor.run())
+    try:
+        assert await asyncio.wait_for(running, GUARD) == 0
+    finally:
+        for worker in supervisor.workers:
+            with contextlib.suppress(ProcessLookupError):
+                if worker.pid is not None and worker.alive:
+                    os.kill(worker.pid, signal.SIGKILL)
+    late = supervisor.workers[0].process
+    assert late is not None and late.returncode != -signal.SIGKILL
+
+
 async def test_the_workers_stop_when_the_supervisor_is_killed(
     issuer: TestIssuer, launch: LaunchWorkers, upstreams: Upstreams, tmp_path: Path
 ) -> None:
