@@ -15,7 +15,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from proxyd.access import AccessRecord, access_record
-from proxyd.auth.appauth import Authenticator
+from proxyd.auth.appauth import Authenticator, AuthSnapshot
 from proxyd.auth.assertion import AssertionSigner
 from proxyd.auth.bearer import bearer_token
 from proxyd.auth.session import FOREIGN_VERSION, Session, SessionStore, session_key
@@ -90,6 +90,10 @@ class McpHandler:
         public = settings.server.public_url
         self._allowed_origins = settings.server.allowed_origins | {_origin_of(public)}
         self._pending: dict[str, asyncio.Future[Session]] = {}
+        # (snapshot generation, config, app) → whether the config selects the app. App labels
+        # only change with a reload, which builds a new handler; the snapshot's generation
+        # moves with every app auth config change: the hot path pays a dict lookup.
+        self._covers: dict[tuple[int, str, str], bool] = {}
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         record = access_record(request)
@@ -224,8 +228,7 @@ class McpHandler:
             # The config must still select this app: the fingerprint (shared sessions) and
             # version (local ones) cover the config, not the app's labels, which another
             # instance or a reload may set so that no config here accepts the token for it.
-            config = snapshot.config(identity.config)
-            covers = config is not None and config.app_labels.matches(app.labels)
+            covers = self._config_covers(snapshot, identity.config, app)
             if version == identity.config_version and covers:
                 record.user, record.session = session.username, "cached"
                 if self.limits.per_user_is_shared:
@@ -268,6 +271,17 @@ class McpHandler:
         session = await asyncio.shield(pending)
         record.user, record.session = session.username, "new"
         return session
+
+    def _config_covers(self, snapshot: AuthSnapshot, name: str, app: App) -> bool:
+        memo = (snapshot.generation, name, app.name)
+        covers = self._covers.get(memo)
+        if covers is None:
+            config = snapshot.config(name)
+            covers = config is not None and config.app_labels.matches(app.labels)
+            if len(self._covers) > 4096:  # older generations: never asked again
+                self._covers.clear()
+            self._covers[memo] = covers
+        return covers
 
     def _settled(self, key: str, done: asyncio.Future[Session]) -> None:
         self._pending.pop(key, None)
