@@ -161,6 +161,7 @@ class Connection(asyncio.Protocol):
         self._reason = b""
         self._head_size = 0
         self._fields_size = 0
+        self._gap = 0
         self._interim = False
         self._stray = False
         self._chunks: list[bytes] = []
@@ -190,6 +191,11 @@ class Connection(asyncio.Protocol):
         assert parser is not None
         if not self.head_done:
             self._head_size += len(data)
+        else:
+            # Bytes since the last body byte: chunk lines and the trailer section. Trailer
+            # fields are fields (RFC 9112 §7.1.2) that httptools buffers whole until their end,
+            # so they get the head's limit; on_body resets the count.
+            self._gap += len(data)
         try:
             parser.feed_data(data)
         except HttpParserUpgrade:
@@ -202,6 +208,10 @@ class Connection(asyncio.Protocol):
                 self._fail(UpstreamError(f"upstream {self.origin.label} sent a malformed answer"))
         if not self.head_done and self._head_size > MAX_HEAD and not self.complete:
             # A head still unfinished past the limit (llhttp would buffer a field forever).
+            self._fail(self._too_big())
+        elif self._gap > MAX_HEAD and not self.complete:
+            # Likewise a trailer that never ends: still arriving, it also keeps the idle
+            # timeout from firing.
             self._fail(self._too_big())
 
     def eof_received(self) -> bool | None:
@@ -274,6 +284,7 @@ class Connection(asyncio.Protocol):
         self._wake()
 
     def on_body(self, body: bytes) -> None:
+        self._gap = 0
         self._chunks.append(body)
         self._buffered += len(body)
         if self._buffered > HIGH_WATER and not self._read_paused and self.transport is not None:

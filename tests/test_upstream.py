@@ -522,6 +522,21 @@ async def test_huge_answer_head_is_refused(raw: RawStart, client: UpstreamClient
             await exchange(client, url)
 
 
+async def test_endless_trailer_is_refused(raw: RawStart, client: UpstreamClient) -> None:
+    """A trailer section is fields too: httptools buffers a field until its end, so one that
+    never ends must hit the head's limit, not grow in memory (and, still arriving, never let
+    the idle timeout fire). (Bytes after the body in the read that ended it are not counted:
+    the trailer here is longer than any one read.)"""
+    endless = (
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"5\r\nhello\r\n0\r\nX-Trailer: " + b"a" * (8 * MAX_HEAD)  # never ends
+    )
+    _, url = await raw(answering(endless))
+    with pytest.raises(UpstreamError, match="too big a header"):
+        await exchange(client, url)
+    await until(lambda: client.open_connections == 0)
+
+
 async def test_chunk_extensions_and_trailers(raw: RawStart, client: UpstreamClient) -> None:
     """Extensions are ignored, trailers dropped (RFC 9112 §7.1.2), and none of them leaks
     into the next answer on the same connection."""
