@@ -265,6 +265,11 @@ class Connection(asyncio.Protocol):
         parser = self._parser
         assert parser is not None
         status = parser.get_status_code()
+        if not 100 <= status <= 599:
+            # llhttp takes any three digits; RFC 9110 §15 makes the rest invalid (a recipient
+            # treats them as 5xx): relayed, "HTTP/1.1 0" would reach the client. A 502.
+            self._fail(UpstreamError(f"upstream {self.origin.label} sent a malformed answer"))
+            raise _Stop
         if 100 <= status < 200:
             if status not in (100, 102, 103):
                 # 101 switches protocols (proxyd never asked: Upgrade is stripped); llhttp

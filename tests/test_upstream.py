@@ -496,6 +496,10 @@ async def test_switching_protocols_is_an_error(raw: RawStart, client: UpstreamCl
         b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\n{}",
         b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
         b"SPDY/9 what\r\n\r\n",
+        # Status codes outside 100..599 are invalid (RFC 9110 §15); llhttp takes any 3 digits.
+        b"HTTP/1.1 000 Zero\r\nContent-Length: 0\r\n\r\n",
+        b"HTTP/1.1 099 Low\r\nContent-Length: 0\r\n\r\n",
+        b"HTTP/1.1 600 High\r\nContent-Length: 0\r\n\r\n",
     ],
 )
 async def test_malformed_answers_are_502(
