@@ -244,7 +244,11 @@ class Connection(asyncio.Protocol):
 
     def on_message_begin(self) -> None:
         if self.complete:
-            self._stray = True  # a second answer to one request: never reuse this connection
+            # A second answer to one request: never reuse this connection, and stop parsing
+            # here. Parsed on, its status, reason and body were taken as the first answer's
+            # (response splitting: RFC 9112 §9.3 pairs answers with requests in order).
+            self._stray = True
+            raise _Stop
 
     def on_status(self, status: bytes) -> None:
         self._reason += status

@@ -374,6 +374,26 @@ async def test_bytes_after_a_complete_answer_forbid_reuse(
     assert up.connections == 2
 
 
+@pytest.mark.parametrize(
+    "second",
+    [
+        b"HTTP/1.1 404 Not Found\r\nX-Second: 1\r\nContent-Length: 5\r\n\r\nEVIL!",
+        b"HTTP/1.1 500 Oops\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nEVIL!\r\n0\r\n\r\n",
+    ],
+)
+async def test_a_second_answer_never_leaks_into_the_first(
+    second: bytes, raw: RawStart, client: UpstreamClient
+) -> None:
+    """A second answer to one request, in the same read as the first: its status, fields and
+    body belong to no request (RFC 9112 §9.3: answers pair with requests in order), so none of
+    them may reach the client as part of the first (response splitting)."""
+    _, url = await raw(answering(OK + second))
+    answer = await exchange(client, url)
+    assert (answer.status, answer.reason, answer.body) == (200, "OK", b"{}")
+    assert answer.headers == [("Content-Type", "application/json"), ("Content-Length", "2")]
+    assert client.idle_connections(client.origin(url)) == 0
+
+
 async def test_idle_connections_beyond_the_limit_are_closed(raw: RawStart) -> None:
     gate = asyncio.Event()
 
