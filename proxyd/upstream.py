@@ -288,6 +288,12 @@ class Connection(asyncio.Protocol):
         self.status = status
         self.reason = self._reason.decode("latin-1").strip()
         self.keep_alive = parser.should_keep_alive()
+        # RFC 9112 §6.1: Transfer-Encoding in an HTTP/1.0 message is faulty framing (a 1.0 hop
+        # may have passed chunked on unknowingly): close after it. llhttp keeps it alive.
+        if parser.get_http_version() == "1.0" and any(
+            name.lower() == "transfer-encoding" for name, _ in self.headers
+        ):
+            self.keep_alive = False
         self.head_done = True
         self.until_eof = self._ends_at_eof(status)
         self._wake()

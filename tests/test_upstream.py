@@ -340,6 +340,21 @@ async def test_answer_that_closes_is_not_pooled(
     assert up.connections == 2
 
 
+async def test_http10_answer_with_transfer_encoding_is_not_pooled(
+    raw: RawStart, client: UpstreamClient
+) -> None:
+    """RFC 9112 §6.1: Transfer-Encoding in an HTTP/1.0 message means faulty framing (it may
+    have passed a 1.0 hop that knew no chunked): close after it, whatever Connection says."""
+    answer = (
+        b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"2\r\n{}\r\n0\r\n\r\n"
+    )
+    up, url = await raw(answering(answer))
+    for _ in range(2):
+        assert (await exchange(client, url)).body == b"{}"
+    assert up.connections == 2
+
+
 async def test_idle_connection_that_speaks_is_dropped(
     raw: RawStart, client: UpstreamClient
 ) -> None:
