@@ -330,6 +330,11 @@ class Forwarder:
                 if ready:
                     await out.write(ready)  # aiohttp writes straight to the transport: a flush
                     outcome.bytes_down += len(ready)
+                if events is not None and events.overflowed:
+                    # An event past the limit was replaced by an error: end here, the upstream
+                    # connection (its answer unfinished) is closed by the caller.
+                    outcome.broken = "answer_too_large"
+                    break
             rest = events.finish() if events is not None else b""
             if rest:
                 await out.write(rest)

@@ -161,6 +161,7 @@ class Connection(asyncio.Protocol):
         self._reason = b""
         self._head_size = 0
         self._fields_size = 0
+        self._gap = 0
         self._interim = False
         self._stray = False
         self._chunks: list[bytes] = []
@@ -190,6 +191,11 @@ class Connection(asyncio.Protocol):
         assert parser is not None
         if not self.head_done:
             self._head_size += len(data)
+        else:
+            # Bytes since the last body byte: chunk lines and the trailer section. Trailer
+            # fields are fields (RFC 9112 §7.1.2) that httptools buffers whole until their end,
+            # so they get the head's limit; on_body resets the count.
+            self._gap += len(data)
         try:
             parser.feed_data(data)
         except HttpParserUpgrade:
@@ -202,6 +208,10 @@ class Connection(asyncio.Protocol):
                 self._fail(UpstreamError(f"upstream {self.origin.label} sent a malformed answer"))
         if not self.head_done and self._head_size > MAX_HEAD and not self.complete:
             # A head still unfinished past the limit (llhttp would buffer a field forever).
+            self._fail(self._too_big())
+        elif self._gap > MAX_HEAD and not self.complete:
+            # Likewise a trailer that never ends: still arriving, it also keeps the idle
+            # timeout from firing.
             self._fail(self._too_big())
 
     def eof_received(self) -> bool | None:
@@ -234,7 +244,11 @@ class Connection(asyncio.Protocol):
 
     def on_message_begin(self) -> None:
         if self.complete:
-            self._stray = True  # a second answer to one request: never reuse this connection
+            # A second answer to one request: never reuse this connection, and stop parsing
+            # here. Parsed on, its status, reason and body were taken as the first answer's
+            # (response splitting: RFC 9112 §9.3 pairs answers with requests in order).
+            self._stray = True
+            raise _Stop
 
     def on_status(self, status: bytes) -> None:
         self._reason += status
@@ -255,6 +269,11 @@ class Connection(asyncio.Protocol):
         parser = self._parser
         assert parser is not None
         status = parser.get_status_code()
+        if not 100 <= status <= 599:
+            # llhttp takes any three digits; RFC 9110 §15 makes the rest invalid (a recipient
+            # treats them as 5xx): relayed, "HTTP/1.1 0" would reach the client. A 502.
+            self._fail(UpstreamError(f"upstream {self.origin.label} sent a malformed answer"))
+            raise _Stop
         if 100 <= status < 200:
             if status not in (100, 102, 103):
                 # 101 switches protocols (proxyd never asked: Upgrade is stripped); llhttp
@@ -269,11 +288,18 @@ class Connection(asyncio.Protocol):
         self.status = status
         self.reason = self._reason.decode("latin-1").strip()
         self.keep_alive = parser.should_keep_alive()
+        # RFC 9112 §6.1: Transfer-Encoding in an HTTP/1.0 message is faulty framing (a 1.0 hop
+        # may have passed chunked on unknowingly): close after it. llhttp keeps it alive.
+        if parser.get_http_version() == "1.0" and any(
+            name.lower() == "transfer-encoding" for name, _ in self.headers
+        ):
+            self.keep_alive = False
         self.head_done = True
         self.until_eof = self._ends_at_eof(status)
         self._wake()
 
     def on_body(self, body: bytes) -> None:
+        self._gap = 0
         self._chunks.append(body)
         self._buffered += len(body)
         if self._buffered > HIGH_WATER and not self._read_paused and self.transport is not None:

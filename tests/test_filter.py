@@ -498,6 +498,37 @@ async def test_json_answer_over_the_limit_is_an_internal_error(
     internal_error(await resp.read())
 
 
+async def test_sse_event_that_never_ends_is_not_held_without_bound(
+    proxy_for: Callable[..., Awaitable[Client]], issuer: TestIssuer, clock: FakeClock
+) -> None:
+    """An event is held until its blank line; one that grows past the JSON limit without
+    ending must not be held for ever (proxyd's memory, whatever the client's speed): it ends
+    the stream with an internal error, as an over-long JSON answer does."""
+    done = asyncio.Event()
+
+    async def stream(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": SSE})
+        await resp.prepare(request)
+        await resp.write(b'data: {"jsonrpc":"2.0","id":7,"result":{"tools":[')
+        piece = b" " * (1 << 20)
+        for _ in range(MAX_JSON_ANSWER // len(piece) + 2):
+            await resp.write(piece)
+        await done.wait()  # never ends the event
+        return resp
+
+    client = await proxy_for(stream)
+    try:
+        async with asyncio.timeout(GUARD):
+            resp = await post_list(client, issuer.token(clock.wall()))
+            assert resp.status == 200
+            body = await resp.content.read()
+    finally:
+        done.set()
+    events = dispatched(body)
+    assert len(events) == 1
+    internal_error(events[0][1].encode())
+
+
 async def test_filtered_request_asks_for_identity_encoding(
     proxy_for: Callable[..., Awaitable[Client]],
     issuer: TestIssuer,

@@ -340,6 +340,21 @@ async def test_answer_that_closes_is_not_pooled(
     assert up.connections == 2
 
 
+async def test_http10_answer_with_transfer_encoding_is_not_pooled(
+    raw: RawStart, client: UpstreamClient
+) -> None:
+    """RFC 9112 §6.1: Transfer-Encoding in an HTTP/1.0 message means faulty framing (it may
+    have passed a 1.0 hop that knew no chunked): close after it, whatever Connection says."""
+    answer = (
+        b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"2\r\n{}\r\n0\r\n\r\n"
+    )
+    up, url = await raw(answering(answer))
+    for _ in range(2):
+        assert (await exchange(client, url)).body == b"{}"
+    assert up.connections == 2
+
+
 async def test_idle_connection_that_speaks_is_dropped(
     raw: RawStart, client: UpstreamClient
 ) -> None:
@@ -372,6 +387,26 @@ async def test_bytes_after_a_complete_answer_forbid_reuse(
     assert (await exchange(client, url)).body == b"{}"
     assert (await exchange(client, url)).body == b"{}"
     assert up.connections == 2
+
+
+@pytest.mark.parametrize(
+    "second",
+    [
+        b"HTTP/1.1 404 Not Found\r\nX-Second: 1\r\nContent-Length: 5\r\n\r\nEVIL!",
+        b"HTTP/1.1 500 Oops\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nEVIL!\r\n0\r\n\r\n",
+    ],
+)
+async def test_a_second_answer_never_leaks_into_the_first(
+    second: bytes, raw: RawStart, client: UpstreamClient
+) -> None:
+    """A second answer to one request, in the same read as the first: its status, fields and
+    body belong to no request (RFC 9112 §9.3: answers pair with requests in order), so none of
+    them may reach the client as part of the first (response splitting)."""
+    _, url = await raw(answering(OK + second))
+    answer = await exchange(client, url)
+    assert (answer.status, answer.reason, answer.body) == (200, "OK", b"{}")
+    assert answer.headers == [("Content-Type", "application/json"), ("Content-Length", "2")]
+    assert client.idle_connections(client.origin(url)) == 0
 
 
 async def test_idle_connections_beyond_the_limit_are_closed(raw: RawStart) -> None:
@@ -496,6 +531,10 @@ async def test_switching_protocols_is_an_error(raw: RawStart, client: UpstreamCl
         b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\n{}",
         b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
         b"SPDY/9 what\r\n\r\n",
+        # Status codes outside 100..599 are invalid (RFC 9110 §15); llhttp takes any 3 digits.
+        b"HTTP/1.1 000 Zero\r\nContent-Length: 0\r\n\r\n",
+        b"HTTP/1.1 099 Low\r\nContent-Length: 0\r\n\r\n",
+        b"HTTP/1.1 600 High\r\nContent-Length: 0\r\n\r\n",
     ],
 )
 async def test_malformed_answers_are_502(
@@ -520,6 +559,21 @@ async def test_huge_answer_head_is_refused(raw: RawStart, client: UpstreamClient
     for _ in range(2):
         with pytest.raises(UpstreamError, match="too big a header"):
             await exchange(client, url)
+
+
+async def test_endless_trailer_is_refused(raw: RawStart, client: UpstreamClient) -> None:
+    """A trailer section is fields too: httptools buffers a field until its end, so one that
+    never ends must hit the head's limit, not grow in memory (and, still arriving, never let
+    the idle timeout fire). (Bytes after the body in the read that ended it are not counted:
+    the trailer here is longer than any one read.)"""
+    endless = (
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"5\r\nhello\r\n0\r\nX-Trailer: " + b"a" * (8 * MAX_HEAD)  # never ends
+    )
+    _, url = await raw(answering(endless))
+    with pytest.raises(UpstreamError, match="too big a header"):
+        await exchange(client, url)
+    await until(lambda: client.open_connections == 0)
 
 
 async def test_chunk_extensions_and_trailers(raw: RawStart, client: UpstreamClient) -> None:

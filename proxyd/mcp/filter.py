@@ -111,6 +111,7 @@ class SseFilter:
         self._cr_pending = False
         self._rewrote = False
         self._scanned = 0  # the buffer before this offset holds no event end (minus overlap)
+        self.overflowed = False  # an event outgrew MAX_JSON_ANSWER: the stream must end
 
     def feed(self, chunk: bytes) -> bytes:
         out: list[bytes] = []
@@ -133,6 +134,16 @@ class SseFilter:
             self._cr_pending = start == len(self._buffer) and self._buffer.endswith(b"\r")
             self._buffer = self._buffer[start:]
         self._scanned = len(self._buffer)
+        if len(self._buffer) > MAX_JSON_ANSWER:
+            # An event is held until its end, and one that never ends was held without bound
+            # (the reader keeps reading while nothing goes to the client). Past the JSON
+            # answer's limit it could not be filtered anyway: fail closed with the same error,
+            # and the forwarder ends the stream (the rest of that event must not follow).
+            self.overflowed = True
+            self._buffer = b""
+            self._scanned = 0
+            error = self._parent.error("answer too large")
+            out.append(b"data: " + json.dumps(error, separators=(",", ":")).encode() + b"\n\n")
         return b"".join(out)
 
     def finish(self) -> bytes:
