@@ -83,6 +83,7 @@ class Origin:
     tls: bool
     host_header: str
     path: str  # the raw path of the target URL, never re-encoded
+    query: str  # the target URL's own raw query ("" if none), e.g. a tenant parameter
     label: str  # host[:port] for messages
 
     @classmethod
@@ -98,6 +99,7 @@ class Origin:
             tls=url.scheme == "https",
             host_header=host_header,
             path=url.raw_path or "/",
+            query=url.raw_query_string,
             label=target.split("/")[2],
         )
 
@@ -117,7 +119,10 @@ def request_head(
     if method in ("HEAD", "CONNECT"):
         # llhttp cannot be told that an answer to HEAD has no body; CONNECT is no proxy's job.
         raise ValueError(f"{method} is not forwarded")
-    target = origin.path if not raw_query else f"{origin.path}?{raw_query}"
+    # The configured URL's own query first, then the client's (RFC 3986 §3.4 leaves the
+    # joining to the application; "&" is what form-style queries, the common case, expect).
+    query = "&".join(q for q in (origin.query, raw_query) if q)
+    target = f"{origin.path}?{query}" if query else origin.path
     fields = [f"{name}: {value}\r\n" for name, value in headers]
     block = "".join(fields)
     # Exactly one CRLF per field: anything more came from a name or a value. (The target is

@@ -277,6 +277,30 @@ async def test_query_string_passes_unchanged(
     assert echo.last.path == "/mcp"
 
 
+@pytest.mark.parametrize(
+    ("client_query", "upstream_query"),
+    [("", "tenant=t%201"), ("q=1&flag", "tenant=t%201&q=1&flag")],
+)
+async def test_a_server_url_query_is_kept_and_the_clients_follows_it(
+    issuer: TestIssuer,
+    make_proxy: ProxyFactory,
+    upstreams: Upstreams,
+    tmp_path: Path,
+    clock: FakeClock,
+    client_query: str,
+    upstream_query: str,
+) -> None:
+    echo = Echo()
+    url = await upstreams.start(echo.app())
+    client = await make_proxy(config(issuer, {"a": f"{url}?tenant=t%201"}, tmp_path))
+    token = issuer.token(clock.wall())
+    path = "/mcp/apps/a" + (f"?{client_query}" if client_query else "")
+    resp = await client.get(path, headers=bearer(token))
+    assert resp.status == 200
+    assert echo.last.raw_query == upstream_query
+    assert echo.last.path == "/mcp"
+
+
 async def test_methods_and_bodies_reach_the_upstream(
     issuer: TestIssuer,
     make_proxy: ProxyFactory,
