@@ -12,7 +12,13 @@ CONFDIR     ?= /etc/proxyd
 UNITDIR     ?= /etc/systemd/system
 CREATE_USER ?= yes
 
-.PHONY: dev install run test lint bench verify-unit clean
+.PHONY: dev node-deps install run test lint bench verify-unit clean
+
+# The Node side of the differential tests (tests/node): installed from its lock when npm is
+# present; without npm, `make test` still runs and the tests that need node skip (fail in CI).
+NODE_DIR   := tests/node
+NODE_STAMP := $(NODE_DIR)/node_modules/.installed
+NODE_DEPS  := $(if $(shell command -v npm 2>/dev/null),$(NODE_STAMP))
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +28,13 @@ $(STAMP): setup.cfg pyproject.toml
 
 ## dev: create .venv with proxyd (editable) and its test extras (run/test/lint do it for you)
 dev: $(STAMP)
+
+$(NODE_STAMP): $(NODE_DIR)/package.json $(NODE_DIR)/package-lock.json
+	npm ci --prefix $(NODE_DIR) --no-audit --no-fund
+	touch $(NODE_STAMP)
+
+## node-deps: tests/node/node_modules from package-lock.json (make test does it when npm exists)
+node-deps: $(NODE_STAMP)
 
 ## install: proxyd in its own virtualenv under PREFIX, the systemd unit, the example config
 ## (never overwriting an existing one) and the `proxyd` system user
@@ -53,7 +66,7 @@ run: $(STAMP)
 	$(BIN)/proxyd dev
 
 ## test: the whole test suite
-test: $(STAMP)
+test: $(STAMP) $(NODE_DEPS)
 	$(BIN)/python -m pytest -q
 
 ## lint: ruff + mypy --strict

@@ -80,6 +80,12 @@ def access_middleware(public_url: str, metrics: Metrics | None = None) -> Middle
                     err, resource_metadata=resource_metadata_url(public_url, request)
                 )
             status = response.status
+            outcome = record.outcome
+            if outcome is not None and outcome.broken == "client_disconnected":
+                # The upstream answered, the client left before the end: nginx's 499, as for
+                # a client gone earlier (issue 10: this was recorded as the upstream's 200).
+                status = 499
+                record.reason = "client_disconnected"
             return response
         except asyncio.CancelledError:
             status = 499  # nginx's "client closed request"

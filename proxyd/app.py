@@ -117,9 +117,7 @@ class Runtime:
             registry,
             s.sessions,
             Authenticator(s.store, s.jwks, s.clocks.wall),
-            Forwarder(
-                s.upstreams, settings.upstream, settings.server.max_request_body, s.metrics
-            ),
+            Forwarder(s.upstreams, settings.upstream, s.metrics),
             signer,
             s.clocks,
             limits,

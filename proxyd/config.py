@@ -92,6 +92,20 @@ class ServerSettings:
     # Processes accepting on the listener (SO_REUSEPORT) under one supervisor; 1 = no
     # supervisor, the process serves itself (issue 6).
     workers: int = 1
+    # Connection hygiene of the MCP listener (issue 10, proxyd/listener.py). The request head
+    # must arrive within header_timeout (from the connection's start, or from the first byte
+    # of a next request on a keep-alive connection): a slowloris client trickling bytes never
+    # holds a descriptor longer. nginx's client_header_timeout is 60s; clients send a head in
+    # one write, so 10s only ever cuts the stalled and the hostile.
+    header_timeout: float = 10.0
+    # Silence while reading a request body (then 408); never applies to a response stream.
+    body_timeout: float = 60.0
+    # An idle client keep-alive connection is closed after this (nginx 75s; aiohttp's own
+    # default is 3630s).
+    keepalive_timeout: float = 75.0
+    # Open client connections per process; above it new ones are closed at accept. Each
+    # open stream holds two descriptors (client and upstream): 20000 fits LimitNOFILE=65536.
+    max_connections: int = 20_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -674,6 +688,10 @@ def _parse_server(t: _Table) -> ServerSettings:
             state_dir=t.get("state_dir", _nonempty_str, d.state_dir),
             shutdown_grace=t.get("shutdown_grace", parse_duration, d.shutdown_grace),
             workers=t.get("workers", parse_workers, d.workers),
+            header_timeout=t.get("header_timeout", _positive_duration, d.header_timeout),
+            body_timeout=t.get("body_timeout", _positive_duration, d.body_timeout),
+            keepalive_timeout=t.get("keepalive_timeout", _positive_duration, d.keepalive_timeout),
+            max_connections=t.get("max_connections", _positive_int, d.max_connections),
         )
     if server.max_header_size < 1024:
         t.problem("max_header_size", "must be at least 1KiB")
@@ -1003,9 +1021,15 @@ def _check_static_jwks(t: _Table, text: str, algorithms: frozenset[str]) -> None
     from proxyd.auth.keys import KeySetError, parse_jwks  # local: keys imports config
 
     try:
-        parse_jwks(text.encode(), algorithms)
+        rejected, unusable = parse_jwks(text.encode(), algorithms).rejected, None
     except KeySetError as exc:
-        t.problem("static_jwks", str(exc))
+        rejected, unusable = exc.rejected, str(exc)
+    # A fetched JWKS drops such a key with a log line; here whoever wrote the file can fix it,
+    # and a weak key (RFC 7518 §3.3) silently unused is a key someone believes is trusted.
+    for key in rejected:
+        t.problem(f"static_jwks.keys[{key.index}]", key.reason)
+    if unusable is not None and not rejected:
+        t.problem("static_jwks", unusable)
 
 
 def _parse_app_auth_section(t: _Table) -> str | None:

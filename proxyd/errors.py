@@ -97,6 +97,22 @@ class PayloadTooLarge(ProxydError):
     reason = "body_too_large"
 
 
+class UnsupportedMediaType(ProxydError):
+    """A POST body proxyd cannot read exactly as the upstream will (issue 10)."""
+
+    status = 415
+    jsonrpc_code = INVALID_REQUEST
+    reason = "unsupported_media_type"
+
+
+class RequestTimeout(ProxydError):
+    """The client stopped sending its request body (``server.body_timeout`` of silence)."""
+
+    status = 408
+    jsonrpc_code = INVALID_REQUEST
+    reason = "body_timeout"
+
+
 class HeadersTooLarge(ProxydError):
     status = 431
     jsonrpc_code = INVALID_REQUEST

@@ -9,18 +9,21 @@ when the upstream gives one, chunked otherwise. A client that goes away cancels 
 from __future__ import annotations
 
 import asyncio
-import json
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from functools import partial
 from typing import Final
 
-import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxyd.config import UpstreamSettings
-from proxyd.errors import ConnectFailed, PayloadTooLarge, UpstreamError, UpstreamTimeout
+from proxyd.errors import (
+    ConnectFailed,
+    PayloadTooLarge,
+    RequestTimeout,
+    UpstreamError,
+    UpstreamTimeout,
+)
 from proxyd.mcp.filter import MAX_JSON_ANSWER, SseFilter, ToolsListFilter
 from proxyd.metrics import Metrics
 from proxyd.upstream import Connection, UpstreamClient, request_head
@@ -124,108 +127,89 @@ def response_headers(upstream: Iterable[tuple[str, str]]) -> AnswerHead:
     return AnswerHead(out, length, chunked, sse)
 
 
-class _BodyCounter:
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.total = 0
-        self.too_large = False
+def answer_form(content_types: list[str]) -> tuple[str, str | None]:
+    """How a client reads an answer: "sse" or "json", and why it cannot be filtered, if so.
 
-    async def stream(self, content: aiohttp.StreamReader) -> AsyncIterator[bytes]:
-        async for chunk in content.iter_any():
-            self.total += len(chunk)
-            if self.total > self.limit:
-                self.too_large = True
-                raise PayloadTooLarge(_too_large(self.limit))
-            yield chunk
+    Clients do not parse media types: the TypeScript SDK tests ``includes("text/event-stream")``
+    (case-sensitive) before ``includes("application/json")``, Python's lower-cases and tests
+    prefixes. So a type that mentions both is ambiguous, one that mentions the event stream
+    anywhere is read as events, anything else as JSON; and a charset other than UTF-8 may be
+    honoured by one client and not another (issue 10).
+    """
+    if len(content_types) > 1:
+        return "json", "answer has more than one Content-Type"
+    value = content_types[0].lower() if content_types else ""
+    sse = "text/event-stream" in value
+    if sse and "json" in value:
+        return "sse", "answer Content-Type is ambiguous"
+    for param in value.split(";")[1:]:
+        name, _, charset = param.partition("=")
+        if name.strip(" \t") == "charset" and charset.strip(' \t"') != "utf-8":
+            return "json", "answer charset is not UTF-8"
+    return ("sse" if sse else "json"), None
 
 
 class RequestBody:
-    """The client's body for one or more upstream attempts.
+    """The client's body, read whole and bounded: MCP requests proxyd must look into.
 
-    Small bodies with a known length are read whole (and so can be replayed after a failed
-    connect); others stream once, and only a body not yet started may go to another server.
+    A POST carries one JSON-RPC message (read, parsed, decided on: the bytes that go up are the
+    bytes proxyd read); GET and DELETE carry none (a body there is refused before this). Being
+    in memory, it can be replayed to another server after a failed connect.
     """
 
-    def __init__(self, request: web.Request, limit: int, preread: bytes | None = None) -> None:
-        self._request = request
-        self._counter = _BodyCounter(limit)
-        self._bytes = preread
-        self.declared = request.content_length
-        if preread is not None:
-            self._counter.total = len(preread)
+    __slots__ = ("_exists", "data")
+
+    def __init__(self, data: bytes, exists: bool) -> None:
+        self.data = data
+        self._exists = exists
 
     @classmethod
-    async def of(cls, request: web.Request, limit: int) -> RequestBody:
+    def empty(cls) -> RequestBody:
+        return cls(b"", False)
+
+    @classmethod
+    async def read_all(cls, request: web.Request, limit: int, silence: float) -> RequestBody:
         declared = request.content_length
         if declared is not None and declared > limit:
             raise PayloadTooLarge(_too_large(limit))
-        if request.body_exists and declared is not None and declared <= SMALL_BODY:
-            # A typical JSON-RPC message: read it whole (bounded by its Content-Length) and
-            # send it with the head in one write.
-            return cls(request, limit, await request.read())
-        return cls(request, limit)
-
-    @classmethod
-    async def read_all(cls, request: web.Request, limit: int) -> RequestBody:
-        """The whole body in memory, bounded: for requests proxyd must look into."""
-        declared = request.content_length
-        if declared is not None and declared > limit:
-            raise PayloadTooLarge(_too_large(limit))
-        if declared is not None and not request.body_exists:
-            return cls(request, limit, b"")
+        if not request.body_exists:
+            return cls(b"", declared is not None)
         chunks: list[bytes] = []
         total = 0
-        async for chunk in request.content.iter_any():
+        content = request.content
+        while True:
+            try:
+                # Silence, not total time: a large body on a slow link keeps going while
+                # bytes arrive; a client that stops sending is cut (slow-body attacks).
+                async with asyncio.timeout(silence):
+                    chunk = await content.readany()
+            except TimeoutError:
+                raise RequestTimeout(
+                    f"no request body bytes for {silence:g}s", reason="body_timeout"
+                ) from None
+            if not chunk:
+                break
             total += len(chunk)
             if total > limit:
                 raise PayloadTooLarge(_too_large(limit))
             chunks.append(chunk)
-        return cls(request, limit, chunks[0] if len(chunks) == 1 else b"".join(chunks))
-
-    @property
-    def data(self) -> bytes | None:
-        return self._bytes
+        return cls(chunks[0] if len(chunks) == 1 else b"".join(chunks), True)
 
     @property
     def sent(self) -> int:
-        return self._counter.total
+        return len(self.data)
 
-    @property
-    def too_large(self) -> bool:
-        return self._counter.too_large
-
-    @property
-    def replayable(self) -> bool:
-        return self._bytes is not None or self._counter.total == 0
-
-    def upstream(self, method: str) -> tuple[bytes | None, AsyncIterator[bytes] | None, str]:
-        """What goes upstream: the whole body or a stream of it, and its framing field."""
-        body = self._bytes
-        if body is not None and (body or self._request.body_exists):
-            return body, None, f"Content-Length: {len(body)}\r\n"
-        if body is None and self._request.body_exists:
-            stream = self._counter.stream(self._request.content)
-            if self.declared is not None:
-                return None, stream, f"Content-Length: {self.declared}\r\n"
-            # Length unknown (a chunked client body): chunked upstream too (RFC 9112 §7.1).
-            return None, stream, "Transfer-Encoding: chunked\r\n"
+    def framing(self, method: str) -> str:
+        """The framing field of the upstream request (the body always goes in one piece)."""
+        if self.data or self._exists:
+            return f"Content-Length: {len(self.data)}\r\n"
         # No body. RFC 9110 §8.6: Content-Length: 0 where the method gives content a meaning
         # (what aiohttp's client sent, so upstreams see the same requests as before).
-        return None, None, "" if method == "GET" else "Content-Length: 0\r\n"
+        return "" if method == "GET" else "Content-Length: 0\r\n"
 
 
 def _too_large(limit: int) -> str:
     return f"request body exceeds the limit of {limit} bytes"
-
-
-def _body_done(conn: Connection, task: asyncio.Task[None]) -> None:
-    """A streamed request body stopped: if it failed, so did the exchange."""
-    if task.cancelled():
-        return
-    exc = task.exception()
-    if exc is not None:
-        label = conn.origin.label
-        conn.fail_request(UpstreamError(f"upstream {label} failed: request body broke off"))
 
 
 class Forwarder:
@@ -233,12 +217,10 @@ class Forwarder:
         self,
         client: UpstreamClient,
         settings: UpstreamSettings,
-        max_body: int,
         metrics: Metrics | None = None,
     ) -> None:
         self._client = client
         self._streams = metrics.open_streams if metrics is not None else None
-        self._max_body = max_body
         self._connect_timeout = settings.connect_timeout
         self._idle_timeout = settings.idle_timeout  # between reads, never a total timeout
 
@@ -255,38 +237,31 @@ class Forwarder:
         """Send the request to ``target`` and relay the answer.
 
         Raises ConnectFailed when no connection could be made (the caller may try another
-        server if ``body.replayable``), other UpstreamErrors when it failed later.
+        server), other UpstreamErrors when it failed later.
         """
         client = self._client
         origin = client.origin(target)
-        data, stream, framing = body.upstream(request.method)
         # The raw query, never the decoded one: decoding and re-encoding changes bytes (and
         # meaning: %20 came back as "+"), and an upstream may sign or compare them.
         head = request_head(
-            request.method, origin, request.rel_url.raw_query_string, headers.items(), framing
+            request.method,
+            origin,
+            request.rel_url.raw_query_string,
+            headers.items(),
+            body.framing(request.method),
         )
         conn = client.pooled(origin) or await client.connect(origin, self._connect_timeout)
-        sender: asyncio.Task[None] | None = None
         try:
-            conn.send(head, data, self._idle_timeout)
-            if stream is not None:
-                # The body goes up while the answer is awaited: an upstream may answer (and
-                # stop reading) before the body's end.
-                sender = asyncio.ensure_future(conn.send_stream(stream, "chunked" in framing))
-                sender.add_done_callback(partial(_body_done, conn))
+            conn.send(head, body.data or None, self._idle_timeout)
             await conn.head()
             outcome.status = conn.status
             outcome.bytes_up = body.sent
-            if tools_filter is not None and conn.status == 200:
+            if tools_filter is not None:
+                # Every answer, whatever its status (issue 10: a 201 or 203 tools/list answer
+                # skipped the filter; clients read the body of any status).
                 return await self._filtered(request, conn, outcome, tools_filter, on_response)
             return await self._relay(request, conn, outcome, on_response)
-        except UpstreamError:
-            if body.too_large:
-                raise PayloadTooLarge(_too_large(self._max_body)) from None
-            raise
         finally:
-            if sender is not None and not sender.done():
-                sender.cancel()
             conn.finish()
 
     async def _relay(
@@ -320,11 +295,11 @@ class Forwarder:
         events: SseFilter | None = None,
     ) -> web.StreamResponse:
         """Relay the body chunk by chunk (through ``events`` when filtering), each flushed."""
-        await out.prepare(request)
         gauge = self._streams.labels(outcome.app) if self._streams is not None else None
         if gauge is not None:
             gauge.inc()
         try:
+            await out.prepare(request)
             while chunk := await upstream.read():
                 ready = chunk if events is None else events.feed(chunk)
                 if ready:
@@ -339,10 +314,13 @@ class Forwarder:
             if rest:
                 await out.write(rest)
                 outcome.bytes_down += len(rest)
+            # Inside the try: a client gone right after the last event made write_eof raise
+            # ClientConnectionResetError, logged by aiohttp as unhandled and recorded as a 500
+            # while the upstream had answered 200 (issue 10).
+            await out.write_eof()
         except ConnectionResetError:
             # The client went away while we wrote; the caller closes the upstream connection.
             outcome.broken = "client_disconnected"
-            return out
         except UpstreamError as exc:
             # Headers are gone already: the only honest signal left is to cut the connection,
             # so the client sees a truncated response, never a clean end.
@@ -350,11 +328,9 @@ class Forwarder:
             outcome.broken = "upstream_idle_timeout" if timed_out else "upstream_reset"
             if request.transport is not None:
                 request.transport.abort()
-            return out
         finally:
             if gauge is not None:
                 gauge.dec()
-        await out.write_eof()
         return out
 
     async def _filtered(
@@ -365,7 +341,7 @@ class Forwarder:
         tools_filter: ToolsListFilter,
         on_response: HeaderHook | None = None,
     ) -> web.StreamResponse:
-        """A tools/list answer, with the tools the session may not call taken out."""
+        """An answer read for tool lists, with the tools the session may not call taken out."""
         answer = response_headers(upstream.headers)
         headers = answer.headers
         if on_response is not None:
@@ -376,27 +352,35 @@ class Forwarder:
             c.strip().lower() for v in headers.popall("Content-Encoding", []) for c in v.split(",")
         } - {"", "identity"}
 
-        def whole(body: bytes) -> web.Response:
-            headers["Content-Type"] = "application/json"
+        def whole(body: bytes, rewritten: bool) -> web.Response:
+            if rewritten:
+                headers.popall("Content-Type", None)
+                headers["Content-Type"] = "application/json"
             outcome.bytes_down = len(body)
             return web.Response(status=upstream.status, headers=headers, body=body)
 
+        if not 200 <= upstream.status < 300:
+            # Not the list itself (an error page, a 404 for a stale session): read only for
+            # the tools it could carry, passed as it came when it can carry none.
+            tools_filter.strict = False
+        form, unreadable = answer_form(headers.getall("Content-Type", []))
         if codings:
             # Compressed although proxyd sent no Accept-Encoding (RFC 9110 §12.5.3 allows it):
             # unreadable, so unfilterable. An SSE answer used to pass with the header dropped,
             # every tool inside, a gunzip away: fail closed.
-            body = json.dumps(tools_filter.error("answer is compressed")).encode()
-            return whole(body)
-        if not answer.sse:
-            # JSON (or anything else, which the filter turns into an error): read whole, bounded.
-            # Every chunk to the end: one read() returned only what had arrived so far, so a
-            # large answer became an error, and one over the limit passed on its first chunk.
+            unreadable = "answer is compressed"
+        if unreadable is not None:
+            # The rest of the answer is never read: finish() then closes the connection.
+            return whole(tools_filter.error_bytes(unreadable), True)
+        if form == "json":
+            # JSON (or anything a client might parse as such): read whole, bounded. Every chunk
+            # to the end: one read() returned only what had arrived so far, so a large answer
+            # became an error, and one over the limit passed on its first chunk.
             raw = await upstream.read_whole(MAX_JSON_ANSWER)
             if raw is None:
-                body = json.dumps(tools_filter.error("answer too large")).encode()
-            else:
-                body = tools_filter.json_body(raw)
-            return whole(body)
+                return whole(tools_filter.error_bytes("answer too large"), True)
+            body = tools_filter.json_body(raw)
+            return whole(body, body is not raw)
         out = web.StreamResponse(status=upstream.status, reason=upstream.reason or None)
         out.headers.extend(headers)
         out.headers["X-Accel-Buffering"] = "no"

@@ -21,6 +21,7 @@ from proxyd.auth.bearer import bearer_token
 from proxyd.auth.session import FOREIGN_VERSION, Session, SessionStore, session_key
 from proxyd.config import AuditSettings, Settings
 from proxyd.errors import (
+    BadRequest,
     Forbidden,
     HeadersTooLarge,
     InvalidToken,
@@ -33,6 +34,7 @@ from proxyd.forward import ConnectFailed, Forwarder, Outcome, RequestBody, reque
 from proxyd.log import get_logger
 from proxyd.mcp.audit import AuditContext, Auditor
 from proxyd.mcp.era import (
+    check_content_type,
     check_routing_headers,
     inflated,
     is_modern,
@@ -163,21 +165,17 @@ class McpHandler:
     def tools_filter(
         self, http_method: str, exchange: Exchange, access: Access, headers: CIMultiDict[str]
     ) -> ToolsListFilter | None:
+        """Under restricting roles, every answer is read for tool lists (proxyd.mcp.filter)."""
         if access.unrestricted:
             return None
-        if exchange.method == "tools/list" and exchange.kind == "request":
-            assert exchange.message is not None
-            tools_filter = ToolsListFilter(exchange.message.get("id"), access)
-        elif http_method == "GET" and not exchange.modern:
-            # A GET stream (possibly resuming a POST's stream with Last-Event-ID) may replay
-            # a tools/list answer: filter any, whatever its id.
-            tools_filter = ToolsListFilter(None, access, any_id=True)
-        else:
-            return None
+        message = exchange.message
+        is_request = message is not None and exchange.kind == "request"
+        request_id = message.get("id") if message is not None and is_request else None
+        strict = exchange.method == "tools/list" and exchange.kind == "request"
         # An answer proxyd must read: ask for it uncompressed (RFC 9110 §12.5.3: no
         # Accept-Encoding at all would mean "any coding").
         headers["Accept-Encoding"] = "identity"
-        return tools_filter
+        return ToolsListFilter(access, request_id=request_id, strict=strict)
 
     def find_app(self, request: web.Request, record: AccessRecord) -> App:
         app = self.registry.get(request.match_info["app"])
@@ -341,13 +339,26 @@ class McpHandler:
         pin = None
         if client_id is not None:
             pin = self.pinning.open(app, session.identity, client_id)
+        timeout = self.settings.server.body_timeout
         if request.method != "POST":
-            return Exchange(modern, await RequestBody.of(request, limit), pin, client_id)
+            if request.body_exists:
+                # A GET or DELETE carries no message in MCP; one with a body would reach the
+                # upstream uninspected (a tools/call in a GET body, issue 10): refused.
+                err = BadRequest(f"a {request.method} request must not have a body")
+                audit.invalid(request, err)
+                raise err
+            return Exchange(modern, RequestBody.empty(), pin, client_id)
         # A POST carries one JSON-RPC message: read (bounded, 413) and parse it for the era
         # check, tool policy and audit. Batches were removed in 2025-06-18: refused explicitly.
-        body = await RequestBody.read_all(request, limit)
         try:
-            raw = inflated(body.data or b"", request.headers.get("Content-Encoding"), limit)
+            check_content_type(request.headers)
+        except ProxydError as err:
+            audit.invalid(request, err)
+            raise
+        body = await RequestBody.read_all(request, limit, timeout)
+        try:
+            encodings = request.headers.getall("Content-Encoding", [])
+            raw = inflated(body.data or b"", encodings, limit)
             message = parse_message(raw)
             kind = message_kind(message)
             if modern:
@@ -411,7 +422,6 @@ class McpHandler:
                 tried.append(target)
                 retry = (
                     pin is None
-                    and exchange.body.replayable
                     and len(tried) < self.settings.upstream.max_attempts
                     and self._has_untried(app, tried)
                 )

@@ -81,6 +81,26 @@ class Metrics:
             ["source", "result"],
             registry=r,
         )
+        # The MCP listener's connections (proxyd/listener.py). The gauge is read at scrape
+        # time from the listener's own count (set_function): accepting pays nothing for it.
+        self.open_connections = Gauge(
+            "proxyd_open_connections",
+            "Client connections open on the MCP listener.",
+            registry=r,
+        )
+        self.connections_refused = Counter(
+            "proxyd_connections_refused",
+            "Client connections closed at accept: server.max_connections were open.",
+            registry=r,
+        )
+        self.connections_closed = Counter(
+            "proxyd_connections_closed",
+            "Client connections closed by proxyd before a request was read, by reason "
+            "(header_timeout: the head did not arrive in time; headers_too_large: answered "
+            "431).",
+            ["reason"],
+            registry=r,
+        )
 
     def collect_with(self, collect: Callable[[], Iterable[Metric]]) -> None:
         self.registry.register(_FunctionCollector(collect))

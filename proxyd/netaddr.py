@@ -29,8 +29,13 @@ def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
         addr = ipaddress.ip_address(text)
     except ValueError:
         return None
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        return addr.ipv4_mapped
+    if isinstance(addr, ipaddress.IPv6Address):
+        if addr.scope_id is not None:
+            # "fe80::1%<anything>" parses, zone and all: a zone means nothing beyond the hop
+            # that wrote it, and kept it made an unbounded limiter key (issue 10).
+            return None
+        if addr.ipv4_mapped is not None:
+            return addr.ipv4_mapped
     return addr
 
 
@@ -57,13 +62,18 @@ def client_view(
     hops = [h.strip() for h in xff.split(",")] if xff else []
     hops = [h for h in hops if h]
     client = peer_text
-    # Walk right to left: the first hop that is not one of our proxies is the client.
+    # Walk right to left: the first hop that is not one of our proxies is the client. A hop
+    # that is not an address ends the walk at the last address seen (the trusted proxy's own
+    # when none): the client's key for the limiter and the audit is always an address, never
+    # 12 KB of whatever a client wrote (issue 10).
     for hop in reversed(hops):
         parsed = _ip(hop)
+        if parsed is None:
+            break
         # The normalized address, so "198.51.100.7:5555" or "[2001:db8::1]" cannot become a
         # fresh rate-limit key per connection.
-        client = str(parsed) if parsed is not None else hop
-        if parsed is None or not any(parsed in net for net in trusted):
+        client = str(parsed)
+        if not any(parsed in net for net in trusted):
             break
     chain = ", ".join([*hops, peer_text])
     proto = xfp.split(",")[0].strip().lower() if xfp else scheme

@@ -17,6 +17,7 @@ from aiohttp import web
 
 from proxyd.app import RUNTIME, create_admin_app, create_app
 from proxyd.config import Settings
+from proxyd.listener import Listener, ListenerSite
 from proxyd.log import get_logger
 from proxyd.notify import Notifier
 from proxyd.reload import reload
@@ -102,25 +103,44 @@ async def serve(
         runners.append(runner)
         await runner.setup()
         s = settings.server
-        await web.TCPSite(
+        # Header timeout, connection cap, keep-alive timeout and 431s (proxyd/listener.py),
+        # read from the settings in force: a reload applies them to the next connections.
+        await ListenerSite(
             runner,
-            s.listen_host,
-            s.listen_port,
-            reuse_address=True,
+            Listener(lambda: runtime.settings.server, runtime.shared.metrics),
+            host=s.listen_host,
+            port=s.listen_port,
             # The kernel spreads new connections over the workers' sockets (one accept
             # queue each, no thundering herd); only processes of the same user may join.
             reuse_port=role is not None,
         ).start()
+        if s.max_connections * 2 > fd_limit:
+            # Each open stream holds two descriptors: accept() would fail (EMFILE) before the
+            # cap refuses anything, and the upstream side of open streams with it.
+            log.warning(
+                "max_connections_above_fd_limit",
+                max_connections=s.max_connections,
+                fd_limit=fd_limit,
+                detail="raise LimitNOFILE (ulimit -n) or lower server.max_connections",
+            )
+        # The admin listener gets the timeouts but no cap: a flood of MCP clients must not
+        # lock an operator out of /metrics and /readyz.
+        admin_listener = Listener(lambda: runtime.settings.server, capped=False)
         if role is not None:
             admin = web.AppRunner(create_admin_app(runtime, lambda: draining), access_log=None)
             runners.append(admin)
             await admin.setup()
-            await web.UnixSite(admin, role.admin_socket).start()
+            await ListenerSite(admin, admin_listener, path=role.admin_socket).start()
         elif settings.admin.enabled:
             admin = web.AppRunner(create_admin_app(runtime, lambda: draining), access_log=None)
             runners.append(admin)
             await admin.setup()
-            await web.TCPSite(admin, settings.admin.listen_host, settings.admin.listen_port).start()
+            await ListenerSite(
+                admin,
+                admin_listener,
+                host=settings.admin.listen_host,
+                port=settings.admin.listen_port,
+            ).start()
         log.info(
             "proxyd_started",
             listen=f"{s.listen_host}:{s.listen_port}",

@@ -42,7 +42,7 @@ import asyncio
 import contextlib
 import socket
 import ssl
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Final, cast
 
@@ -351,25 +351,6 @@ class Connection(asyncio.Protocol):
         else:
             self.transport.write(head + body if body else head)
 
-    async def send_stream(self, chunks: AsyncIterator[bytes], chunked: bool) -> None:
-        """Write a streamed body (chunked framing when its length is unknown, RFC 9112 §7.1)."""
-        self.body_sent = False
-        async for chunk in chunks:
-            if not chunk:
-                continue
-            if self.closed or self.transport is None:
-                raise UpstreamError(f"upstream {self.origin.label} closed the connection")
-            if chunked:
-                self.transport.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
-            else:
-                self.transport.write(chunk)
-            if self._write_paused:
-                self._drain = self._loop.create_future()
-                await self._drain
-        if chunked and not self.closed and self.transport is not None:
-            self.transport.write(b"0\r\n\r\n")
-        self.body_sent = True
-
     async def head(self) -> None:
         """Wait for the final answer's status and fields."""
         while not self.head_done:
@@ -405,10 +386,6 @@ class Connection(asyncio.Protocol):
                 return None
             parts.append(chunk)
         return parts[0] if len(parts) == 1 else b"".join(parts)
-
-    def fail_request(self, error: UpstreamError) -> None:
-        """The request could not be sent whole (its body failed): the exchange is over."""
-        self._fail(error)
 
     def finish(self) -> None:
         """The exchange is over: back to the pool when reusable, else closed."""

@@ -12,17 +12,19 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from joserfc.jwk import ECKey, OKPKey
 
 from proxyd.config import (
     ConfigError,
     Settings,
     load_app_auth_dir,
     load_settings,
+    parse_app_auth_file,
     parse_duration,
     parse_settings,
     parse_size,
 )
-from tests.issuer import TestIssuer
+from tests.issuer import TestIssuer, weak_rsa_key
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "etc" / "proxyd" / "proxyd.toml"
@@ -125,6 +127,78 @@ def test_static_jwks_filtered_to_nothing_by_algorithms_is_a_config_error() -> No
     # An RS256 key with algorithms = ["ES256"]: caught by check-config, not at daemon start.
     [problem] = problems_of(static_only(static_jwks(), algorithms=["ES256"]))
     assert problem.startswith("app_auth_configs[0].jwt.static_jwks: JWKS has no usable signing key")
+
+
+# --- static_jwks keys proxyd will not trust (RFC 7518 §3.3, §3.4) -------------------------------
+
+TOO_SMALL = "RSA key of {bits} bits is too small (RFC 7518 §3.3 requires at least 2048)"
+
+
+def jwks_with(*entries: dict[str, Any]) -> str:
+    """A good RS256 key first, then ``entries``."""
+    good = json.loads(static_jwks())["keys"]
+    return json.dumps({"keys": [*good, *entries]})
+
+
+def weak_entry(bits: int = 512, kid: str = "weak", **members: Any) -> dict[str, Any]:
+    return {**weak_rsa_key(bits).as_dict(private=False), "kid": kid, "alg": "RS256", **members}
+
+
+@pytest.mark.parametrize("bits", [512, 1024])
+def test_static_jwks_weak_rsa_key_is_a_config_error_naming_the_key(bits: int) -> None:
+    [problem] = problems_of(static_only(jwks_with(weak_entry(bits))))
+    assert problem == (
+        f"app_auth_configs[0].jwt.static_jwks.keys[1]: {TOO_SMALL.format(bits=bits)}"
+    )
+    # The whole key set is not echoed, and no key material is.
+    assert weak_entry(bits)["n"] not in problem
+
+
+def test_static_jwks_whose_only_key_is_weak_names_that_key() -> None:
+    only = json.dumps({"keys": [weak_entry()]})
+    for value in (only, json.loads(only)):  # JSON text or an inline table
+        [problem] = problems_of(static_only(value))
+        path = "app_auth_configs[0].jwt.static_jwks.keys[0]"
+        assert problem == f"{path}: {TOO_SMALL.format(bits=512)}"
+
+
+def test_static_jwks_every_rejected_key_is_reported() -> None:
+    k1 = {**ECKey.generate_key("secp256k1").as_dict(private=False), "kid": "k1"}
+    p256 = {**ECKey.generate_key("P-256").as_dict(private=False), "kid": "p", "alg": "ES384"}
+    rsa_es = {**json.loads(static_jwks())["keys"][0], "kid": "r", "alg": "ES256"}
+    x25519 = {**OKPKey.generate_key("X25519").as_dict(private=False), "kid": "x"}
+    problems = problems_of(static_only(jwks_with(weak_entry(), k1, p256, rsa_es, x25519)))
+    path = "app_auth_configs[0].jwt.static_jwks.keys"
+    assert problems == [
+        f"{path}[1]: {TOO_SMALL.format(bits=512)}",
+        f"{path}[2]: EC curve 'secp256k1' is not allowed (RFC 7518 §3.4: P-256, P-384 or P-521)",
+        f"{path}[3]: alg 'ES384' does not fit an EC P-256 key (it takes ES256)",
+        f"{path}[4]: alg 'ES256' does not fit an RSA key "
+        "(it takes RS256, RS384, RS512, PS256, PS384, PS512)",
+        f"{path}[5]: OKP curve 'X25519' is not a signature curve (RFC 8037 §3.1: Ed25519 or Ed448)",
+    ]
+
+
+def test_static_jwks_keys_for_other_uses_are_not_errors() -> None:
+    oct_key = {"kty": "oct", "k": "c2VjcmV0", "kid": "hmac"}
+    settings = parse_settings(static_only(jwks_with(weak_entry(use="enc"), oct_key)))
+    assert settings.app_auth_configs[0].jwt.static_jwks is not None
+
+
+def test_config_dir_file_with_weak_static_key_names_file_and_key(tmp_path: Path) -> None:
+    jwks = json.dumps({"keys": [weak_entry()]})
+    text = (
+        'name = "weak"\napp_labels = { env = "prod" }\n[jwt]\n'
+        f'issuer = "https://i"\naudience = "a"\nstatic_jwks = \'{jwks}\'\n'
+    )
+    path = tmp_path / "weak.toml"
+    path.write_text(text)
+    expected = f"{path}: jwt.static_jwks.keys[0]: {TOO_SMALL.format(bits=512)}"
+    with pytest.raises(ConfigError) as exc:  # what the config_dir watcher calls
+        parse_app_auth_file(path, text)
+    assert exc.value.problems == [expected]
+    assert load_app_auth_dir(str(tmp_path)) == ([], [expected])
+    assert problems_of(with_dir(tmp_path)) == [expected]
 
 
 # --- every problem at once, each with its key path ---------------------------------------------
@@ -563,6 +637,20 @@ async def test_check_config_lists_every_problem(tmp_path: Path) -> None:
     assert "ok" not in out
 
 
+async def test_check_config_names_a_weak_static_key(tmp_path: Path) -> None:
+    jwks = json.dumps({"keys": [weak_entry()]})
+    text = GOOD_TOML.format(port=8443, state=tmp_path).replace(
+        'jwks_url = "https://idp.example.com/jwks.json"', f"static_jwks = '{jwks}'"
+    )
+    path = write_toml(tmp_path / "weak.toml", text)
+    code, out, err = await proxyd_cli("check-config", "-c", path)
+    assert code == 2, err
+    assert "1 problem(s)" in err
+    expected = f"app_auth_configs[0].jwt.static_jwks.keys[0]: {TOO_SMALL.format(bits=512)}"
+    assert expected in err, err
+    assert "ok" not in out
+
+
 async def test_check_config_of_a_missing_file_fails(tmp_path: Path) -> None:
     code, _, err = await proxyd_cli("check-config", "-c", str(tmp_path / "nope.toml"))
     assert code != 0
@@ -581,3 +669,54 @@ async def test_run_refuses_a_bad_file_without_listening(tmp_path: Path) -> None:
     assert "config_invalid" in events
     assert "proxyd_started" not in events
     assert not state.exists()  # never got as far as creating its identity key
+
+
+# --- connection hygiene of the listener (issue 10): server.header_timeout & co -----------------
+
+
+def test_connection_hygiene_defaults() -> None:
+    server = parse_settings(good_doc()).server
+    assert server.header_timeout == 10.0
+    assert server.body_timeout == 60.0
+    assert server.keepalive_timeout == 75.0
+    assert server.max_connections == 20_000
+
+
+def test_connection_hygiene_values_parse() -> None:
+    doc = good_doc()
+    doc["server"].update(
+        header_timeout="2s", body_timeout="1m30s", keepalive_timeout="250ms", max_connections=5
+    )
+    server = parse_settings(doc).server
+    assert (server.header_timeout, server.body_timeout) == (2.0, 90.0)
+    assert (server.keepalive_timeout, server.max_connections) == (0.25, 5)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("header_timeout", "0s", "must be greater than zero"),
+        ("header_timeout", "soon", "not a duration: 'soon'"),
+        ("header_timeout", -1, "must not be negative"),
+        ("body_timeout", "0ms", "must be greater than zero"),
+        ("body_timeout", True, "expected a duration"),
+        ("keepalive_timeout", "0s", "must be greater than zero"),
+        ("keepalive_timeout", float("inf"), "must be a finite number of seconds"),
+        ("max_connections", 0, "expected a positive integer"),
+        ("max_connections", "20000", "expected a positive integer"),
+        ("max_connections", True, "expected a positive integer"),
+    ],
+)
+def test_connection_hygiene_bad_values_name_their_key(key: str, value: Any, message: str) -> None:
+    doc = good_doc()
+    doc["server"][key] = value
+    [problem] = problems_of(doc)
+    assert problem.startswith(f"server.{key}: {message}"), problem
+
+
+def test_example_file_shows_the_connection_hygiene_keys() -> None:
+    server = tomllib.loads(EXAMPLE.read_text())["server"]
+    assert server["header_timeout"] == "10s"
+    assert server["body_timeout"] == "60s"
+    assert server["keepalive_timeout"] == "75s"
+    assert server["max_connections"] == 20000

@@ -43,8 +43,8 @@ def access() -> Access:
     return Access(True, [ToolMatcher(["echo", "prog*"])], [ToolMatcher(["add"])])
 
 
-def tools_filter(request_id: Any = ID) -> ToolsListFilter:
-    return ToolsListFilter(request_id, access())
+def tools_filter(request_id: Any = ID, *, strict: bool = True) -> ToolsListFilter:
+    return ToolsListFilter(access(), request_id=request_id, strict=strict)
 
 
 def answer(tools: list[Any], request_id: Any = ID, **result: Any) -> dict[str, Any]:
@@ -61,7 +61,7 @@ def internal_error(data: bytes, request_id: Any = ID) -> None:
     assert message["jsonrpc"] == "2.0"
     assert message["id"] == request_id
     assert message["error"]["code"] == INTERNAL_ERROR == -32603
-    assert "tools/list" in message["error"]["message"]
+    assert "proxyd could not filter the tools" in message["error"]["message"]
     assert "result" not in message
     for name in (b"echo", b"add", b"progress"):
         assert name not in data
@@ -162,12 +162,11 @@ def test_json_tools_without_a_usable_name_are_dropped() -> None:
         b'{"jsonrpc":"2.0","id":7,"error":{"code":-32601,"message":"Method not found"}}',
         # An error answer mentioning tools passes as is: it lists none.
         b'{ "jsonrpc" : "2.0", "id" : 7, "error" : {"code": -1, "message": "add failed"} }',
-        # Another id is not this request's answer: not ours to change.
-        b'{"jsonrpc":"2.0","id":8,"result":{"tools":[{"name":"add"}]}}',
-        b'{"jsonrpc":"2.0","id":"7","result":{"tools":[{"name":"add"}]}}',
         b'{"jsonrpc":"2.0","method":"notifications/message","params":{"tools":"add"}}',
+        # Nothing removed: the bytes as they came.
+        b'{"jsonrpc":"2.0","id":7,"result":{"tools":[{"name":"echo"}]}}',
     ],
-    ids=["error", "error-spaced", "other-id", "string-id", "notification"],
+    ids=["error", "error-spaced", "notification", "all-allowed"],
 )
 def test_json_answers_not_to_filter_pass_unchanged(body: bytes) -> None:
     f = tools_filter()
@@ -194,11 +193,60 @@ def test_json_answer_that_cannot_be_filtered_is_an_internal_error(body: bytes) -
     internal_error(tools_filter().json_body(body))
 
 
+@pytest.mark.parametrize("strict", [True, False], ids=["tools-list", "any-request"])
+@pytest.mark.parametrize("other_id", [8, "7", 7.0, None, "x", [7]], ids=repr)
+def test_json_answer_with_any_id_is_filtered(other_id: Any, strict: bool) -> None:
+    """A client matches "7" to its request 7 (issue 10), and answers may arrive on another
+    request's stream: whatever the id, a listed tool is filtered."""
+    out = json.loads(tools_filter(strict=strict).json_body(compact(answer(ALL_TOOLS, other_id))))
+    assert out == answer(KEPT, other_id)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"jsonrpc":"2.0","id":7,"Result":{"tools":[{"name":"add"}]}}',
+        b'{"jsonrpc":"2.0","id":7,"result":{"TOOLS":[{"name":"add"}]}}',
+        b'{"jsonrpc":"2.0","id":7,"result":{"tool\\u0073":[{"name":"add"}]}}',
+        '{"jsonrpc":"2.0","id":7,"result":{"tool\u017f":[{"name":"add"}]}}'.encode(),
+        b'{"jsonrpc":"2.0","id":7,"result":{"tools":[{"NAME":"add"}]}}',
+    ],
+    ids=["Result", "TOOLS", "escaped", "long-s", "NAME"],
+)
+def test_json_members_in_another_case_are_read_as_a_case_insensitive_client_reads_them(
+    body: bytes,
+) -> None:
+    """Go's encoding/json matches member names ignoring case (with Unicode folding)."""
+    for strict in (True, False):
+        out = json.loads(tools_filter(strict=strict).json_body(body))
+        result = next(v for k, v in out.items() if k.casefold() == "result")
+        tools = next(v for k, v in result.items() if k.casefold() == "tools")
+        assert tools == []
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"jsonrpc":"2.0","id":7,"result":{"tools":[]},"result":{"tools":[{"name":"add"}]}}',
+        b'{"jsonrpc":"2.0","id":7,"result":{"tools":[],"Tools":[{"name":"add"}]}}',
+        b'{"jsonrpc":"2.0","id":7,"result":{"tools":[{"name":"echo","name":"add"}]}}',
+        b'\xef\xbb\xbf{"jsonrpc":"2.0","id":7,"result":{"tools":[{"name":"add"}]}}',
+        '{"jsonrpc":"2.0","id":7,"result":{"tools":[{"name":"add"}]}}'.encode("utf-16"),
+        b'{"jsonrpc":"2.0","id":7,"result":{"tools":[{"name":"add"}]},"x":NaN}',
+        b'{"jsonrpc":"2.0","id":7,"result":{"tools":[{"name":"add\\ud800"}]}}',
+    ],
+    ids=["dup-result", "dup-tools-case", "dup-name", "bom", "utf-16", "nan", "lone-surrogate"],
+)
+def test_json_answer_with_two_readings_is_an_internal_error(body: bytes) -> None:
+    for strict in (True, False):
+        internal_error(tools_filter(strict=strict).json_body(body))
+
+
 def test_json_batch_answer_is_filtered_too() -> None:
     """An answer inside a JSON array is still the answer (a 2025-03-26 server may batch)."""
     batch = [answer(ALL_TOOLS, request_id=6), answer(ALL_TOOLS)]
     out = json.loads(tools_filter().json_body(compact(batch)))
-    assert out == [answer(ALL_TOOLS, request_id=6), answer(KEPT)]
+    assert out == [answer(KEPT, request_id=6), answer(KEPT)]
 
 
 # --------------------------------------------------------------------------------------------
@@ -267,19 +315,31 @@ def test_sse_multi_line_answer_data_is_filtered(nl: bytes) -> None:
 
 
 @NEWLINES
-def test_sse_error_and_foreign_answers_pass_byte_for_byte(nl: bytes) -> None:
+def test_sse_error_answers_pass_byte_for_byte_and_foreign_ones_are_filtered(nl: bytes) -> None:
     error = {"jsonrpc": "2.0", "id": ID, "error": {"code": -32601, "message": "no tools"}}
-    foreign = answer(ALL_TOOLS, request_id=ID + 1)
-    raws = [
-        event("id: 9", "data: " + json.dumps(error), nl=nl),
-        event("data: " + json.dumps(foreign), nl=nl),
-        event("data: " + json.dumps(answer(ALL_TOOLS, request_id=str(ID))), nl=nl),
-    ]
+    raw = event("id: 9", "data: " + json.dumps(error), nl=nl)
     f = tools_filter()
     sse = f.sse()
-    for raw in raws:
-        assert sse.feed(raw) == raw
-    assert f.removed == 0
+    assert sse.feed(raw) == raw
+    for other in (ID + 1, str(ID)):
+        foreign = event("data: " + json.dumps(answer(ALL_TOOLS, request_id=other)), nl=nl)
+        assert sse.feed(foreign) == event(b"data: " + compact(answer(KEPT, request_id=other)))
+    assert f.removed == 2
+
+
+@pytest.mark.parametrize("cut", [0, 1, 2, 3, 4])
+def test_sse_stream_starting_with_a_bom_is_read_as_a_client_reads_it(cut: int) -> None:
+    """WHATWG SSE: UTF-8 decoding drops one leading BOM, so "\\ufeffdata:" is a data line
+    to a client (issue 10: the filter read the field name "\\ufeffdata" and passed it)."""
+    stream = b"\xef\xbb\xbf" + event(b"data: " + compact(answer(ALL_TOOLS)))
+    for strict in (True, False):
+        sse = tools_filter(strict=strict).sse()
+        out = sse.feed(stream[:cut]) + sse.feed(stream[cut:]) + sse.finish()
+        assert out == b"\xef\xbb\xbf" + event(b"data: " + compact(answer(KEPT)))
+    # A second BOM is no BOM: part of the field name, which no client dispatches as data.
+    sse = tools_filter(strict=False).sse()
+    twice = b"\xef\xbb\xbf" + stream
+    assert sse.feed(twice) + sse.finish() == twice
 
 
 @pytest.mark.parametrize(
@@ -553,9 +613,10 @@ async def test_filtered_request_asks_for_identity_encoding(
     headers = {**bearer(token), **ACCEPT, "Accept-Encoding": "gzip, deflate"}
     assert (await client.post("/mcp/apps/a", json=call, headers=headers)).status == 200
     # "identity", not absent: no Accept-Encoding would mean "any coding" (RFC 9110 §12.5.3).
+    # Every answer is read under restricting roles (issue 10), the tools/call's too.
     assert [r.headers.getall("Accept-Encoding", []) for r in seen] == [
         ["identity"],
-        ["gzip, deflate"],
+        ["identity"],
     ]
 
 

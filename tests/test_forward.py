@@ -487,7 +487,8 @@ async def test_large_request_body_arrives_byte_identical(
             yield payload[offset : offset + 65536]
 
     data: Any = chunks() if chunked else payload
-    resp = await client.post("/mcp/apps/a", data=data, headers=bearer(token))
+    headers = {**bearer(token), "Content-Type": "application/json"}
+    resp = await client.post("/mcp/apps/a", data=data, headers=headers)
     assert resp.status == 200, await resp.text()
     assert hashlib.sha256(echo.last.body).hexdigest() == hashlib.sha256(payload).hexdigest()
     assert echo.last.headers["Content-Length"] == str(len(payload))
@@ -508,7 +509,13 @@ async def test_expect_100_continue_body_arrives(
     token = issuer.token(clock.wall())
     payload = padded_rpc(1536 * 1024, seed=3)
     resp = await asyncio.wait_for(
-        client.post("/mcp/apps/a", data=payload, headers=bearer(token), expect100=True), GUARD
+        client.post(
+            "/mcp/apps/a",
+            data=payload,
+            headers={**bearer(token), "Content-Type": "application/json"},
+            expect100=True,
+        ),
+        GUARD,
     )
     assert resp.status == 200, await resp.text()
     assert echo.last.body == payload
@@ -588,7 +595,7 @@ async def test_small_answer_cut_short_is_502_not_a_truncated_200(
     async def cut(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.readuntil(b"\r\n\r\n")
         writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n")
-        writer.write(b"Content-Length: 100\r\n\r\n{\"jsonrpc\":")
+        writer.write(b'Content-Length: 100\r\n\r\n{"jsonrpc":')
         await writer.drain()
         writer.transport.abort()
 

@@ -113,7 +113,8 @@ def ejections(logs: LogCapture, server: str) -> list[float]:
 async def post(client: Client, token: str, **kwargs: Any) -> aiohttp.ClientResponse:
     if "data" not in kwargs:
         kwargs["json"] = RPC
-    resp = await client.post("/mcp/apps/a", headers=bearer(token), **kwargs)
+    headers = {**bearer(token), "Content-Type": "application/json"}
+    resp = await client.post("/mcp/apps/a", headers=headers, **kwargs)
     await resp.read()
     return resp
 

@@ -10,6 +10,7 @@ import dataclasses
 import json
 import socket
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -20,11 +21,13 @@ from aiohttp.test_utils import TestServer
 from proxyd.auth.appauth import AppAuthStore, Authenticator
 from proxyd.auth.jwks import JwksCache, JwksUnavailable, ttl_from_cache_control
 from proxyd.auth.jwt import Identity, peek, verify
+from proxyd.auth.keys import KeySetError
 from proxyd.config import AppAuthConfig, JwksSettings, JwtSettings
 from proxyd.errors import InvalidToken, ServiceUnavailable
 from proxyd.labels import parse_selector
-from tests.conftest import FakeClock, LogCapture
-from tests.issuer import TestIssuer
+from tests.conftest import FakeClock, LogCapture, ProxyFactory
+from tests.issuer import TestIssuer, weak_rsa_key
+from tests.test_proxy import RPC, Client, Echo, Upstreams, bearer, config, rpc_error
 
 ANY = frozenset[str]()
 SETTINGS = JwksSettings()  # default_ttl 15m, min 1m, max 24h, refetch_interval 30s
@@ -277,7 +280,16 @@ async def test_cache_control_drives_refetch(
 # --- failures ----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("failure", ["down", "http_500", "invalid_json", "no_keys"])
+def weak_only_jwks(bits: int = 512) -> bytes:
+    """A JWKS whose only key is a (valid, but) weak RSA key: RFC 7518 §3.3 needs 2048 bits."""
+    entry = {**weak_rsa_key(bits).as_dict(private=False), "kid": "weak", "alg": "RS256"}
+    return json.dumps({"keys": [entry]}).encode()
+
+
+TOO_SMALL = "RSA key of {bits} bits is too small (RFC 7518 §3.3 requires at least 2048)"
+
+
+@pytest.mark.parametrize("failure", ["down", "http_500", "invalid_json", "no_keys", "weak_key"])
 async def test_failure_after_good_fetch_keeps_serving_cached_keys(
     issuer: TestIssuer, make_cache: CacheFactory, clock: FakeClock, logs: LogCapture, failure: str
 ) -> None:
@@ -289,6 +301,8 @@ async def test_failure_after_good_fetch_keeps_serving_cached_keys(
         issuer.behaviour.status = 500
     elif failure == "invalid_json":
         issuer.behaviour.body = b"<html>maintenance</html>"
+    elif failure == "weak_key":
+        issuer.behaviour.body = weak_only_jwks()
     else:
         issuer.behaviour.body = b'{"keys": []}'
     clock.advance(600)  # the cached set expired: the next call refetches and fails
@@ -314,7 +328,9 @@ async def test_failure_after_good_fetch_keeps_serving_cached_keys(
     assert len(logs.events("jwks_fetch_failed")) == 1
 
 
-@pytest.mark.parametrize("failure", ["down", "http_500", "http_404", "invalid_json", "refused"])
+@pytest.mark.parametrize(
+    "failure", ["down", "http_500", "http_404", "invalid_json", "refused", "weak_key"]
+)
 async def test_unavailable_from_the_start(
     issuer: TestIssuer, make_cache: CacheFactory, logs: LogCapture, failure: str
 ) -> None:
@@ -327,6 +343,8 @@ async def test_unavailable_from_the_start(
         issuer.behaviour.status = 404
     elif failure == "invalid_json":
         issuer.behaviour.body = b'{"keys": '
+    elif failure == "weak_key":
+        issuer.behaviour.body = weak_only_jwks()
     else:
         url = closed_port_url()
     cache = make_cache()
@@ -529,3 +547,206 @@ async def test_unverifiable_config_makes_503_even_if_another_rejected(
     with pytest.raises(ServiceUnavailable) as exc:
         await auth.authenticate("app", APP_LABELS, issuer.token(clock.wall()))
     assert exc.value.reason == "jwks_unavailable"
+
+
+# --- weak and ill-fitting keys (RFC 7518 §3.3, §3.4) -------------------------------------------
+
+
+@pytest.mark.parametrize("bits", [512, 1024])
+async def test_weak_key_in_fetched_jwks_dropped_with_one_log_line(
+    issuer: TestIssuer, make_cache: CacheFactory, clock: FakeClock, logs: LogCapture, bits: int
+) -> None:
+    issuer.add_key("weak", "RS256", bits=bits)
+    cache = make_cache()
+    keys = await cache.keys(issuer.url, ANY, "weak")  # unknown kid: at most one refetch
+    assert keys.find("weak") is None
+    assert keys.find("k1") is not None
+    assert await rejected(cache, issuer, issuer.token(clock.wall(), kid="weak"), clock) == (
+        "unknown_kid"
+    )
+    assert await check(cache, issuer, issuer.token(clock.wall()), clock)
+    [event] = logs.events("jwks_key_rejected")
+    assert event["url"] == issuer.url
+    assert event["kid"] == "weak"
+    assert event["index"] == 1
+    assert event["reason"] == TOO_SMALL.format(bits=bits)
+    assert event["level"] == "warning"
+    assert not logs.events("jwks_fetch_failed")  # the other key keeps the JWKS usable
+    # The same document fetched again (TTL) is not logged again; key material never is.
+    clock.advance(600)
+    await cache.keys(issuer.url, ANY, "k1")
+    assert issuer.fetches == 2
+    assert len(logs.events("jwks_key_rejected")) == 1
+    modulus = str(issuer.keys["weak"][0].as_dict(private=False)["n"])
+    assert modulus not in logs.text()
+
+
+async def test_rsa_2048_key_in_fetched_jwks_is_used(
+    issuer: TestIssuer, make_cache: CacheFactory, clock: FakeClock, logs: LogCapture
+) -> None:
+    issuer.add_key("rsa", "RS256", bits=2048)
+    cache = make_cache()
+    identity = await check(cache, issuer, issuer.token(clock.wall(), kid="rsa"), clock)
+    assert identity.username == "alice@example.com"
+    assert not logs.events("jwks_key_rejected")
+
+
+async def test_weak_only_jwks_is_unavailable_and_logged_once_per_document(
+    issuer: TestIssuer, make_cache: CacheFactory, clock: FakeClock, logs: LogCapture
+) -> None:
+    issuer.behaviour.body = weak_only_jwks()
+    cache = make_cache()
+    with pytest.raises(JwksUnavailable) as exc:
+        await cache.keys(issuer.url, ANY, "weak")
+    assert "no usable signing key (1 rejected)" in str(exc.value)
+    clock.advance(SETTINGS.refetch_interval)
+    with pytest.raises(JwksUnavailable):
+        await cache.keys(issuer.url, ANY, "weak")
+    assert cache.fetches == 2
+    # Every failed fetch is logged, the rejected key only when the document is new to us.
+    assert [e["serving_cached"] for e in logs.events("jwks_fetch_failed")] == [False, False]
+    assert "no usable signing key (1 rejected)" in logs.events("jwks_fetch_failed")[0]["error"]
+    [event] = logs.events("jwks_key_rejected")
+    assert (event["kid"], event["reason"]) == ("weak", TOO_SMALL.format(bits=512))
+
+
+@pytest.mark.parametrize(
+    ("alg", "published", "reason"),
+    [
+        ("ES256K", "ES256K", "EC curve 'secp256k1' is not allowed"),
+        ("ES256K", "ES256", "EC curve 'secp256k1' is not allowed"),
+        ("ES256K", None, "EC curve 'secp256k1' is not allowed"),
+        ("RS256", "ES256", "alg 'ES256' does not fit an RSA key"),
+        ("ES256", "ES384", "alg 'ES384' does not fit an EC P-256 key (it takes ES256)"),
+        ("ES256", "RS256", "alg 'RS256' does not fit an EC P-256 key (it takes ES256)"),
+    ],
+)
+async def test_ill_fitting_keys_in_fetched_jwks_are_rejected(
+    issuer: TestIssuer,
+    make_cache: CacheFactory,
+    clock: FakeClock,
+    logs: LogCapture,
+    alg: str,
+    published: str | None,
+    reason: str,
+) -> None:
+    issuer.add_key("bad", alg)
+    issuer.published_alg["bad"] = published
+    cache = make_cache()
+    keys = await cache.keys(issuer.url, frozenset({"ES256", "RS256"}), "bad")
+    assert keys.find("bad") is None
+    if alg != "ES256K":  # (an ES256K token is refused for its header alone)
+        token = issuer.token(clock.wall(), kid="bad")
+        assert await rejected(cache, issuer, token, clock) == "unknown_kid"
+    [event] = logs.events("jwks_key_rejected")
+    assert event["kid"] == "bad"
+    assert event["reason"].startswith(reason), event["reason"]
+    assert await check(cache, issuer, issuer.token(clock.wall()), clock)  # k1 unaffected
+
+
+async def test_weak_static_key_logged_once_per_config_version(
+    issuer: TestIssuer, make_cache: CacheFactory, clock: FakeClock, logs: LogCapture
+) -> None:
+    """Config validation refuses it; a store built without validation still drops and logs."""
+    issuer.add_key("weak", "RS256", bits=512)
+    static = jwt_settings(issuer, jwks_url=None, static_jwks=json.dumps(issuer.jwks()))
+    store = AppAuthStore((auth_config("static", static),))
+    auth = Authenticator(store, make_cache(), clock.wall)
+    [event] = logs.events("jwks_key_rejected")
+    assert (event["config"], event["kid"]) == ("static", "weak")
+    assert event["reason"] == TOO_SMALL.format(bits=512)
+    with pytest.raises(InvalidToken) as exc:
+        await auth.authenticate("app", APP_LABELS, issuer.token(clock.wall(), kid="weak"))
+    assert exc.value.reason == "unknown_kid"
+    assert (await auth.authenticate("app", APP_LABELS, issuer.token(clock.wall()))).config
+    store.swap((auth_config("static", static),))  # unchanged: not logged again
+    assert len(logs.events("jwks_key_rejected")) == 1
+    only_weak = jwt_settings(issuer, jwks_url=None, static_jwks=weak_only_jwks().decode())
+    with pytest.raises(KeySetError):
+        AppAuthStore((auth_config("weak-only", only_weak),))
+    assert logs.events("jwks_key_rejected")[-1]["config"] == "weak-only"
+
+
+# --- end to end through proxyd -----------------------------------------------------------------
+
+
+@pytest.fixture
+async def upstreams() -> AsyncIterator[Upstreams]:
+    ups = Upstreams()
+    yield ups
+    await ups.close()
+
+
+async def proxy_for(
+    issuer: TestIssuer, make_proxy: ProxyFactory, upstreams: Upstreams, tmp_path: Path
+) -> tuple[Client, Echo]:
+    echo = Echo()
+    url = await upstreams.start(echo.app())
+    return await make_proxy(config(issuer, {"a": url}, tmp_path)), echo
+
+
+async def post(client: Client, token: str) -> aiohttp.ClientResponse:
+    resp = await client.post("/mcp/apps/a", json=RPC, headers=bearer(token))
+    await resp.read()
+    return resp
+
+
+@pytest.mark.parametrize("bits", [512, 1024])
+async def test_proxy_refuses_token_of_weak_idp_key(
+    issuer: TestIssuer,
+    make_proxy: ProxyFactory,
+    upstreams: Upstreams,
+    clock: FakeClock,
+    logs: LogCapture,
+    tmp_path: Path,
+    bits: int,
+) -> None:
+    """The IdP publishes only a weak RSA key: like an unreachable IdP with nothing cached."""
+    issuer.remove_key("k1")
+    issuer.add_key("weak", "RS256", bits=bits)
+    client, echo = await proxy_for(issuer, make_proxy, upstreams, tmp_path)
+    token = issuer.token(clock.wall(), kid="weak")
+    body = await rpc_error(await post(client, token), 503)
+    assert body["error"]["data"]["reason"] == "jwks_unavailable"
+    assert echo.seen == []
+    [event] = logs.events("jwks_key_rejected")
+    assert (event["kid"], event["url"]) == ("weak", issuer.url)
+    assert event["reason"] == TOO_SMALL.format(bits=bits)
+    [failed] = logs.events("jwks_fetch_failed")
+    assert "no usable signing key" in failed["error"]
+    assert str(issuer.keys["weak"][0].as_dict(private=False)["n"]) not in logs.text()
+
+
+async def test_proxy_refuses_weak_key_token_but_accepts_strong_ones(
+    issuer: TestIssuer,
+    make_proxy: ProxyFactory,
+    upstreams: Upstreams,
+    clock: FakeClock,
+    logs: LogCapture,
+    tmp_path: Path,
+) -> None:
+    issuer.add_key("weak", "RS256", bits=512)
+    issuer.add_key("rsa", "RS256", bits=2048)
+    issuer.add_key("k256", "ES256K")  # secp256k1
+    issuer.add_key("mismatch", "RS256")
+    issuer.published_alg["mismatch"] = "ES256"
+    client, echo = await proxy_for(issuer, make_proxy, upstreams, tmp_path)
+    for kid in ("weak", "mismatch"):
+        body = await rpc_error(await post(client, issuer.token(clock.wall(), kid=kid)), 401)
+        assert body["error"]["data"]["reason"] == "unknown_kid", kid
+    # secp256k1 signs as ES256K, which proxyd refuses by the token header already.
+    body = await rpc_error(await post(client, issuer.token(clock.wall(), kid="k256")), 401)
+    assert body["error"]["data"]["reason"] == "alg_not_allowed"
+    assert echo.seen == []
+    for kid in ("rsa", "k1"):  # RS256 with 2048 bits, ES256
+        assert (await post(client, issuer.token(clock.wall(), kid=kid))).status == 200
+    assert len(echo.seen) == 2
+    events = {e["kid"]: e["reason"] for e in logs.events("jwks_key_rejected")}
+    assert events == {
+        "weak": TOO_SMALL.format(bits=512),
+        "k256": "EC curve 'secp256k1' is not allowed (RFC 7518 §3.4: P-256, P-384 or P-521)",
+        "mismatch": "alg 'ES256' does not fit an RSA key "
+        "(it takes RS256, RS384, RS512, PS256, PS384, PS512)",
+    }
+    assert len(logs.events("jwks_key_rejected")) == 3  # one line each, whatever the traffic
+    assert issuer.fetches == 1

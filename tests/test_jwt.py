@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 from joserfc import jwt as jose_jwt
+from joserfc.jwk import ECKey, Key, OKPKey, RSAKey
 
 from proxyd.auth.jwt import (
     MAX_KEPT_CLAIMS_BYTES,
@@ -17,10 +18,10 @@ from proxyd.auth.jwt import (
     peek,
     verify,
 )
-from proxyd.auth.keys import KeySet, KeySetError, parse_jwks
+from proxyd.auth.keys import KeySet, KeySetError, RejectedKey, parse_jwks
 from proxyd.config import JwtSettings
 from proxyd.errors import InvalidToken
-from tests.issuer import AUDIENCE, ISSUER, TestIssuer, b64url
+from tests.issuer import AUDIENCE, ISSUER, TestIssuer, b64url, weak_rsa_key
 
 NOW = 1_700_000_000.0  # the fake "now" every token is minted and checked at
 
@@ -222,6 +223,150 @@ def test_configured_algorithms_narrow_declared_ones(idp: TestIssuer) -> None:
     keys = keyset_of(idp, frozenset({"ES256"}))
     assert check(idp.token(NOW, kid="ec"), keys).username == "alice@example.com"
     assert reason(idp.token(NOW, kid="rsa"), keys) == "unknown_kid"  # RS256 key dropped
+
+
+# --- key strength and key/alg fit (RFC 7518 §3.1, §3.3, §3.4; RFC 8037 §3.1) ------------------
+
+ANY_ALG = frozenset[str]()
+TOO_SMALL = "RSA key of {bits} bits is too small (RFC 7518 §3.3 requires at least 2048)"
+RSA_ALGS = "RS256, RS384, RS512, PS256, PS384, PS512"
+
+
+def jwks_bytes(*entries: object) -> bytes:
+    return json.dumps({"keys": list(entries)}).encode()
+
+
+def jwk(key: Key, kid: str, alg: str | None = None, **members: Any) -> dict[str, Any]:
+    entry: dict[str, Any] = {**key.as_dict(private=False), "kid": kid, **members}
+    if alg is not None:
+        entry["alg"] = alg
+    return entry
+
+
+def test_strong_keys_have_no_rejections(idp: TestIssuer) -> None:
+    keys = keyset_of(idp)
+    assert keys.rejected == ()
+    assert len(keys) == 4  # ES256, ES384, RS256 (2048 bits), PS256 (2048 bits)
+
+
+@pytest.mark.parametrize("bits", [512, 1024])
+def test_weak_rsa_key_is_rejected_and_cannot_verify(bits: int) -> None:
+    issuer = TestIssuer()
+    issuer.add_key("ec", "ES256")
+    issuer.add_key("weak", "RS256", bits=bits)
+    keys = keyset_of(issuer)
+    assert keys.rejected == (RejectedKey(index=1, kid="weak", reason=TOO_SMALL.format(bits=bits)),)
+    assert keys.find("weak") is None
+    # A token signed by the weak key (valid signature, right claims) is not accepted.
+    assert reason(issuer.token(NOW, kid="weak"), keys) == "unknown_kid"
+    assert check(issuer.token(NOW, kid="ec"), keys).username == "alice@example.com"
+    # Without `alg`, a config that lists RS256 does not make it usable either.
+    no_alg = keyset_of(issuer, frozenset({"RS256", "ES256"}), with_alg=False)
+    assert [r.kid for r in no_alg.rejected] == ["weak"]
+
+
+def test_jwks_whose_only_key_is_weak_has_no_usable_key() -> None:
+    issuer = TestIssuer()
+    issuer.add_key("weak", "RS256", bits=512)
+    with pytest.raises(KeySetError) as exc:
+        keyset_of(issuer)
+    assert str(exc.value) == "JWKS has no usable signing key (1 rejected)"
+    assert exc.value.rejected == (RejectedKey(0, "weak", TOO_SMALL.format(bits=512)),)
+
+
+@pytest.mark.parametrize("published", ["ES256K", "ES256", None])
+def test_ec_key_on_secp256k1_is_rejected(published: str | None) -> None:
+    key = ECKey.generate_key("secp256k1", private=True)
+    good = ECKey.generate_key("P-256", private=True)
+    raw = jwks_bytes(jwk(good, "good", "ES256"), jwk(key, "k1", published))
+    keys = parse_jwks(raw, frozenset({"ES256"}))
+    assert keys.rejected == (
+        RejectedKey(
+            1, "k1", "EC curve 'secp256k1' is not allowed (RFC 7518 §3.4: P-256, P-384 or P-521)"
+        ),
+    )
+    assert keys.find("k1") is None
+
+
+def test_okp_keys_ed25519_verifies_x25519_is_rejected() -> None:
+    ed = OKPKey.generate_key("Ed25519", private=True)
+    x = OKPKey.generate_key("X25519", private=True)
+    keys = parse_jwks(jwks_bytes(jwk(ed, "ed", "Ed25519"), jwk(x, "x")), ANY_ALG)
+    assert keys.rejected == (
+        RejectedKey(
+            1, "x", "OKP curve 'X25519' is not a signature curve (RFC 8037 §3.1: Ed25519 or Ed448)"
+        ),
+    )
+    token = jose_jwt.encode({"alg": "Ed25519", "kid": "ed"}, TestIssuer().claims(NOW), ed,
+                            algorithms=["Ed25519"])
+    assert check(token, keys).username == "alice@example.com"
+
+
+def _key(kind: str) -> Key:
+    if kind == "RSA":
+        return RSAKey.generate_key(2048, private=True)
+    if kind == "Ed448":
+        return OKPKey.generate_key("Ed448", private=True)
+    return ECKey.generate_key(kind, private=True)
+
+
+@pytest.mark.parametrize(
+    ("kind", "alg", "expected"),
+    [
+        ("RSA", "ES256", f"alg 'ES256' does not fit an RSA key (it takes {RSA_ALGS})"),
+        ("P-256", "ES384", "alg 'ES384' does not fit an EC P-256 key (it takes ES256)"),
+        ("P-384", "ES256", "alg 'ES256' does not fit an EC P-384 key (it takes ES384)"),
+        ("P-256", "RS256", "alg 'RS256' does not fit an EC P-256 key (it takes ES256)"),
+        ("P-256", "EdDSA", "alg 'EdDSA' does not fit an EC P-256 key (it takes ES256)"),
+        ("RSA", "EdDSA", f"alg 'EdDSA' does not fit an RSA key (it takes {RSA_ALGS})"),
+        ("Ed448", "Ed25519", "alg 'Ed25519' does not fit an OKP Ed448 key (it takes EdDSA)"),
+        ("RSA", "HS256", "alg 'HS256' is not an asymmetric signature algorithm proxyd accepts"),
+        ("RSA", "none", "alg 'none' is not an asymmetric signature algorithm proxyd accepts"),
+        ("RSA", 256, "alg is a number, not a string (RFC 7517 §4.4)"),
+    ],
+)
+def test_alg_that_does_not_fit_the_key_is_rejected(kind: str, alg: object, expected: str) -> None:
+    good = ECKey.generate_key("P-256", private=True)
+    raw = jwks_bytes(jwk(good, "good", "ES256"), {**jwk(_key(kind), "bad"), "alg": alg})
+    keys = parse_jwks(raw, ANY_ALG)
+    [rejected] = keys.rejected
+    assert (rejected.index, rejected.kid) == (1, "bad")
+    assert rejected.reason.startswith(expected), rejected.reason
+    assert keys.find("bad") is None
+
+
+def test_rs256_token_of_a_key_published_as_es256_is_not_accepted() -> None:
+    issuer = TestIssuer()
+    issuer.add_key("ec", "ES256")
+    issuer.add_key("rsa", "RS256")
+    issuer.published_alg["rsa"] = "ES256"  # the JWKS says ES256 for an RSA key
+    keys = keyset_of(issuer)
+    assert [r.kid for r in keys.rejected] == ["rsa"]
+    assert reason(issuer.token(NOW, kid="rsa"), keys) == "unknown_kid"
+
+
+def test_invalid_key_is_rejected_without_quoting_it() -> None:
+    good = ECKey.generate_key("P-256", private=True)
+    off_curve = {**jwk(good, "bad", "ES256"), "y": jwk(ECKey.generate_key("P-256"), "x")["y"]}
+    keys = parse_jwks(jwks_bytes(jwk(good, "good", "ES256"), off_curve), ANY_ALG)
+    assert keys.rejected == (RejectedKey(1, "bad", "not a valid EC public key"),)
+
+
+def test_keys_not_for_signature_verification_are_skipped_silently() -> None:
+    good = ECKey.generate_key("P-256", private=True)
+    weak = weak_rsa_key(512)
+    x25519 = OKPKey.generate_key("X25519", private=True)
+    raw = jwks_bytes(
+        jwk(good, "good", "ES256"),
+        jwk(weak, "enc-weak", use="enc"),  # an encryption key: not ours to judge
+        jwk(RSAKey.generate_key(2048), "oaep", "RSA-OAEP-256"),  # no "use", but a JWE alg
+        jwk(x25519, "ecdh", "ECDH-ES+A128KW"),
+        {"kty": "oct", "k": b64url(b"a shared secret"), "kid": "hmac"},
+        "not a key",
+    )
+    keys = parse_jwks(raw, ANY_ALG)
+    assert keys.rejected == ()
+    assert list(keys.by_kid) == ["good"]
 
 
 # --- issuer and audience -----------------------------------------------------------------------

@@ -817,7 +817,10 @@ def test_empty_allow_list_grants_the_app_but_no_tool() -> None:
 def test_star_tool_entry_is_unrestricted_until_something_is_denied() -> None:
     star = role_settings("star", users=(ALICE,), apps={"env": "test"}, allow=("*",))
     access = Policy([star]).access("k", identity(), "a", LABELS_A)
-    assert access.unrestricted and access.tool_allowed("x") and access.tool_allowed("*")
+    assert access.unrestricted and access.tool_allowed("x")
+    # Unrestricted access never asks (proxyd.handler), but a name outside the MCP naming
+    # rules is never allowed by a pattern (issue 10).
+    assert not access.tool_allowed("*") and not access.tool_allowed("x\x00")
     deny = role_settings("deny", users=(ALICE,), deny=("add",))
     access = Policy([star, deny]).access("k", identity(), "a", LABELS_A)
     assert not access.unrestricted  # every tools/call and tools/list must be checked

@@ -921,7 +921,8 @@ async def test_tokens_never_reach_logs_on_failing_paths(
     ]:
         resp = await client.post(path, json=RPC, headers={**bearer(token), **extra})
         statuses.append(resp.status)
-    resp = await client.post("/mcp/apps/a", data=b"z" * 4096, headers=bearer(good))
+    json_type = {"Content-Type": "application/json"}
+    resp = await client.post("/mcp/apps/a", data=b"z" * 4096, headers={**bearer(good), **json_type})
     statuses.append(resp.status)
     resp = await client.put("/mcp/apps/a", headers=bearer(good))
     statuses.append(resp.status)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from proxyd.auth.jwks import JwksCache, JwksUnavailable
 from proxyd.auth.jwt import Identity, UnverifiedToken, peek, verify
-from proxyd.auth.keys import KeySet, parse_jwks
+from proxyd.auth.keys import KeySet, KeySetError, RejectedKey, parse_jwks
 from proxyd.config import AppAuthConfig
 from proxyd.errors import InvalidToken, ServiceUnavailable
 from proxyd.labels import LabelSelector
@@ -51,11 +51,7 @@ class AuthSnapshot:
 def build_snapshot(
     configs: tuple[AppAuthConfig, ...], generation: int, previous: AuthSnapshot | None = None
 ) -> AuthSnapshot:
-    static = {
-        c.name: parse_jwks(c.jwt.static_jwks.encode(), c.jwt.algorithms)
-        for c in configs
-        if c.jwt.static_jwks is not None
-    }
+    static: dict[str, KeySet] = {}
     versions: dict[str, int] = {}
     for config in configs:
         before = previous.config(config.name) if previous is not None else None
@@ -63,9 +59,37 @@ def build_snapshot(
         versions[config.name] = (
             previous.versions[config.name] if unchanged and previous else generation
         )
+        if config.jwt.static_jwks is not None:
+            static[config.name] = _static_keys(config, log_rejected=not unchanged)
     ordered = tuple(sorted(configs, key=lambda c: c.name))
     fingerprints = {c.name: fingerprint(c) for c in configs}
     return AuthSnapshot(generation, ordered, static, versions, fingerprints)
+
+
+def _static_keys(config: AppAuthConfig, *, log_rejected: bool) -> KeySet:
+    # Config validation (_check_static_jwks) makes a rejected static key a config error, so
+    # this logs only for configs built without it; once per config version, not per reload.
+    assert config.jwt.static_jwks is not None
+    try:
+        keyset = parse_jwks(config.jwt.static_jwks.encode(), config.jwt.algorithms)
+    except KeySetError as exc:
+        _log_rejected(config, exc.rejected)
+        raise
+    if log_rejected:
+        _log_rejected(config, keyset.rejected)
+    return keyset
+
+
+def _log_rejected(config: AppAuthConfig, rejected: tuple[RejectedKey, ...]) -> None:
+    for key in rejected:
+        log.warning(  # kid and reason only: never key material
+            "jwks_key_rejected",
+            config=config.name,
+            source=config.source,
+            kid=key.kid,
+            index=key.index,
+            reason=key.reason,
+        )
 
 
 def fingerprint(config: AppAuthConfig) -> str:

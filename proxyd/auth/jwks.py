@@ -7,18 +7,22 @@
   the fetch the others wait for.
 * On failure the last good key set keeps serving (logged), and the next try waits
   ``refetch_interval``.
+* Keys proxyd will not trust (RFC 7518 §3.3 key size, curves, ``alg`` that does not fit the
+  key) are dropped, each logged once as ``jwks_key_rejected``; a document left with no usable
+  key is a failed fetch, exactly like an unreachable IdP.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import aiohttp
 
-from proxyd.auth.keys import KeySet, KeySetError, parse_jwks
+from proxyd.auth.keys import KeySet, KeySetError, RejectedKey, parse_jwks
 from proxyd.config import ASYMMETRIC_ALGORITHMS, JwksSettings
 from proxyd.log import get_logger
 
@@ -46,6 +50,9 @@ class _Entry:
     parsed: dict[frozenset[str], KeySet] = field(default_factory=dict)
     fetch_errors: int = 0
     last_error: str | None = None
+    # Digest of the last document fetched: its rejected keys are logged when it first
+    # arrives, not again on every refetch (each TTL, or each refetch_interval while unusable).
+    last_digest: bytes | None = None
 
 
 def ttl_from_cache_control(value: str | None, settings: JwksSettings) -> float:
@@ -115,6 +122,7 @@ class JwksCache:
         keyset = entry.parsed.get(algorithms)
         if keyset is None and entry.raw is not None:
             try:
+                # Rejections here are the ones _fetch logged: they do not depend on algorithms.
                 keyset = parse_jwks(entry.raw, algorithms)
             except KeySetError:
                 return None
@@ -132,10 +140,16 @@ class JwksCache:
         self.fetches += 1
         try:
             raw, cache_control = await self._download(url)
-            # Structural check: at least one key usable by SOME config. Not frozenset(): keys
-            # without "alg" (Entra, …) are usable by configs that list `algorithms`, and must
-            # not turn every fetch into a failure. Per-config algorithms apply in _parsed.
-            parse_jwks(raw, ASYMMETRIC_ALGORITHMS)
+            try:
+                # Structural check: at least one key usable by SOME config. Not frozenset():
+                # keys without "alg" (Entra, …) are usable by configs that list `algorithms`,
+                # and must not turn every fetch into a failure. Per-config algorithms apply in
+                # _parsed.
+                keyset = parse_jwks(raw, ASYMMETRIC_ALGORITHMS)
+            except KeySetError as exc:
+                self._log_rejected(url, entry, raw, exc.rejected)
+                raise
+            self._log_rejected(url, entry, raw, keyset.rejected)
         except _FetchFailed as exc:
             self._failed(url, entry, str(exc))
         except KeySetError as exc:
@@ -149,6 +163,19 @@ class JwksCache:
             log.info("jwks_fetched", url=url, ttl=ttl, bytes=len(raw))
         finally:
             entry.inflight = None
+
+    def _log_rejected(
+        self, url: str, entry: _Entry, raw: bytes, rejected: tuple[RejectedKey, ...]
+    ) -> None:
+        digest = hashlib.sha256(raw).digest()
+        if digest == entry.last_digest:
+            return
+        entry.last_digest = digest
+        for key in rejected:
+            # kid and reason only: never key material. A kid is bounded so that a hostile
+            # document cannot turn each line into kilobytes.
+            kid = key.kid if key.kid is None or len(key.kid) <= 200 else key.kid[:200] + "…"
+            log.warning("jwks_key_rejected", url=url, kid=kid, index=key.index, reason=key.reason)
 
     def _failed(self, url: str, entry: _Entry, error: str) -> None:
         entry.fetch_errors += 1

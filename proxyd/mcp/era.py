@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 import re
 import zlib
 from collections.abc import Mapping
@@ -19,13 +18,18 @@ from typing import Any, Final
 
 from multidict import CIMultiDictProxy
 
-from proxyd.errors import BadRequest, McpHeaderMismatch, PayloadTooLarge
+from proxyd.errors import BadRequest, McpHeaderMismatch, PayloadTooLarge, UnsupportedMediaType
+from proxyd.mcp import strictjson
 
 HANDSHAKE_VERSIONS: Final = frozenset({"2024-11-05", "2025-03-26", "2025-06-18", "2025-11-25"})
 NAME_BEARING: Final = {"tools/call": "name", "prompts/get": "name", "resources/read": "uri"}
 PROTOCOL_VERSION_META: Final = "io.modelcontextprotocol/protocolVersion"
 _SENTINEL = re.compile(r"^=\?base64\?(?P<payload>.*)\?=$")
 _ROUTING = ("MCP-Protocol-Version", "Mcp-Method", "Mcp-Name")
+# RFC 9110 §8.3.1 media type with an optional charset parameter (OWS ";" OWS name=value).
+# Only UTF-8 (RFC 8259 §8.1): body-parser honours any charset it knows (UTF-7 included), so a
+# body read as UTF-8 here could name another tool there.
+_JSON_MEDIA_TYPE = re.compile(r'application/json(?:[ \t]*;[ \t]*charset=(?:utf-8|"utf-8"))?', re.I)
 
 
 def is_modern(headers: Mapping[str, str]) -> bool:
@@ -50,10 +54,28 @@ def decode_header_value(value: str | None) -> str | None:
         return None
 
 
-def inflated(body: bytes, encoding: str | None, limit: int) -> bytes:
-    """The body as proxyd must read it; what goes upstream stays the original bytes."""
-    coding = (encoding or "identity").strip().lower()
-    if coding in ("", "identity"):
+def check_content_type(headers: CIMultiDictProxy[str]) -> None:
+    """A POST body is read as UTF-8 JSON only when its one Content-Type says exactly that."""
+    values = headers.getall("Content-Type", ())
+    if len(values) != 1 or _JSON_MEDIA_TYPE.fullmatch(values[0].strip(" \t")) is None:
+        raise UnsupportedMediaType(
+            "request Content-Type must be application/json (charset, if any, utf-8)"
+        )
+
+
+def inflated(body: bytes, encodings: list[str], limit: int) -> bytes:
+    """The body as proxyd must read it; what goes upstream stays the original bytes.
+
+    One coding at most, and a compressed body must end exactly where its stream ends: a second
+    gzip member or trailing bytes are read by some inflaters (Node's zlib reads every member)
+    and ignored by others, so they are refused rather than guessed at.
+    """
+    if len(encodings) > 1:
+        raise BadRequest(
+            "request Content-Encoding appears more than once", reason="unsupported_encoding"
+        )
+    coding = (encodings[0] if encodings else "identity").strip(" \t").lower()
+    if coding == "identity":
         return body
     if coding not in ("gzip", "x-gzip", "deflate"):
         raise BadRequest(
@@ -68,14 +90,18 @@ def inflated(body: bytes, encoding: str | None, limit: int) -> bytes:
         raise BadRequest("request body is not valid " + coding, reason="invalid_encoding") from None
     if len(out) > limit or inflater.unconsumed_tail:
         raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes once inflated")
+    if not inflater.eof or inflater.unused_data:
+        raise BadRequest(
+            f"request body is not exactly one {coding} stream", reason="invalid_encoding"
+        )
     return out
 
 
 def parse_message(body: bytes) -> dict[str, Any]:
     try:
-        message = json.loads(body)
-    except (ValueError, RecursionError):
-        raise BadRequest("request body is not valid JSON", reason="invalid_json") from None
+        message = strictjson.loads(body)
+    except strictjson.AmbiguousJson as exc:
+        raise BadRequest(f"request body is not valid JSON: {exc}", reason="invalid_json") from None
     if not isinstance(message, dict):
         raise BadRequest(
             "request body must be one JSON-RPC message (batches are not part of MCP 2026-07-28)",

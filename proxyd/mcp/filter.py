@@ -1,18 +1,26 @@
-"""Filtering a ``tools/list`` answer down to the tools a session may call.
+"""Tools a session may not call taken out of every answer that lists tools.
 
-Both answer forms of streamable HTTP: ``application/json`` (read whole, bounded) and
-``text/event-stream`` (parsed incrementally across chunk boundaries; events other than the
-answer — progress notifications, server requests — pass through byte for byte the moment they
-are complete). An answer that cannot be parsed becomes a JSON-RPC internal error with the
-request's id: never passed unfiltered (Kong 3.13.0.1 fixed exactly that leak).
+Under restricting roles every answer proxyd relays passes here, whatever the request, the
+status or the id (issue 10): a client matches a response to its request by id on any stream
+(a tools/list sent twice with one id had its answer routed to the other request's stream), and
+reads the body of a 201 or 404 as readily as a 200's. So any JSON-RPC response whose ``result``
+holds ``tools`` is filtered, and on the answer to a tools/list request every response must be
+such a list or an error. Both answer forms of streamable HTTP: ``application/json`` (read
+whole, bounded) and ``text/event-stream`` (parsed incrementally by the WHATWG rules; events
+that cannot hold a tool list pass through byte for byte the moment they are complete).
+
+What cannot be read exactly as a client would (not UTF-8, a charset other than UTF-8, a
+compressed or ambiguous body, duplicate members) becomes a JSON-RPC internal error, never an
+unfiltered list (Kong 3.13.0.1 fixed exactly that leak).
 """
 
 from __future__ import annotations
 
 import json
 import re
-from typing import Any
+from typing import Any, Final
 
+from proxyd.mcp import strictjson
 from proxyd.mcp.policy import Access
 
 INTERNAL_ERROR = -32603
@@ -21,6 +29,19 @@ INTERNAL_ERROR = -32603
 # (an empty line) and cut every CRLF event after its first line, so a multi-line answer
 # escaped the filter in two unparseable halves.
 _EVENT_END = re.compile(rb"(?:\r\n|\n|\r(?!\n))(?:\r\n|\n|\r)")
+_LINE_END = re.compile(rb"\r\n|\n|\r")
+# Bytes that may spell a member named "tools" in some reading: the letters in any case (a
+# case-insensitive reader takes "TOOLS" or "tool\u017f"), a \u escape, or a NUL (UTF-16/32 text,
+# which json.loads(bytes) decodes). Text without any of them cannot list a tool.
+_MAY_LIST_TOOLS: Final = re.compile(rb"(?i:tool)|\\u|\x00")
+# On a tools/list answer, also any event that may be a response (its result must list tools).
+_MAY_ANSWER: Final = re.compile(rb"(?i:tool|result)|\\u|\x00")
+_BOM: Final = b"\xef\xbb\xbf"
+# The TypeScript SDK's SSE parser (eventsource-parser 3) also drops "\u00ef\u00bb\u00bf" (a BOM
+# read as Latin-1, then UTF-8 encoded) at the start of its input, after TextDecoderStream
+# dropped a real one: after those six bytes "data:" is a data line to it, an unknown field to
+# a WHATWG parser. The filter reads what the most lenient client reads.
+_LATIN1_BOM: Final = _BOM.decode("latin-1").encode()
 MAX_JSON_ANSWER = 16 * 1024 * 1024
 
 
@@ -28,74 +49,110 @@ class FilterError(Exception):
     pass
 
 
+def may_list_tools(data: bytes) -> bool:
+    return _MAY_LIST_TOOLS.search(data) is not None
+
+
 class ToolsListFilter:
-    def __init__(self, request_id: Any, access: Access, *, any_id: bool = False) -> None:
-        self.request_id = request_id
+    """The filter of one answer. ``request_id``: the id of the request it answers (None for a
+    GET stream or a notification), given to the error that replaces an unreadable answer;
+    ``strict``: the request was a tools/list, so every response must be a tool list or an
+    error."""
+
+    def __init__(self, access: Access, *, request_id: Any = None, strict: bool = False) -> None:
         self.access = access
-        # A GET stream may replay a tools/list answer of an earlier POST (Last-Event-ID
-        # resumption): there every answer with a tools array is filtered, whatever its id.
-        self.any_id = any_id
+        self.request_id = request_id
+        self.strict = strict
         self.removed = 0
 
     def _filter(self, message: Any) -> Any:
-        """The message with denied tools removed, if it is our answer; else unchanged (the
-        same object, so callers can pass the original bytes)."""
+        """The message with denied tools removed; the same object when nothing changed, so
+        callers pass the original bytes."""
         if isinstance(message, list):
-            # A batch (2025-03-26 streams may carry them): our answer in it is still filtered.
+            # A batch (2025-03-26 streams may carry them): each response in it is filtered.
             out = [self._filter(m) if isinstance(m, dict) else m for m in message]
             return message if all(a is b for a, b in zip(out, message, strict=True)) else out
         if not isinstance(message, dict):
+            if self.strict:
+                raise FilterError("tools/list answer is not a JSON-RPC response")
             return message
-        if self.any_id:
-            result = message.get("result")
-            if "id" not in message or not (
-                isinstance(result, dict) and isinstance(result.get("tools"), list)
-            ):
-                return message
-        elif message.get("id") != self.request_id:
+        if not _has(message, "result"):
+            if self.strict and not _has(message, "error") and not _has(message, "method"):
+                raise FilterError("tools/list answer has neither result nor error")
+            return message  # a request, a notification or an error: nothing listed
+        result = strictjson.member(message, "result")
+        tools = strictjson.member(result, "tools") if isinstance(result, dict) else None
+        if tools is None:
+            if self.strict:
+                raise FilterError("tools/list answer has no tools array")
+            if isinstance(result, dict) and _has(result, "tools"):
+                raise FilterError("answer has a tools member that is not an array")
             return message
-        if "error" in message and "result" not in message:
-            return message  # errors pass through unchanged
-        result = message.get("result")
-        if not isinstance(result, dict) or not isinstance(result.get("tools"), list):
-            raise FilterError("tools/list answer has no tools array")
-        tools: list[Any] = result["tools"]
-        kept = [
-            t
-            for t in tools
-            if isinstance(t, dict)
-            and isinstance(t.get("name"), str)
-            and self.access.tool_allowed(t["name"])
-        ]
+        if not isinstance(tools, list):
+            raise FilterError("answer has a tools member that is not an array")
+        kept = [t for t in tools if self._allowed(t)]
+        if len(kept) == len(tools):
+            return message
         self.removed += len(tools) - len(kept)
-        return {**message, "result": {**result, "tools": kept}}
+        assert isinstance(result, dict)
+        return {
+            **message,
+            _key(message, "result"): {**result, _key(result, "tools"): kept},
+        }
 
-    def error(self, why: str) -> dict[str, Any]:
+    def _allowed(self, tool: Any) -> bool:
+        if not isinstance(tool, dict):
+            return False
+        name = strictjson.member(tool, "name")
+        return isinstance(name, str) and self.access.tool_allowed(name)
+
+    def error(self, why: str, message_id: Any = None) -> dict[str, Any]:
         return {
             "jsonrpc": "2.0",
-            "id": self.request_id,
+            "id": message_id if message_id is not None else self.request_id,
             "error": {
                 "code": INTERNAL_ERROR,
-                "message": f"proxyd could not filter tools/list: {why}",
+                "message": f"proxyd could not filter the tools of this answer: {why}",
             },
         }
 
+    def error_bytes(self, why: str) -> bytes:
+        return _dumps(self.error(why))
+
     def json_body(self, body: bytes) -> bytes:
+        """A whole (non-SSE) answer as the client may receive it."""
+        if not self.strict and (not body or not may_list_tools(body)):
+            return body  # cannot list a tool (a tools/list answer is always read)
         try:
-            message = json.loads(body)
+            message = strictjson.loads(body)
             filtered = self._filter(message)
-            if filtered is message:
-                return body  # not ours to change (an error, another id): the bytes as they came
-            return json.dumps(filtered, separators=(",", ":")).encode()
-        except (ValueError, RecursionError, FilterError) as exc:
-            return json.dumps(self.error(_why(exc)), separators=(",", ":")).encode()
+        except (strictjson.AmbiguousJson, FilterError) as exc:
+            return self.error_bytes(_why(exc))
+        return body if filtered is message else _dumps(filtered)
 
     def sse(self) -> SseFilter:
         return SseFilter(self)
 
 
+def _has(obj: dict[str, Any], name: str) -> bool:
+    return name in obj or any(key.casefold() == name for key in obj)
+
+
+def _key(obj: dict[str, Any], name: str) -> str:
+    if name in obj:
+        return name
+    return next(key for key in obj if key.casefold() == name)
+
+
+def _dumps(value: Any) -> bytes:
+    return json.dumps(value, separators=(",", ":")).encode()
+
+
 def _why(exc: BaseException) -> str:
-    return str(exc) if isinstance(exc, FilterError) else "answer is not valid JSON"
+    if isinstance(exc, strictjson.AmbiguousJson):
+        why = str(exc)
+        return "answer is not valid JSON" + ("" if why == "not valid JSON" else f": {why}")
+    return str(exc)
 
 
 class SseFilter:
@@ -104,6 +161,10 @@ class SseFilter:
     def __init__(self, parent: ToolsListFilter) -> None:
         self._parent = parent
         self._buffer = b""
+        # WHATWG SSE §9.2.5: the stream is UTF-8 decoded, which drops one leading BOM; a
+        # client then reads "\ufeffdata:" as "data:" (and see _LATIN1_BOM). Until the first
+        # bytes show whether one is there (it may arrive split over chunks), nothing is parsed.
+        self._started = False
         # The last event ended on a CR at the end of a chunk: an LF starting the next chunk is
         # the rest of that CRLF. It goes out as it came after a passed-through event, and is
         # dropped after a rewritten one (which ended with its own blank line): the output is
@@ -115,6 +176,20 @@ class SseFilter:
 
     def feed(self, chunk: bytes) -> bytes:
         out: list[bytes] = []
+        if not self._started:
+            self._buffer += chunk
+            if len(self._buffer) < len(_BOM + _LATIN1_BOM) and any(
+                p.startswith(self._buffer) for p in (_BOM + _LATIN1_BOM, _LATIN1_BOM)
+            ):
+                return b""
+            self._started = True
+            chunk, self._buffer = self._buffer, b""
+            skip = len(_BOM) if chunk.startswith(_BOM) else 0
+            if chunk.startswith(_LATIN1_BOM, skip):
+                skip += len(_LATIN1_BOM)
+            # Passed on as they came: the client drops them as we do.
+            out.append(chunk[:skip])
+            chunk = chunk[skip:]
         if self._cr_pending and chunk:
             self._cr_pending = False
             if chunk.startswith(b"\n"):
@@ -142,48 +217,49 @@ class SseFilter:
             self.overflowed = True
             self._buffer = b""
             self._scanned = 0
-            error = self._parent.error("answer too large")
-            out.append(b"data: " + json.dumps(error, separators=(",", ":")).encode() + b"\n\n")
+            out.append(self._error_event("answer too large"))
         return b"".join(out)
 
     def finish(self) -> bytes:
         self._cr_pending = False
         self._scanned = 0
         rest, self._buffer = self._buffer, b""
+        if not self._started:
+            return rest  # nothing but (part of) a BOM: no event
+        # An unfinished last event is never dispatched by a client (WHATWG: discarded at EOF),
+        # but it still goes through the same test: it is passed only if it cannot list a tool.
         return self._event(rest)[0] if rest.strip() else rest
+
+    def _error_event(self, why: str, message_id: Any = None) -> bytes:
+        return b"data: " + _dumps(self._parent.error(why, message_id)) + b"\n\n"
 
     def _event(self, raw: bytes) -> tuple[bytes, bool]:
         """The bytes to send for one event, and whether they were rewritten."""
-        # Cheap test first: only an event that can be an answer is parsed. A key may be
-        # written with \u escapes ("\u0072esult" is "result"): such events are parsed too.
-        if b'"result"' not in raw and b'"error"' not in raw and b"\\u" not in raw:
-            return raw, False
+        pattern = _MAY_ANSWER if self._parent.strict else _MAY_LIST_TOOLS
+        if pattern.search(raw) is None:
+            return raw, False  # cheap test first: only an event that can list tools is parsed
         fields: list[tuple[bytes, bytes]] = []
         data: list[bytes] = []
-        for line in re.split(rb"\r\n|\n|\r", raw):
+        for line in _LINE_END.split(raw):
             if not line or line.startswith(b":"):
                 continue
             name, _, value = line.partition(b":")
             value = value[1:] if value.startswith(b" ") else value
             if name == b"data":
                 data.append(value)
-            else:
+            elif name in (b"event", b"id", b"retry"):
                 fields.append((name, value))
         if not data:
             return raw, False  # nothing a client would dispatch
         try:
-            message = json.loads(b"\n".join(data))
-        except (ValueError, RecursionError):
-            # It mentions a result or an error and is no JSON: maybe our answer, cut short or
-            # garbled. Never pass it (it may list denied tools): fail closed.
-            filtered: Any = self._parent.error("answer is not valid JSON")
+            message = strictjson.loads(b"\n".join(data))
+            filtered = self._parent._filter(message)
+        except (strictjson.AmbiguousJson, FilterError) as exc:
+            # It may be our answer, cut short, garbled or ambiguous. Never pass it (it may list
+            # denied tools): fail closed, keeping the event's id for resumption.
+            filtered = self._parent.error(_why(exc))
         else:
-            try:
-                filtered = self._parent._filter(message)
-            except FilterError as exc:
-                filtered = self._parent.error(str(exc))
             if filtered is message:
-                return raw, False  # not ours (another id, an error answer): byte for byte
+                return raw, False  # nothing removed: byte for byte
         head = b"".join(name + b": " + value + b"\n" for name, value in fields)
-        data_line = b"data: " + json.dumps(filtered, separators=(",", ":")).encode()
-        return head + data_line + b"\n\n", True
+        return head + b"data: " + _dumps(filtered) + b"\n\n", True

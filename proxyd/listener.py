@@ -1,0 +1,319 @@
+"""The listeners' connection hygiene (issue 10): a head timeout, a connection cap, 431s.
+
+aiohttp reads a request head with no deadline of its own: its keep-alive timer runs from the
+connection's start (3630 s by default), so 400 clients trickling header bytes at 1 byte/s held
+400 descriptors for an hour. ``GuardedHandler`` adds what nginx has
+(client_header_timeout, worker_connections):
+
+- ``server.header_timeout``: the head must be complete within it, counted from the
+  connection's start and, on a keep-alive connection, from the first byte of each next request.
+  Bytes that keep arriving do not extend it. A request being handled (a body being read, an
+  SSE answer being relayed) is never timed by it.
+- ``server.max_connections``: above it a new connection is closed as soon as it is accepted —
+  not queued, not served — so the descriptors go to the connections already open.
+- 431 with proxyd's JSON-RPC error body for heads over aiohttp's own parser ceilings (more
+  header lines than ``max_headers``, a line longer than the field limit), which aiohttp
+  answered with a plain-text 400.
+- ``server.keepalive_timeout`` for idle keep-alive connections (aiohttp's own timer).
+
+The values in force are read for each new connection and each new head, so a reload applies
+them to what comes next; the connections and heads already timed keep theirs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import socket
+import ssl
+import time
+from collections.abc import Callable
+from typing import Any
+
+from aiohttp import web
+from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
+from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_request import BaseRequest
+from prometheus_client import Counter
+
+from proxyd.config import ServerSettings
+from proxyd.errors import HeadersTooLarge, error_response
+from proxyd.log import get_logger
+from proxyd.metrics import Metrics
+
+log = get_logger("proxyd.listener")
+
+# Both aiohttp parsers (llhttp and pure Python) raise a plain BadHttpMessage with this text
+# when a head has more than max_headers lines; there is no subclass to test for.
+_TOO_MANY_HEADERS = "Too many headers received"
+# Under a flood the metric counts every refusal; the log says so once a minute.
+_REFUSED_LOG_INTERVAL = 60.0
+CLOSE_REASONS = ("header_timeout", "headers_too_large")
+
+# GuardedHandler reads (never writes) two private attributes of aiohttp's RequestHandler:
+# ``_waiter``, the future start() awaits for the next message (aiohttp's _process_keepalive
+# tests it the same way to know a connection is idle), and ``_request_count``, incremented for
+# each message its parser produces. An aiohttp that renames them must fail here, at import,
+# not run on without a head timeout.
+if not {"_waiter", "_request_count"} <= set(RequestHandler.__slots__):
+    raise ImportError("aiohttp's RequestHandler changed: review proxyd.listener.GuardedHandler")
+
+
+class Listener:
+    """What the connections of one listener share: how many are open, the settings in force
+    and the metrics.
+
+    ``capped=False`` (the admin listener): no max_connections, so a flood of MCP clients never
+    locks an operator out of /metrics and /readyz. Without ``metrics`` nothing is counted.
+    """
+
+    def __init__(
+        self,
+        settings: Callable[[], ServerSettings],
+        metrics: Metrics | None = None,
+        *,
+        capped: bool = True,
+    ) -> None:
+        self.settings = settings
+        self.capped = capped
+        self.open = 0
+        self._refused: Counter | None = None
+        self._closed: dict[str, Counter] = {}
+        self._unlogged_refusals = 0
+        self._refusal_logged_at = -math.inf
+        if metrics is not None:
+            self._refused = metrics.connections_refused
+            # Children made now: every reason is scraped, at 0 until it happens.
+            self._closed = {r: metrics.connections_closed.labels(r) for r in CLOSE_REASONS}
+            metrics.open_connections.set_function(lambda: float(self.open))
+
+    def admit(self) -> bool:
+        """Count a new connection in, or refuse it (False) when the cap is reached."""
+        limit = self.settings().max_connections
+        if not self.capped or self.open < limit:
+            self.open += 1
+            return True
+        if self._refused is not None:
+            self._refused.inc()
+        self._unlogged_refusals += 1
+        now = time.monotonic()
+        if now - self._refusal_logged_at >= _REFUSED_LOG_INTERVAL:
+            log.warning(
+                "connections_refused",
+                max_connections=limit,
+                refused=self._unlogged_refusals,
+                detail="server.max_connections are open: new connections are closed at once",
+            )
+            self._refusal_logged_at, self._unlogged_refusals = now, 0
+        return False
+
+    def release(self) -> None:
+        self.open -= 1
+
+    def closed(self, reason: str) -> None:
+        child = self._closed.get(reason)
+        if child is not None:
+            child.inc()
+
+    def protocol_factory(self, server: web.Server) -> Callable[[], GuardedHandler]:
+        """What the event loop calls for each accepted connection, in place of ``server``."""
+        loop = asyncio.get_running_loop()
+        # aiohttp's own factory (Server.__call__) builds a RequestHandler from Server._kwargs
+        # (private): the runner's arguments and the app's handler_args. The same arguments
+        # here, with the keep-alive timeout in force when the connection is accepted.
+        kwargs: dict[str, Any] = server._kwargs
+
+        def factory() -> GuardedHandler:
+            keepalive = self.settings().keepalive_timeout
+            return GuardedHandler(
+                server, loop=loop, listener=self, **{**kwargs, "keepalive_timeout": keepalive}
+            )
+
+        return factory
+
+
+class GuardedHandler(RequestHandler):
+    """aiohttp's connection protocol with the head timeout, the cap and 431s (module doc)."""
+
+    __slots__ = ("_admitted", "_head_timer", "_listener")
+
+    def __init__(self, manager: web.Server, *, listener: Listener, **kwargs: Any) -> None:
+        super().__init__(manager, **kwargs)
+        self._listener = listener
+        self._admitted = False
+        self._head_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if not self._listener.admit():
+            # Before aiohttp sees it: no task, no timer, not among the server's connections
+            # (which a drain waits for). Closing at once, not leaving it in the accept queue,
+            # tells the client now instead of after its own connect timeout.
+            transport.close()
+            return
+        self._admitted = True
+        super().connection_made(transport)
+        self._arm_head_timer()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if not self._admitted:
+            return
+        self._admitted = False
+        self._listener.release()
+        self._cancel_head_timer()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self._head_timer is not None:
+            # A head in progress, timed since the connection's start or its first byte.
+            produced = self._request_count
+            super().data_received(data)
+            if self._request_count != produced:
+                # A whole head was parsed (or failed to parse, which answers and closes):
+                # the request is being handled, only the body and upstream timeouts apply.
+                self._cancel_head_timer()
+            return
+        if not self._admitted:
+            return
+        # Bytes while no request is being handled start a next head; anything else (a body,
+        # a request pipelined behind the one being handled) is not a head to time.
+        next_head = bool(data) and self._idle()
+        produced = self._request_count
+        super().data_received(data)
+        if next_head and self._request_count == produced:
+            # Only part of it came: timed from now, its first byte. (Arming only here spares
+            # the usual case, a head in one write, a timer per request.)
+            self._arm_head_timer()
+
+    def handle_error(
+        self,
+        request: BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        problem = self._over_head_limit(exc) if status == 400 else None
+        if problem is None:
+            return super().handle_error(request, status, exc, message)
+        # Not aiohttp's path: it logs a traceback per bad head, a log flood for any client.
+        self._listener.closed("headers_too_large")
+        log.info(
+            "request_rejected",
+            status=431,
+            reason="headers_too_large",
+            client=request.remote,
+            detail=problem,
+        )
+        response = error_response(HeadersTooLarge(problem))
+        # The parser stopped mid-head: nothing after it on this connection can be read.
+        response.force_close()
+        return response
+
+    def _over_head_limit(self, exc: BaseException | None) -> str | None:
+        if isinstance(exc, LineTooLong):
+            # Also a request line over the limit: aiohttp raises the same error with the same
+            # limit for it, and a head that long is over the head's budget either way.
+            return f"a request header line exceeds the limit of {exc.args[1]} bytes"
+        if isinstance(exc, BadHttpMessage) and exc.message == _TOO_MANY_HEADERS:
+            return f"more than {self.max_headers} request header lines"
+        return None
+
+    def _idle(self) -> bool:
+        waiter = self._waiter  # private, read only (see the import-time check above)
+        return waiter is not None and not waiter.done()
+
+    def _arm_head_timer(self) -> None:
+        timeout = self._listener.settings().header_timeout
+        self._head_timer = asyncio.get_running_loop().call_later(timeout, self._head_timed_out)
+
+    def _cancel_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        if self.transport is None:
+            return
+        self._listener.closed("header_timeout")
+        log.debug("connection_closed", reason="header_timeout", client=_peer(self.peername))
+        # No 408: a client that stalls mid-head reads nothing, and a slowloris is owed
+        # nothing (nginx closes silently too). force_close cancels the idle start() task.
+        self.force_close()
+
+
+def _netloc(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _peer(peername: Any) -> str | None:
+    if isinstance(peername, tuple) and peername:
+        return str(peername[0])
+    return str(peername) if peername else None
+
+
+class ListenerSite(web.BaseSite):
+    """A listening socket whose connections are GuardedHandlers of ``listener``: bound to
+    ``host``/``port``, to a unix socket ``path``, or an already bound ``sock`` (inherited, as
+    with systemd socket activation)."""
+
+    __slots__ = ("_host", "_listener", "_path", "_port", "_reuse_port", "_sock")
+
+    def __init__(
+        self,
+        runner: web.BaseRunner,
+        listener: Listener,
+        *,
+        host: str | None = None,
+        port: int | None = None,
+        path: str | None = None,
+        sock: socket.socket | None = None,
+        reuse_port: bool = False,
+        ssl_context: ssl.SSLContext | None = None,
+        backlog: int = 128,
+    ) -> None:
+        super().__init__(runner, ssl_context=ssl_context, backlog=backlog)
+        if [port is not None, path is not None, sock is not None].count(True) != 1:
+            raise ValueError("a listener takes exactly one of port, path or sock")
+        self._listener = listener
+        self._host, self._port, self._path, self._sock = host, port, path, sock
+        self._reuse_port = reuse_port
+
+    @property
+    def name(self) -> str:
+        scheme = "https" if self._ssl_context else "http"
+        if self._path is not None:
+            return f"{scheme}://unix:{self._path}:"
+        if self._sock is not None:
+            address = self._sock.getsockname()
+            if isinstance(address, str):  # AF_UNIX
+                return f"{scheme}://unix:{address}:"
+            return f"{scheme}://{_netloc(address[0], address[1])}"
+        return f"{scheme}://{_netloc(self._host or '0.0.0.0', self._port or 0)}"  # noqa: S104
+
+    async def start(self) -> None:
+        await super().start()
+        loop = asyncio.get_running_loop()
+        # _runner, _ssl_context, _backlog and _server are BaseSite's, kept for its subclasses
+        # (aiohttp's own sites use them the same way; stop() closes _server).
+        server = self._runner.server
+        assert server is not None  # BaseSite refuses a runner that was not set up
+        factory = self._listener.protocol_factory(server)
+        if self._path is not None:
+            self._server = await loop.create_unix_server(
+                factory, self._path, ssl=self._ssl_context, backlog=self._backlog
+            )
+        elif self._sock is not None:
+            self._server = await loop.create_server(
+                factory, sock=self._sock, ssl=self._ssl_context, backlog=self._backlog
+            )
+        else:
+            assert self._port is not None  # __init__ takes exactly one of port, path, sock
+            self._server = await loop.create_server(
+                factory,
+                self._host,
+                self._port,
+                ssl=self._ssl_context,
+                backlog=self._backlog,
+                reuse_address=True,
+                reuse_port=self._reuse_port,
+            )
