@@ -57,11 +57,11 @@ def main() -> int:
         20000,
     )
     results["tools/list filter, JSON, 40 tools"] = per_call_us(
-        lambda: ToolsListFilter(7, access).json_body(ANSWER), 2000
+        lambda: ToolsListFilter(access, request_id=7, strict=True).json_body(ANSWER), 2000
     )
 
     def sse() -> None:
-        events = ToolsListFilter(7, access).sse()
+        events = ToolsListFilter(access, request_id=7, strict=True).sse()
         for i in range(0, len(SSE), 1400):  # typical TCP segments
             events.feed(SSE[i : i + 1400])
         events.finish()

@@ -23,6 +23,8 @@ class ProxydError(Exception):
     jsonrpc_code = INTERNAL_ERROR
     reason = "internal"
     config: str | None = None  # the app auth config that refused a token, when one did
+    # The connection cannot carry another request (the client's body was left half read).
+    closes_connection = False
 
     def __init__(self, message: str, *, reason: str | None = None) -> None:
         super().__init__(message)
@@ -111,6 +113,7 @@ class RequestTimeout(ProxydError):
     status = 408
     jsonrpc_code = INVALID_REQUEST
     reason = "body_timeout"
+    closes_connection = True  # RFC 9110 §15.5.9: the server closes after a 408
 
 
 class HeadersTooLarge(ProxydError):
@@ -217,9 +220,12 @@ def error_response(err: ProxydError, *, resource_metadata: str | None = None) ->
             params.append(f"error={_quote(err.oauth_error)}")
             params.append(f"error_description={_quote(_description(err.message))}")
         headers["WWW-Authenticate"] = "Bearer" + (" " + ", ".join(params) if params else "")
-    return web.Response(
+    response = web.Response(
         status=err.status,
         body=error_body(err.jsonrpc_code, err.message, err.status, err.reason),
         content_type="application/json",
         headers=headers,
     )
+    if err.closes_connection:
+        response.force_close()
+    return response

@@ -36,6 +36,7 @@ from proxyd.mcp.audit import AuditContext, Auditor
 from proxyd.mcp.era import (
     check_content_type,
     check_routing_headers,
+    check_single_headers,
     inflated,
     is_modern,
     message_kind,
@@ -334,6 +335,11 @@ class McpHandler:
         self, request: web.Request, app: App, session: Session, audit: AuditContext
     ) -> Exchange:
         limit = self.settings.server.max_request_body
+        try:
+            check_single_headers(request.headers)
+        except ProxydError as err:
+            audit.invalid(request, err)
+            raise
         modern = is_modern(request.headers)
         client_id = None if modern else request.headers.get(SESSION_HEADER)
         pin = None

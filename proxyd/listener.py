@@ -13,7 +13,8 @@ connection's start (3630 s by default), so 400 clients trickling header bytes at
   not queued, not served — so the descriptors go to the connections already open.
 - 431 with proxyd's JSON-RPC error body for heads over aiohttp's own parser ceilings (more
   header lines than ``max_headers``, a line longer than the field limit), which aiohttp
-  answered with a plain-text 400.
+  answered with a plain-text 400; and as soon as a head in progress is longer than any valid
+  one, which aiohttp would have buffered (up to 8 MiB) before anything could answer.
 - ``server.keepalive_timeout`` for idle keep-alive connections (aiohttp's own timer).
 
 The values in force are read for each new connection and each new head, so a reload applies
@@ -28,6 +29,8 @@ import socket
 import ssl
 import time
 from collections.abc import Callable
+from email.utils import formatdate
+from http import HTTPStatus
 from typing import Any
 
 from aiohttp import web
@@ -37,7 +40,7 @@ from aiohttp.web_request import BaseRequest
 from prometheus_client import Counter
 
 from proxyd.config import ServerSettings
-from proxyd.errors import HeadersTooLarge, error_response
+from proxyd.errors import HeadersTooLarge, error_body, error_response
 from proxyd.log import get_logger
 from proxyd.metrics import Metrics
 
@@ -135,13 +138,15 @@ class Listener:
 class GuardedHandler(RequestHandler):
     """aiohttp's connection protocol with the head timeout, the cap and 431s (module doc)."""
 
-    __slots__ = ("_admitted", "_head_timer", "_listener")
+    __slots__ = ("_admitted", "_discarding", "_head_bytes", "_head_timer", "_listener")
 
     def __init__(self, manager: web.Server, *, listener: Listener, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
         self._listener = listener
         self._admitted = False
         self._head_timer: asyncio.TimerHandle | None = None
+        self._head_bytes = 0  # of the head in progress, in the reads that did not complete it
+        self._discarding = False  # answered 431 mid-head: the rest is read and dropped
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         if not self._listener.admit():
@@ -165,12 +170,18 @@ class GuardedHandler(RequestHandler):
     def data_received(self, data: bytes) -> None:
         if self._head_timer is not None:
             # A head in progress, timed since the connection's start or its first byte.
+            if self._discarding:
+                return
             produced = self._request_count
             super().data_received(data)
             if self._request_count != produced:
                 # A whole head was parsed (or failed to parse, which answers and closes):
                 # the request is being handled, only the body and upstream timeouts apply.
                 self._cancel_head_timer()
+                return
+            self._head_bytes += len(data)
+            if self._head_bytes > self._head_limit():
+                self._refuse_head()
             return
         if not self._admitted:
             return
@@ -183,6 +194,7 @@ class GuardedHandler(RequestHandler):
             # Only part of it came: timed from now, its first byte. (Arming only here spares
             # the usual case, a head in one write, a timer per request.)
             self._arm_head_timer()
+            self._head_bytes = len(data)
 
     def handle_error(
         self,
@@ -217,6 +229,47 @@ class GuardedHandler(RequestHandler):
             return f"more than {self.max_headers} request header lines"
         return None
 
+    def _head_limit(self) -> int:
+        # No valid head is longer: a request line within aiohttp's line ceiling, then headers
+        # within server.max_header_size (app.py keeps the field ceiling above it). aiohttp's
+        # parser alone buffered up to max_headers lines of the field ceiling each (128 x 64 KiB
+        # = 8 MiB per connection) before handler.check_header_size could answer 431.
+        budget = max(self.max_field_size, self._listener.settings().max_header_size)
+        return self.max_line_size + budget
+
+    def _refuse_head(self) -> None:
+        transport = self.transport
+        if transport is None or self._discarding:
+            return
+        self._discarding = True
+        err = HeadersTooLarge(f"the request head exceeds {self._head_limit()} bytes")
+        self._listener.closed("headers_too_large")
+        log.info(
+            "request_rejected",
+            status=431,
+            reason=err.reason,
+            client=_peer(self.peername),
+            detail=err.message,
+        )
+        # Written here, not through aiohttp's error path: that needs a parsed (or failed)
+        # message, and the parser would first buffer the rest of this head.
+        body = error_body(err.jsonrpc_code, err.message, err.status, err.reason)
+        head = (
+            f"HTTP/1.1 {err.status} {HTTPStatus(err.status).phrase}\r\n"
+            f"Date: {formatdate(usegmt=True)}\r\n"
+            "Content-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n"
+            "Connection: close\r\n\r\n"
+        )
+        transport.write(head.encode() + body)
+        if transport.can_write_eof():
+            # A lingering close: closing with the rest of the head unread would reset the
+            # connection and could destroy the answer before the client reads it. The client
+            # closes once it has read it; the head timer still armed bounds the wait.
+            transport.write_eof()
+        else:
+            self.force_close()
+
     def _idle(self) -> bool:
         waiter = self._waiter  # private, read only (see the import-time check above)
         return waiter is not None and not waiter.done()
@@ -234,8 +287,9 @@ class GuardedHandler(RequestHandler):
         self._head_timer = None
         if self.transport is None:
             return
-        self._listener.closed("header_timeout")
-        log.debug("connection_closed", reason="header_timeout", client=_peer(self.peername))
+        if not self._discarding:  # (a 431 is counted as such)
+            self._listener.closed("header_timeout")
+            log.debug("connection_closed", reason="header_timeout", client=_peer(self.peername))
         # No 408: a client that stalls mid-head reads nothing, and a slowloris is owed
         # nothing (nginx closes silently too). force_close cancels the idle start() task.
         self.force_close()

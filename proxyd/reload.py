@@ -4,9 +4,9 @@ Apps, servers, health checks, limits, upstream timeouts, MCP session keys, the i
 assertion's lifetime, the main file's app auth configs and the log level change at once (one
 Runtime reference, see app.py); requests and streams in flight finish on the configuration
 they started with. The listeners read their header and keep-alive timeouts and connection cap
-from that reference for each new connection and request head (proxyd/listener.py). A file with any problem changes nothing: every problem is logged. What a
-running process cannot change (listeners, directories, keys on disk, the state backend) is
-named in the log.
+from that reference for each new connection and request head (proxyd/listener.py). A file
+with any problem changes nothing: every problem is logged. What a running process cannot
+change (listen addresses, directories, keys on disk, the state backend) is named in the log.
 """
 
 from __future__ import annotations

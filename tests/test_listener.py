@@ -508,6 +508,42 @@ async def test_heads_over_any_header_limit_get_431_with_a_json_rpc_body(
     assert "Error handling request" not in proxyd.stderr.decode(errors="replace")
 
 
+async def test_a_head_longer_than_any_valid_one_is_answered_431_before_it_ends(
+    issuer: TestIssuer, launch: Launch, upstreams: Upstreams, tmp_path: Path
+) -> None:
+    # Lines of 60 KiB, each under aiohttp's field ceiling (64 KiB), fewer than its 128: its
+    # parser alone would buffer 7 MiB of them and answer nothing until the head ended.
+    proxyd, upstream = await start_proxyd(issuer, launch, upstreams, tmp_path)
+    lines = 120
+    conn = await Raw.open(proxyd.port)
+    reading = asyncio.create_task(conn.answer())
+    try:
+        assert await conn.send(b"POST /mcp/apps/a HTTP/1.1\r\nHost: proxyd.test\r\n")
+        sent = 0
+        while sent < lines and not reading.done():
+            if not await conn.send(b"X-Pad-%d: " % sent + b"p" * (60 * 1024) + b"\r\n"):
+                break
+            sent += 1
+            await asyncio.sleep(PACE / 10)  # the pace of the upload, not a wait for a state
+        answer = await reading
+        assert sent < lines, "answered only once the head was complete"
+        assert await conn.closed() == b""  # nothing after the answer
+    finally:
+        reading.cancel()
+        conn.close()
+    assert answer.status == 431, answer
+    assert answer.headers["content-type"] == "application/json"
+    assert answer.headers["connection"] == "close"
+    assert answer.json()["error"]["data"] == {"status": 431, "reason": "headers_too_large"}
+    assert upstream.calls == 0
+    async with aiohttp.ClientSession() as http:
+        m = await scrape(http, proxyd)
+        assert m.value("proxyd_connections_closed_total", reason="headers_too_large") == 1
+        assert m.value("proxyd_connections_closed_total", reason="header_timeout") == 0
+    line = await proxyd.wait_for("request_rejected")
+    assert (line["status"], line["reason"]) == (431, "headers_too_large")
+
+
 # --------------------------------------------------------------------------------------------
 # (f) keepalive_timeout
 

@@ -25,7 +25,7 @@ HANDSHAKE_VERSIONS: Final = frozenset({"2024-11-05", "2025-03-26", "2025-06-18",
 NAME_BEARING: Final = {"tools/call": "name", "prompts/get": "name", "resources/read": "uri"}
 PROTOCOL_VERSION_META: Final = "io.modelcontextprotocol/protocolVersion"
 _SENTINEL = re.compile(r"^=\?base64\?(?P<payload>.*)\?=$")
-_ROUTING = ("MCP-Protocol-Version", "Mcp-Method", "Mcp-Name")
+_SINGLE = ("MCP-Protocol-Version", "Mcp-Method", "Mcp-Name", "Mcp-Session-Id", "Last-Event-ID")
 # RFC 9110 §8.3.1 media type with an optional charset parameter (OWS ";" OWS name=value).
 # Only UTF-8 (RFC 8259 §8.1): body-parser honours any charset it knows (UTF-7 included), so a
 # body read as UTF-8 here could name another tool there.
@@ -124,11 +124,19 @@ def message_kind(message: Mapping[str, Any]) -> str:
     )
 
 
-def check_routing_headers(headers: CIMultiDictProxy[str], message: Mapping[str, Any]) -> None:
-    """Raise McpHeaderMismatch (400, -32020) unless the routing headers mirror the body."""
-    for name in _ROUTING:
+def check_single_headers(headers: CIMultiDictProxy[str]) -> None:
+    """The MCP fields proxyd routes and decides on appear at most once, in either era.
+
+    proxyd reads the first of two; Node joins them with ", " and others take the last: a
+    second ``MCP-Protocol-Version`` could switch eras behind proxyd's back (issue 10).
+    """
+    for name in _SINGLE:
         if len(headers.getall(name, ())) > 1:
             raise McpHeaderMismatch(f"{name} header appears more than once")
+
+
+def check_routing_headers(headers: CIMultiDictProxy[str], message: Mapping[str, Any]) -> None:
+    """Raise McpHeaderMismatch (400, -32020) unless the routing headers mirror the body."""
     method = message.get("method")
     if not isinstance(method, str):
         raise BadRequest(
