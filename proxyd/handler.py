@@ -21,7 +21,6 @@ from proxyd.auth.bearer import bearer_token
 from proxyd.auth.session import FOREIGN_VERSION, Session, SessionStore, session_key
 from proxyd.config import AuditSettings, Settings
 from proxyd.errors import (
-    BadRequest,
     Forbidden,
     HeadersTooLarge,
     InvalidToken,
@@ -34,9 +33,8 @@ from proxyd.forward import ConnectFailed, Forwarder, Outcome, RequestBody, reque
 from proxyd.log import get_logger
 from proxyd.mcp.audit import AuditContext, Auditor
 from proxyd.mcp.era import (
-    check_content_type,
+    check_framing,
     check_routing_headers,
-    check_single_headers,
     inflated,
     is_modern,
     message_kind,
@@ -336,7 +334,7 @@ class McpHandler:
     ) -> Exchange:
         limit = self.settings.server.max_request_body
         try:
-            check_single_headers(request.headers)
+            check_framing(request.method, request.headers, request.body_exists)
         except ProxydError as err:
             audit.invalid(request, err)
             raise
@@ -345,22 +343,11 @@ class McpHandler:
         pin = None
         if client_id is not None:
             pin = self.pinning.open(app, session.identity, client_id)
-        timeout = self.settings.server.body_timeout
         if request.method != "POST":
-            if request.body_exists:
-                # A GET or DELETE carries no message in MCP; one with a body would reach the
-                # upstream uninspected (a tools/call in a GET body, issue 10): refused.
-                err = BadRequest(f"a {request.method} request must not have a body")
-                audit.invalid(request, err)
-                raise err
             return Exchange(modern, RequestBody.empty(), pin, client_id)
         # A POST carries one JSON-RPC message: read (bounded, 413) and parse it for the era
         # check, tool policy and audit. Batches were removed in 2025-06-18: refused explicitly.
-        try:
-            check_content_type(request.headers)
-        except ProxydError as err:
-            audit.invalid(request, err)
-            raise
+        timeout = self.settings.server.body_timeout
         body = await RequestBody.read_all(request, limit, timeout)
         try:
             encodings = request.headers.getall("Content-Encoding", [])

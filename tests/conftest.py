@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
+from hypothesis import settings
 
 from proxyd.app import create_app
 from proxyd.config import Settings, parse_settings
@@ -151,3 +152,9 @@ async def start_upstream(app: web.Application) -> TestServer:
     server = TestServer(app, host="127.0.0.1")
     await server.start_server()
     return server
+
+
+# Hypothesis profiles (the differential tests, tests/test_differential.py): `make test` runs
+# hypothesis's default profile; CI selects this one (.ci/run: `--hypothesis-profile=ci`) for
+# ten times as many generated examples.
+settings.register_profile("ci", max_examples=1000, deadline=None, print_blob=True)

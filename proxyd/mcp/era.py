@@ -124,6 +124,18 @@ def message_kind(message: Mapping[str, Any]) -> str:
     )
 
 
+def check_framing(method: str, headers: CIMultiDictProxy[str], has_body: bool) -> None:
+    """What can be refused before a body is read: repeated MCP fields, a GET or DELETE with a
+    body (MCP gives them none: one would reach the upstream uninspected, a tools/call in a GET
+    body included), a POST whose body would not be read as UTF-8 JSON."""
+    check_single_headers(headers)
+    if method != "POST":
+        if has_body:
+            raise BadRequest(f"a {method} request must not have a body")
+    else:
+        check_content_type(headers)
+
+
 def check_single_headers(headers: CIMultiDictProxy[str]) -> None:
     """The MCP fields proxyd routes and decides on appear at most once, in either era.
 

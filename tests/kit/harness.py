@@ -111,7 +111,9 @@ class ScriptedUpstream:
                 for piece in script.pieces:
                     if not piece:
                         continue
-                    writer.write(b"%x\r\n%b\r\n" % (len(piece), piece) if script.framing == "chunked" else piece)
+                    if script.framing == "chunked":
+                        piece = b"%x\r\n%b\r\n" % (len(piece), piece)
+                    writer.write(piece)
                     await writer.drain()
                     if script.pause:
                         await asyncio.sleep(script.pause)
@@ -375,6 +377,13 @@ def values_of(obj: Any, name: str, *, fold: bool) -> list[Any]:
     return [value for key, value in obj if key == name]
 
 
+def _messages(document: Any) -> list[Any]:
+    """The messages of a batch (a JSON array), or the one message."""
+    if isinstance(document, list) and not isinstance(document, Members):
+        return document
+    return [document]
+
+
 @dataclass(frozen=True)
 class Reading:
     reader: str
@@ -401,8 +410,8 @@ def python_readings(body: bytes) -> list[Reading]:
         document = _loads_members(body)
     except (ValueError, RecursionError):
         return []
-    messages = document if isinstance(document, list) else [document]
     out = []
+    messages = _messages(document)
     for fold in (False, True):
         for last in (True, False):
             reader = f"python({'casefold' if fold else 'exact'},{'last' if last else 'first'})"
@@ -484,8 +493,7 @@ def tools_in(document: Any) -> set[str]:
     """Tool names under result.tools of every message, member names case-insensitive, every
     duplicate member read."""
     names: set[str] = set()
-    messages = document if isinstance(document, list) else [document]
-    for message in messages:
+    for message in _messages(document):
         for result in values_of(message, "result", fold=True):
             for tools in values_of(result, "tools", fold=True):
                 if not isinstance(tools, list):
@@ -497,12 +505,25 @@ def tools_in(document: Any) -> set[str]:
     return names
 
 
-def python_answer_tools(body: bytes) -> set[str]:
-    """Every tool name a lenient Python client could read from an answer, whatever its
-    Content-Type says: the body as JSON (bytes with encoding guessed, or UTF-8 with BOMs
-    stripped) and as an event stream."""
-    texts: list[str | bytes] = [body, _strip_boms(body.decode("utf-8", "replace"))]
-    texts += sse_texts(body)
+def answer_forms(content_types: Sequence[str]) -> set[str]:
+    """How a lenient client reads an answer with these Content-Type lines, whatever the
+    status: as an event stream when a line mentions text/event-stream (any case), as JSON
+    otherwise (no type, text/plain...), both when JSON is named too."""
+    value = ", ".join(content_types).lower()
+    if "text/event-stream" not in value:
+        return {"json"}
+    return {"json", "sse"} if "json" in value else {"sse"}
+
+
+def python_answer_tools(body: bytes, forms: Sequence[str] = ("json", "sse")) -> set[str]:
+    """Every tool name a lenient Python client could read from an answer in these forms: the
+    body as JSON (bytes with encoding guessed, or UTF-8 with BOMs stripped) and as an event
+    stream."""
+    texts: list[str | bytes] = []
+    if "json" in forms:
+        texts += [body, _strip_boms(body.decode("utf-8", "replace"))]
+    if "sse" in forms:
+        texts += sse_texts(body)
     names: set[str] = set()
     for text in texts:
         try:
