@@ -9,7 +9,7 @@ import asyncio
 import gzip
 import json
 import zlib
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -79,16 +79,20 @@ class Proxy:
         return await self.client.post("/mcp/apps/a", data=body, headers=all_headers)
 
 
-async def start(
-    issuer: TestIssuer,
-    make_proxy: ProxyFactory,
-    clock: FakeClock,
-    tmp_path: Path,
-    url: str,
-    **sections: Any,
-) -> Proxy:
-    client = await make_proxy(config(issuer, {"a": url}, tmp_path, roles=ROLES, **sections))
-    return Proxy(client, issuer.token(clock.wall()))
+ProxyTo = Callable[..., Awaitable[Proxy]]
+
+
+@pytest.fixture
+def proxy_to(
+    issuer: TestIssuer, make_proxy: ProxyFactory, clock: FakeClock, tmp_path: Path
+) -> ProxyTo:
+    """proxyd with ROLES in front of the upstream at ``url``, and a token for alice."""
+
+    async def start(url: str, **sections: Any) -> Proxy:
+        doc = config(issuer, {"a": url}, tmp_path, roles=ROLES, **sections)
+        return Proxy(await make_proxy(doc), issuer.token(clock.wall()))
+
+    return start
 
 
 # --------------------------------------------------------------------------------------------
@@ -119,16 +123,13 @@ async def start(
 )
 async def test_a_body_not_declared_utf8_json_is_415_and_never_forwarded(
     content_type: str,
-    issuer: TestIssuer,
-    make_proxy: ProxyFactory,
-    clock: FakeClock,
-    tmp_path: Path,
+    proxy_to: ProxyTo,
     logs: LogCapture,
 ) -> None:
     """Finding 1 (critical): body-parser decodes the declared charset (UTF-7 included) while
     proxyd read UTF-8, so one body named `echo` to proxyd and a denied tool upstream."""
     async with recording_upstream(OK) as up:
-        proxy = await start(issuer, make_proxy, clock, tmp_path, up.url)
+        proxy = await proxy_to(up.url)
         resp = await proxy.post(compact(call("echo")), {"Content-Type": content_type})
         await rpc_error(resp, 415)
         assert up.requests == []
@@ -137,11 +138,9 @@ async def test_a_body_not_declared_utf8_json_is_415_and_never_forwarded(
         ]
 
 
-async def test_missing_or_repeated_content_type_is_415(
-    issuer: TestIssuer, make_proxy: ProxyFactory, clock: FakeClock, tmp_path: Path
-) -> None:
+async def test_missing_or_repeated_content_type_is_415(proxy_to: ProxyTo) -> None:
     async with recording_upstream(OK) as up:
-        proxy = await start(issuer, make_proxy, clock, tmp_path, up.url)
+        proxy = await proxy_to(up.url)
         headers = {**bearer(proxy.token), "Accept": JSON["Accept"]}
         body = compact(call("echo"))
         resp = await proxy.client.post("/mcp/apps/a", data=body, headers=headers)
@@ -166,14 +165,11 @@ async def test_missing_or_repeated_content_type_is_415(
 )
 async def test_utf8_json_reaches_the_upstream_byte_for_byte(
     content_type: str,
-    issuer: TestIssuer,
-    make_proxy: ProxyFactory,
-    clock: FakeClock,
-    tmp_path: Path,
+    proxy_to: ProxyTo,
 ) -> None:
     body = b'{ "jsonrpc":"2.0", "id":1, "method":"tools/call",\n "params":{"name":"\\u0065cho"}}'
     async with recording_upstream(OK) as up:
-        proxy = await start(issuer, make_proxy, clock, tmp_path, up.url)
+        proxy = await proxy_to(up.url)
         resp = await proxy.post(body, {"Content-Type": content_type})
         assert resp.status == 200, await resp.text()
         assert [r.body for r in up.requests] == [body]
@@ -225,13 +221,10 @@ async def test_utf8_json_reaches_the_upstream_byte_for_byte(
 )
 async def test_a_body_with_two_readings_is_400_and_never_forwarded(
     body: bytes,
-    issuer: TestIssuer,
-    make_proxy: ProxyFactory,
-    clock: FakeClock,
-    tmp_path: Path,
+    proxy_to: ProxyTo,
 ) -> None:
     async with recording_upstream(OK) as up:
-        proxy = await start(issuer, make_proxy, clock, tmp_path, up.url)
+        proxy = await proxy_to(up.url)
         resp = await proxy.post(body)
         error = await rpc_error(resp, 400)
         assert error["error"]["code"] == -32600
@@ -262,13 +255,10 @@ def _gzip(data: bytes) -> bytes:
 async def test_a_compressed_body_with_two_readings_is_refused(
     codings: list[str],
     body: bytes,
-    issuer: TestIssuer,
-    make_proxy: ProxyFactory,
-    clock: FakeClock,
-    tmp_path: Path,
+    proxy_to: ProxyTo,
 ) -> None:
     async with recording_upstream(OK) as up:
-        proxy = await start(issuer, make_proxy, clock, tmp_path, up.url)
+        proxy = await proxy_to(up.url)
         headers = [*bearer(proxy.token).items(), *JSON.items()]
         headers += [("Content-Encoding", c) for c in codings]
         resp = await proxy.client.post("/mcp/apps/a", data=body, headers=headers)
@@ -279,10 +269,7 @@ async def test_a_compressed_body_with_two_readings_is_refused(
 @pytest.mark.parametrize("coding", ["gzip", "deflate", "GZIP", "identity"])
 async def test_a_single_complete_coding_passes_compressed(
     coding: str,
-    issuer: TestIssuer,
-    make_proxy: ProxyFactory,
-    clock: FakeClock,
-    tmp_path: Path,
+    proxy_to: ProxyTo,
 ) -> None:
     encode: dict[str, Callable[[bytes], bytes]] = {
         "gzip": _gzip,
@@ -291,7 +278,7 @@ async def test_a_single_complete_coding_passes_compressed(
     }
     body = encode[coding.lower()](compact(call("echo")))
     async with recording_upstream(OK) as up:
-        proxy = await start(issuer, make_proxy, clock, tmp_path, up.url)
+        proxy = await proxy_to(up.url)
         resp = await proxy.post(body, {"Content-Encoding": coding})
         assert resp.status == 200, await resp.text()
         assert [r.body for r in up.requests] == [body]
@@ -320,14 +307,11 @@ async def test_a_single_complete_coding_passes_compressed(
 )
 async def test_tool_names_outside_the_mcp_naming_rules_are_denied(
     name: str,
-    issuer: TestIssuer,
-    make_proxy: ProxyFactory,
-    clock: FakeClock,
-    tmp_path: Path,
+    proxy_to: ProxyTo,
 ) -> None:
     """Finding 5: a glob (`get_*`) matched a name with a NUL or a newline."""
     async with recording_upstream(OK) as up:
-        proxy = await start(issuer, make_proxy, clock, tmp_path, up.url)
+        proxy = await proxy_to(up.url)
         resp = await proxy.post(compact(call(name)))
         assert resp.status == 200
         assert (await resp.json())["error"]["code"] == -32602
@@ -429,16 +413,13 @@ ANSWERS: dict[str, Answer] = {
 async def test_no_answer_lists_a_denied_tool(
     form: str,
     method: str,
-    issuer: TestIssuer,
-    make_proxy: ProxyFactory,
-    clock: FakeClock,
-    tmp_path: Path,
+    proxy_to: ProxyTo,
 ) -> None:
     """Finding 2: answers with status 201/203, a string id or a BOM-led stream skipped the
     filter. Whatever the request (an answer can be matched by id on another request's
     stream), status, id, media type or framing, no denied tool reaches the client."""
     async with recording_upstream(ANSWERS[form]) as up:
-        proxy = await start(issuer, make_proxy, clock, tmp_path, up.url)
+        proxy = await proxy_to(up.url)
         request = {"jsonrpc": "2.0", "id": 2, "method": method}
         if method == "tools/call":
             request["params"] = {"name": "echo"}
@@ -451,11 +432,9 @@ async def test_no_answer_lists_a_denied_tool(
             assert names == ALLOWED_NAMES  # filtered, not just broken
 
 
-async def test_a_tools_list_on_a_get_stream_and_a_delete_is_filtered(
-    issuer: TestIssuer, make_proxy: ProxyFactory, clock: FakeClock, tmp_path: Path
-) -> None:
+async def test_a_tools_list_on_a_get_stream_and_a_delete_is_filtered(proxy_to: ProxyTo) -> None:
     async with recording_upstream(chunked_answer(sse(LIST_ANSWER))) as up:
-        proxy = await start(issuer, make_proxy, clock, tmp_path, up.url)
+        proxy = await proxy_to(up.url)
         for method in ("GET", "DELETE"):
             headers = {**bearer(proxy.token), "Accept": "text/event-stream"}
             resp = await proxy.client.request(method, "/mcp/apps/a", headers=headers)
@@ -483,19 +462,12 @@ async def test_a_tools_list_on_a_get_stream_and_a_delete_is_filtered(
 async def test_a_forwarded_hop_that_is_not_an_address_ends_the_walk(
     xff: str,
     client: str,
-    issuer: TestIssuer,
-    make_proxy: ProxyFactory,
-    clock: FakeClock,
-    tmp_path: Path,
+    proxy_to: ProxyTo,
     logs: LogCapture,
 ) -> None:
     """Finding 6: a junk hop became the limiter key (+242 MB for 20k requests)."""
     async with recording_upstream(OK) as up:
-        proxy = await start(
-            issuer,
-            make_proxy,
-            clock,
-            tmp_path,
+        proxy = await proxy_to(
             up.url,
             server={"trusted_proxies": ["127.0.0.0/8"], "max_header_size": "64KiB"},
         )
@@ -515,13 +487,11 @@ async def test_a_forwarded_hop_that_is_not_an_address_ends_the_walk(
 # End to end with the official TypeScript SDK: an express.json() upstream, the SDK's client
 
 
-async def test_a_utf7_body_never_reaches_an_express_upstream(
-    issuer: TestIssuer, make_proxy: ProxyFactory, clock: FakeClock, tmp_path: Path
-) -> None:
+async def test_a_utf7_body_never_reaches_an_express_upstream(proxy_to: ProxyTo) -> None:
     """Finding 1 as found: proxyd read UTF-8 and allowed `echo`; express.json() decoded the
     declared UTF-7 and ran `delete_everything`. Now 415, and the upstream runs nothing."""
     async with node_upstream(stateless=True, json_response=True) as up:
-        proxy = await start(issuer, make_proxy, clock, tmp_path, up.url)
+        proxy = await proxy_to(up.url)
         for content_type in ("application/json; charset=utf-7", "application/json;charset=UTF-7"):
             resp = await proxy.post(UTF7_DUAL_BODY, {"Content-Type": content_type})
             await rpc_error(resp, 415)
@@ -570,14 +540,12 @@ def with_id(form: str) -> Answer:
 
 
 @pytest.mark.parametrize("form", ["201", "203", "string-id", "sse-bom", "sse-latin1-bom"])
-async def test_the_sdk_client_lists_only_allowed_tools(
-    form: str, issuer: TestIssuer, make_proxy: ProxyFactory, clock: FakeClock, tmp_path: Path
-) -> None:
+async def test_the_sdk_client_lists_only_allowed_tools(form: str, proxy_to: ProxyTo) -> None:
     """Finding 2 as found: the TypeScript SDK client, through proxyd, listed denied tools from
     a 201 or 203 answer, an answer whose id was "2" for request 2, and an SSE answer led by a
     BOM (and, found since, by the BOM's Latin-1 reading, which its SSE parser also drops)."""
     async with recording_upstream(sdk_answers(with_id(form))) as up:
-        proxy = await start(issuer, make_proxy, clock, tmp_path, up.url)
+        proxy = await proxy_to(up.url)
         url = str(proxy.client.make_url("/mcp/apps/a"))
         listing = await run_client(url, proxy.token, "list")
         assert listing["tools"] == ALLOWED_NAMES
@@ -590,10 +558,7 @@ async def test_the_sdk_client_lists_only_allowed_tools(
 
 
 async def test_a_client_gone_before_the_end_of_a_stream_is_499(
-    issuer: TestIssuer,
-    make_proxy: ProxyFactory,
-    clock: FakeClock,
-    tmp_path: Path,
+    proxy_to: ProxyTo,
     logs: LogCapture,
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
@@ -614,7 +579,7 @@ async def test_a_client_gone_before_the_end_of_a_stream_is_499(
     monkeypatch.setattr(web.StreamResponse, "write_eof", client_gone_first)
     answer = {"jsonrpc": "2.0", "id": 1, "result": {"content": []}}
     async with recording_upstream(chunked_answer(sse(answer))) as up:
-        proxy = await start(issuer, make_proxy, clock, tmp_path, up.url)
+        proxy = await proxy_to(up.url)
         with pytest.raises(aiohttp.ClientPayloadError):
             resp = await proxy.post(compact(call("echo")))
             await resp.read()
@@ -628,14 +593,10 @@ async def test_a_client_gone_before_the_end_of_a_stream_is_499(
     assert [e["status"] for e in logs.events("mcp.session.request")] == [200]
 
 
-async def test_a_client_that_stops_sending_its_body_gets_408(
-    issuer: TestIssuer, make_proxy: ProxyFactory, clock: FakeClock, tmp_path: Path
-) -> None:
+async def test_a_client_that_stops_sending_its_body_gets_408(proxy_to: ProxyTo) -> None:
     """server.body_timeout: silence while a request body is read (slow-body attacks)."""
     async with recording_upstream(OK) as up:
-        proxy = await start(
-            issuer, make_proxy, clock, tmp_path, up.url, server={"body_timeout": "200ms"}
-        )
+        proxy = await proxy_to(up.url, server={"body_timeout": "200ms"})
         port = proxy.client.port
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         body = compact(call("echo"))
@@ -669,15 +630,12 @@ async def test_a_client_that_stops_sending_its_body_gets_408(
 )
 async def test_a_repeated_mcp_field_is_refused_in_either_era(
     fields: list[tuple[str, str]],
-    issuer: TestIssuer,
-    make_proxy: ProxyFactory,
-    clock: FakeClock,
-    tmp_path: Path,
+    proxy_to: ProxyTo,
 ) -> None:
     """proxyd reads the first of two fields, Node joins them, others take the last: a second
     MCP-Protocol-Version could switch the era (and skip the header/body check) upstream."""
     async with recording_upstream(OK) as up:
-        proxy = await start(issuer, make_proxy, clock, tmp_path, up.url)
+        proxy = await proxy_to(up.url)
         headers = [*bearer(proxy.token).items(), *JSON.items(), *fields]
         resp = await proxy.client.post("/mcp/apps/a", data=compact(call("echo")), headers=headers)
         error = await rpc_error(resp, 400)
