@@ -65,9 +65,10 @@ install:
 run: $(STAMP)
 	$(BIN)/proxyd dev
 
-## test: the whole test suite
+## test: the whole test suite (PYTEST_ARGS: extra pytest arguments, e.g. the CI hypothesis
+## profile: make test PYTEST_ARGS=--hypothesis-profile=ci)
 test: $(STAMP) $(NODE_DEPS)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 ## lint: ruff + mypy --strict
 lint: $(STAMP)

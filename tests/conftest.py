@@ -154,7 +154,9 @@ async def start_upstream(app: web.Application) -> TestServer:
     return server
 
 
-# Hypothesis profiles (the differential tests, tests/test_differential.py): `make test` runs
-# hypothesis's default profile; CI selects this one (.ci/run: `--hypothesis-profile=ci`) for
-# ten times as many generated examples.
-settings.register_profile("ci", max_examples=1000, deadline=None, print_blob=True)
+# Hypothesis profiles (the differential tests, tests/test_differential.py): "dev" keeps `make
+# test` fast; CI runs ten times as many generated examples (.ci/run: `make test
+# PYTEST_ARGS=--hypothesis-profile=ci`; the option, read after this file, wins).
+settings.register_profile("dev", max_examples=300, deadline=None)
+settings.register_profile("ci", max_examples=3000, deadline=None, print_blob=True)
+settings.load_profile("dev")

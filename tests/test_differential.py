@@ -5,18 +5,23 @@ proxyd (roles: echo and get_* allowed, delete_everything denied) to a recording 
 invariants, both ways:
 
 * Requests: whenever a tools/call reaches the upstream, the tool name every independent reader
-  reads from the FORWARDED bytes and headers (Python's json after inflating the body as a lenient
-  server would, with last-wins, first-wins and case-insensitive member lookups; Node's real
-  express.json() middleware) is the name proxyd audited (``mcp.session.request``) and allowed,
-  and the roles allow it. Whenever any reader reads a denied tool from what the client sent,
-  nothing reaches the upstream.
+  reads from the FORWARDED bytes and headers is the name proxyd audited (``mcp.session.request``)
+  and allowed, and the roles allow it; whenever any reader reads a denied tool from what the
+  client sent, nothing reaches the upstream. Readers: Node's real express.json() middleware
+  (JsonReader.read_request with the forwarded Content-Type and Content-Encoding), and Python's
+  json after inflating the body as a lenient server would, with the member lookups of
+  tests/kit/harness.py LOOKUPS (last wins, first wins, Go's case-insensitive encoding/json,
+  cJSON's C strings).
 * Answers: whatever reaches the client, no denied tool is in what the TypeScript SDK client
-  reads (status, Content-Type and body as received), in what Node reads from the body as JSON or
-  as an event stream whatever the headers say, nor in what a lenient Python reader reads (the
-  body as JSON and each SSE event's data, BOMs stripped, member names case-insensitive).
+  reads (status, Content-Type and body as received), in what Node reads from the body in the
+  form its Content-Type names whatever the status, nor in what a lenient Python reader reads
+  (the body as JSON and each SSE event's data, BOMs stripped, member names case-insensitive or
+  as C strings). Readings against the Content-Type (an event stream read as one JSON document)
+  are only counted (hypothesis statistics): no client is known to read them.
 
-Example counts come from the hypothesis profile: the default keeps ``make test`` fast,
-``--hypothesis-profile=ci`` (tests/conftest.py, used by .ci/run) runs ten times more.
+Counterexamples hypothesis found are pinned with @example (each run tries them first). Example
+counts come from the hypothesis profile (tests/conftest.py): "dev" keeps ``make test`` fast,
+``--hypothesis-profile=ci`` (.ci/run) runs ten times more.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import pytest
-from hypothesis import HealthCheck, event, given, note, settings
+from hypothesis import HealthCheck, event, example, given, note, settings
 from hypothesis import strategies as st
 
 from tests.issuer import MINTED
@@ -319,8 +324,10 @@ ODD_IDS += [Raw(spelling) for spelling in ID_SPELLINGS]
 
 
 def key_variants(key: str) -> st.SearchStrategy[str]:
-    """The member name, or one that some reader takes for it (case, long s) or nearly."""
+    """The member name, or one that some reader takes for it (case, long s, a NUL that ends a
+    C string) or nearly."""
     options = [key, key.upper(), key.capitalize(), key.swapcase(), key + "\u200b", " " + key]
+    options += [key + "\x00", key + "\x00x"]
     if "s" in key:
         options += [key.replace("s", "\u017f"), key.replace("s", "S", 1)]
     if "i" in key:
@@ -331,12 +338,20 @@ def key_variants(key: str) -> st.SearchStrategy[str]:
 
 
 JSONRPC_VERSIONS: list[Node] = ["2.0", "1.0", Raw("2.0"), None]
-METHODS = ["tools/call", "tools/list", "ping", "Tools/Call", "tools/call ", "tools/call\x00"]
+# tools/call, or what some reader takes for it (a C string ends at the NUL), or nearly.
+CALL_SPELLINGS = [
+    "tools/call\x00",
+    "tools/call\x00x",
+    "Tools/Call",
+    "tools/call ",
+    "tools/call\u200b",
+]
+METHODS = ["tools/call", "tools/list", "ping", *CALL_SPELLINGS]
 
 
 def replacement(draw: st.DrawFn, key: str) -> Node:
     """A value for a hostile duplicate or extra member called (a variant of) ``key``."""
-    key = key.casefold().strip(" \u200b").replace("\u0131", "i")
+    key = key.casefold().split("\x00")[0].strip(" \u200b").replace("\u0131", "i")
     if key == "method":
         return draw(st.sampled_from(METHODS))
     if key == "params":
@@ -440,7 +455,7 @@ def request_messages(draw: st.DrawFn) -> Message:
     if chance(draw, 20):
         params.append(("_meta", Obj((("progressToken", draw(ids())),))))
     envelope: list[tuple[str, Any]] = [("jsonrpc", "2.0")]
-    method: str | None = "tools/call"
+    method: str | None = mostly(draw, "tools/call", CALL_SPELLINGS, 8)
     if kind == "call":
         envelope += [("id", draw(ids())), ("method", method)]
     elif kind == "hybrid":
@@ -587,7 +602,7 @@ class HostileRequest:
     chunked: bool
     cuts: tuple[int, ...]
     extra_headers: tuple[tuple[str, str], ...]
-    message: Message = field(repr=False)
+    message: Message | None = field(default=None, repr=False)
 
     def wire(self, token: str) -> list[bytes]:
         lines = [
@@ -639,7 +654,7 @@ def hostile_requests(draw: st.DrawFn) -> HostileRequest:
     if chance(draw, 20):
         extra_headers = (("MCP-Protocol-Version", "2026-07-28"),)
         if message.method is not None:
-            extra_headers += (("Mcp-Method", message.method),)
+            extra_headers += (("Mcp-Method", mcp_name_header(message.method)),)
         if message.method == "tools/call":
             extra_headers += (("Mcp-Name", mcp_name_header(message.name)),)
     return HostileRequest(
@@ -672,8 +687,31 @@ def read_request(
     return readings + node_readings(node), node
 
 
+def _post(body: bytes) -> HostileRequest:
+    return HostileRequest("POST", body, ("application/json",), (), False, (), ())
+
+
+# Counterexamples hypothesis found (shrunk), pinned so every run tries them first.
+# A message with an id and a result (or error) whose method member is spelled in another case
+# is a response to proxyd (no tool policy, no audit) and a tools/call to a case-insensitive
+# reader: Go's encoding/json (the Go SDK's jsonrpc2.DecodeMessage takes any non-empty Method
+# for a request) and cJSON's cJSON_GetObjectItem.
+CASE_HYBRID = _post(
+    b'{"jsonrpc":"2.0","id":0,"METHOD":"tools/call","result":{"content":[]},'
+    b'"params":{"name":"delete_everything","arguments":{}}}'
+)
+# "tools/call\u0000" is not tools/call to proxyd (no tool policy), and is tools/call to a
+# reader of C strings (cJSON: the value ends at the NUL).
+NUL_METHOD = _post(
+    b'{"jsonrpc":"2.0","id":0,"method":"tools/call\\u0000",'
+    b'"params":{"name":"delete_everything","arguments":{}}}'
+)
+
+
 @DIFFERENTIAL
 @given(sent=hostile_requests())
+@example(sent=CASE_HYBRID)
+@example(sent=NUL_METHOD)
 def test_a_forwarded_tools_call_names_what_proxyd_audited_and_allowed(
     stack: ProxyStack, reader: JsonReader, token: str, sent: HostileRequest
 ) -> None:
@@ -835,7 +873,7 @@ def sse_stream(draw: st.DrawFn, texts: list[str]) -> str:
             cuts = sorted(set(draw(st.lists(st.integers(1, max(1, len(text) - 1)), max_size=2))))
         pieces = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)], strict=True)]
         for piece in pieces:
-            field_name = mostly(draw, "data: ", ["data:", "\ufeffdata: ", "data:  "], 20)
+            field_name = mostly(draw, "data: ", ["data:", "\ufeffdata: ", "data:  ", "data:\t"], 20)
             lines.append(field_name + piece)
         lines = draw(st.permutations(lines)) if chance(draw, 5) else lines
         block = "".join(line + nl() for line in lines)
@@ -873,10 +911,11 @@ def hostile_answers(draw: st.DrawFn) -> HostileAnswer:
     if chance(draw, 5):
         other = "application/json" if form == "sse" else "text/event-stream"
         headers.append(("Content-Type", other))
-    coding = mostly(draw, None, ["gzip", "gzip", "identity", "br", "gzip-lie"], 10)
+    codings = ["gzip", "gzip", "identity", "br", "gzip-lie", "identity, gzip", "x-gzip"]
+    coding = mostly(draw, None, codings, 10)
     if coding is not None:
         headers.append(("Content-Encoding", "gzip" if coding == "gzip-lie" else coding))
-        if coding == "gzip":
+        if "gzip" in coding and coding != "gzip-lie":
             body = _gzip(body)
     cuts = draw(st.lists(st.integers(1, max(1, len(body) - 1)), max_size=5))
     if chance(draw, 25):
@@ -942,11 +981,43 @@ def denied(names: set[str]) -> list[str]:
     return sorted(name for name in names if not allowed(name))
 
 
+LISTED = (
+    b'{"jsonrpc":"2.0","id":2,"result":{"tools":[{"name":"delete_everything",'
+    b'"inputSchema":{"type":"object"}},{"name":"echo","inputSchema":{"type":"object"}}]}}'
+)
+
+
+def _answer(body: bytes, content_type: str = "text/event-stream") -> HostileAnswer:
+    return HostileAnswer(200, (("Content-Type", content_type),), body, "chunked", ())
+
+
+# Counterexamples hypothesis found (shrunk), pinned so every run tries them first.
+# A BOM at the start of a line after the first: an unknown field to WHATWG parsers (proxyd,
+# the TS SDK), a data line to @microsoft/fetch-event-source, which decodes every field name
+# with a non-streaming TextDecoder (a leading BOM is dropped on each decode() call).
+LINE_BOM = _answer(b"event: message\n\xef\xbb\xbfdata: " + LISTED + b"\n\n")
+# Two BOMs before the first field: proxyd and TextDecoderStream drop one; a reader that
+# decodes each network chunk on its own (decode() without {stream: true}) drops both.
+TWO_BOMS = _answer(b"\xef\xbb\xbf\xef\xbb\xbfdata: " + LISTED + b"\n\n")
+# Member names with a NUL: distinct names to proxyd, "name"/"tools" to a reader of C
+# strings (cJSON), which also takes the first of two.
+NUL_NAME = _answer(
+    b'{"jsonrpc":"2.0","id":2,"result":{"tools":[{"name\\u0000":"delete_everything",'
+    b'"name":"get_time","inputSchema":{"type":"object"}}]}}',
+    "application/json",
+)
+NUL_TOOLS = _answer(LISTED.replace(b'"tools"', b'"tools\\u0000"'), "application/json")
+
+
 @DIFFERENTIAL
 @given(
     answer=hostile_answers(),
     kind=st.sampled_from(["tools/list", "tools/list", "tools/call", "ping", "notification", "GET"]),
 )
+@example(answer=LINE_BOM, kind="tools/list")
+@example(answer=TWO_BOMS, kind="tools/list")
+@example(answer=NUL_NAME, kind="tools/list")
+@example(answer=NUL_TOOLS, kind="tools/call")
 def test_no_answer_shows_a_client_a_denied_tool(
     stack: ProxyStack, reader: JsonReader, token: str, answer: HostileAnswer, kind: str
 ) -> None:
@@ -967,4 +1038,7 @@ def test_no_answer_shows_a_client_a_denied_tool(
     assert not denied(seen["ts-sdk"]), f"the TS SDK client reads denied tools: {seen}"
     assert not denied(seen["python"]), f"a lenient Python client reads denied tools: {seen}"
     assert not denied(seen["node"]), f"Node reads denied tools (any status): {seen}"
-    assert not denied(seen["blind"]), f"a reader blind to Content-Type reads denied tools: {seen}"
+    # No client is known to read an answer against its Content-Type (an event stream as one
+    # JSON document): counted, not asserted (see the statistics, --hypothesis-show-statistics).
+    if denied(seen["blind"]):
+        event("a reader blind to Content-Type would read a denied tool")

@@ -368,13 +368,45 @@ def _loads_members(data: str | bytes) -> Any:
     return json.loads(data, object_pairs_hook=_members)
 
 
-def values_of(obj: Any, name: str, *, fold: bool) -> list[Any]:
-    """Every value of members called ``name`` (``fold``: compared with str.casefold)."""
+@dataclass(frozen=True)
+class Lookup:
+    """How one reader finds a member: its name compared exactly, case-insensitively (Go's
+    encoding/json folds Unicode: "param\u017f" is params) or as a C string (cJSON: cut at the
+    first NUL, ASCII case-insensitive, string values cut at the first NUL too); the first or
+    the last of several matches."""
+
+    label: str
+    compare: str  # exact | fold | cstring
+    last: bool
+
+    def key(self, key: str) -> str:
+        if self.compare == "fold":
+            return key.casefold()
+        if self.compare == "cstring":
+            return key.split("\x00", 1)[0].lower()
+        return key
+
+    def value(self, value: Any) -> Any:
+        if self.compare == "cstring" and isinstance(value, str):
+            return value.split("\x00", 1)[0]
+        return value
+
+
+LOOKUPS = (
+    Lookup("python json (last wins)", "exact", last=True),
+    Lookup("first wins", "exact", last=False),
+    Lookup("Go-like (case-insensitive, last wins)", "fold", last=True),
+    Lookup("case-insensitive (first wins)", "fold", last=False),
+    Lookup("cJSON-like (C strings, first wins)", "cstring", last=False),
+)
+LENIENT = Lookup("lenient", "fold", last=True)
+
+
+def values_of(obj: Any, name: str, lookup: Lookup = LENIENT) -> list[Any]:
+    """Every value of members that ``lookup`` takes for ``name``, in order."""
     if not isinstance(obj, Members):
         return []
-    if fold:
-        return [value for key, value in obj if key.casefold() == name]
-    return [value for key, value in obj if key == name]
+    return [lookup.value(value) for key, value in obj if lookup.key(key) == name]
 
 
 def _messages(document: Any) -> list[Any]:
@@ -395,41 +427,36 @@ class Reading:
 _MISSING = object()
 
 
-def _pick(obj: Any, name: str, fold: bool, last: bool) -> Any:
-    values = values_of(obj, name, fold=fold)
+def _pick(obj: Any, name: str, lookup: Lookup) -> Any:
+    values = values_of(obj, name, lookup)
     if not values:
         return _MISSING
-    return values[-1] if last else values[0]
+    return values[-1] if lookup.last else values[0]
 
 
 def python_readings(body: bytes) -> list[Reading]:
     """(method, params.name, has id) of every message in ``body`` as Python's json reads it
-    (json.loads(bytes): UTF-8/16/32 guessed, a UTF-8 BOM skipped, NaN accepted), with member
-    lookups last-wins (json.loads' dicts), first-wins and case-insensitive (Go-like)."""
+    (json.loads(bytes): UTF-8/16/32 guessed, a UTF-8 BOM skipped, NaN accepted), with the
+    member lookups of LOOKUPS."""
     try:
         document = _loads_members(body)
     except (ValueError, RecursionError):
         return []
     out = []
-    messages = _messages(document)
-    for fold in (False, True):
-        for last in (True, False):
-            reader = f"python({'casefold' if fold else 'exact'},{'last' if last else 'first'})"
-            for message in messages:
-                if not isinstance(message, Members):
-                    continue
-                method = _pick(message, "method", fold, last)
-                params = _pick(message, "params", fold, last)
-                name = _pick(params, "name", fold, last)
-                has_id = _pick(message, "id", fold, last) is not _MISSING
-                out.append(
-                    Reading(
-                        reader,
-                        None if method is _MISSING else method,
-                        None if name is _MISSING else name,
-                        has_id,
-                    )
+    for lookup in LOOKUPS:
+        for message in _messages(document):
+            if not isinstance(message, Members):
+                continue
+            method = _pick(message, "method", lookup)
+            name = _pick(_pick(message, "params", lookup), "name", lookup)
+            out.append(
+                Reading(
+                    lookup.label,
+                    None if method is _MISSING else method,
+                    None if name is _MISSING else name,
+                    _pick(message, "id", lookup) is not _MISSING,
                 )
+            )
     return out
 
 
@@ -449,7 +476,12 @@ def node_readings(answer: dict[str, Any]) -> list[Reading]:
     ]
 
 
-def _strip_boms(text: str) -> str:
+def _strip_boms(text: str, *, every: bool = True) -> str:
+    """Leading BOMs (U+FEFF, and the Latin-1-read BOM eventsource-parser drops) removed: all
+    of them, or (``every=False``) one of each, as TextDecoder + eventsource-parser do."""
+    if not every:
+        text = text.removeprefix("\ufeff")
+        return text.removeprefix(LATIN1_BOM.decode("utf-8"))
     while True:
         for bom in ("\ufeff", LATIN1_BOM.decode("utf-8")):
             if text.startswith(bom):
@@ -462,16 +494,19 @@ def _strip_boms(text: str) -> str:
 _SSE_LINE = re.compile(r"\r\n|\r|\n")
 
 
-def sse_texts(body: bytes) -> list[str]:
+def sse_texts(body: bytes, *, line_boms: bool = True) -> list[str]:
     """Every text a lenient SSE reader could hand to JSON: each event's data lines joined
     (WHATWG), each data line alone, the unfinished last event too; BOMs stripped from the
-    stream and from every line."""
-    text = _strip_boms(body.decode("utf-8", "replace"))
+    stream and (``line_boms``) from every line and value, as @microsoft/fetch-event-source
+    does (it decodes each field and value with a non-streaming TextDecoder, which drops a
+    leading BOM on every call)."""
+    text = _strip_boms(body.decode("utf-8", "replace"), every=line_boms)
     events: list[str] = []
     lines: list[str] = []
     data: list[str] = []
     for line in _SSE_LINE.split(text):
-        line = line.lstrip("\ufeff")
+        if line_boms:
+            line = line.lstrip("\ufeff")
         if not line:
             if data:
                 events.append("\n".join(data))
@@ -481,7 +516,9 @@ def sse_texts(body: bytes) -> list[str]:
             continue
         name, _, value = line.partition(":")
         value = value[1:] if value.startswith(" ") else value
-        if name.strip() == "data":
+        if line_boms:
+            value = value.lstrip("\ufeff")
+        if name == "data":
             data.append(value)
             lines.append(value)
     if data:
@@ -490,18 +527,15 @@ def sse_texts(body: bytes) -> list[str]:
 
 
 def tools_in(document: Any) -> set[str]:
-    """Tool names under result.tools of every message, member names case-insensitive, every
-    duplicate member read."""
+    """Tool names under result.tools of every message, every duplicate member read, member
+    names case-insensitive (Unicode folding), or as cJSON reads them."""
     names: set[str] = set()
-    for message in _messages(document):
-        for result in values_of(message, "result", fold=True):
-            for tools in values_of(result, "tools", fold=True):
-                if not isinstance(tools, list):
-                    continue
-                for tool in tools:
-                    for name in values_of(tool, "name", fold=True):
-                        if isinstance(name, str):
-                            names.add(name)
+    for lookup in (LENIENT, LOOKUPS[-1]):
+        for message in _messages(document):
+            for result in values_of(message, "result", lookup):
+                for tools in values_of(result, "tools", lookup):
+                    for tool in tools if isinstance(tools, list) else []:
+                        names |= {n for n in values_of(tool, "name", lookup) if isinstance(n, str)}
     return names
 
 
@@ -515,7 +549,9 @@ def answer_forms(content_types: Sequence[str]) -> set[str]:
     return {"json", "sse"} if "json" in value else {"sse"}
 
 
-def python_answer_tools(body: bytes, forms: Sequence[str] = ("json", "sse")) -> set[str]:
+def python_answer_tools(
+    body: bytes, forms: Sequence[str] = ("json", "sse"), *, line_boms: bool = True
+) -> set[str]:
     """Every tool name a lenient Python client could read from an answer in these forms: the
     body as JSON (bytes with encoding guessed, or UTF-8 with BOMs stripped) and as an event
     stream."""
@@ -523,7 +559,7 @@ def python_answer_tools(body: bytes, forms: Sequence[str] = ("json", "sse")) -> 
     if "json" in forms:
         texts += [body, _strip_boms(body.decode("utf-8", "replace"))]
     if "sse" in forms:
-        texts += sse_texts(body)
+        texts += sse_texts(body, line_boms=line_boms)
     names: set[str] = set()
     for text in texts:
         try:
