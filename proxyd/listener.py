@@ -40,7 +40,7 @@ from aiohttp.web_request import BaseRequest
 from prometheus_client import Counter
 
 from proxyd.config import ServerSettings
-from proxyd.errors import HeadersTooLarge, error_body, error_response
+from proxyd.errors import BadRequest, HeadersTooLarge, error_body, error_response
 from proxyd.log import get_logger
 from proxyd.metrics import Metrics
 
@@ -205,6 +205,8 @@ class GuardedHandler(RequestHandler):
     ) -> web.StreamResponse:
         problem = self._over_head_limit(exc) if status == 400 else None
         if problem is None:
+            if status == 400 and isinstance(exc, BadHttpMessage):
+                return self._malformed(request, exc)
             return super().handle_error(request, status, exc, message)
         # Not aiohttp's path: it logs a traceback per bad head, a log flood for any client.
         self._listener.closed("headers_too_large")
@@ -218,6 +220,25 @@ class GuardedHandler(RequestHandler):
         response = error_response(HeadersTooLarge(problem))
         # The parser stopped mid-head: nothing after it on this connection can be read.
         response.force_close()
+        return response
+
+    def _malformed(self, request: BaseRequest, exc: BadHttpMessage) -> web.StreamResponse:
+        """A request aiohttp's parser refused (a repeated Content-Type, a bad character...):
+        400 with a JSON-RPC body and one info line, not aiohttp's traceback at error level,
+        which any client could make it write. The parser's text may quote the request (a
+        token included), so neither the line nor the answer carries it."""
+        kind = type(exc).__name__
+        log.info(
+            "request_rejected",
+            status=400,
+            reason="malformed_request",
+            client=request.remote,
+            error=kind,
+        )
+        response = error_response(
+            BadRequest(f"malformed HTTP request ({kind})", reason="malformed_request")
+        )
+        response.force_close()  # the parser's state after a bad head is not to be trusted
         return response
 
     def _over_head_limit(self, exc: BaseException | None) -> str | None:

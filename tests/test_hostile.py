@@ -205,6 +205,21 @@ async def test_utf8_json_reaches_the_upstream_byte_for_byte(
         '"param\u017f":{"name":"delete_everything"}}'.encode(),
         b'{"jsonrpc":"2.0","id":1,"method":"tools/call","Method":"tools/list",'
         b'"params":{"name":"echo"}}',
+        # A member a lenient reader takes for one proxyd reads (Go: any case; cJSON: up to a
+        # NUL): a "response" to proxyd, a tools/call to Go's SDK.
+        b'{"jsonrpc":"2.0","id":0,"METHOD":"tools/call","result":{},'
+        b'"params":{"name":"delete_everything"}}',
+        b'{"jsonrpc":"2.0","id":0,"Method":"tools/call","error":{"code":1,"message":"x"},'
+        b'"params":{"name":"delete_everything"}}',
+        b'{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"Name":"delete_everything"}}',
+        b'{"jsonrpc":"2.0","id":1,"method":"tools/call",'
+        b'"params":{"name\\u0000":"delete_everything","name":"echo"}}',
+        b'{"jsonrpc":"2.0","id":1,"method\\u0000x":"tools/call","result":{},'
+        b'"params":{"name":"delete_everything"}}',
+        # A method that is another name to a reader stopping at a NUL or a control character.
+        b'{"jsonrpc":"2.0","id":1,"method":"tools/call\\u0000","params":{"name":"delete_everything"}}',
+        b'{"jsonrpc":"2.0","id":1,"method":"tools/call\\n","params":{"name":"delete_everything"}}',
+        b'{"jsonrpc":"2.0","id":1,"method":"tools/call ","params":{"name":"delete_everything"}}',
         # Not JSON to JSON.parse, JSON to Python.
         b'{"jsonrpc":"2.0","id":NaN,"method":"tools/call","params":{"name":"echo"}}',
         b'{"jsonrpc":"2.0","id":Infinity,"method":"tools/call","params":{"name":"echo"}}',

@@ -602,3 +602,44 @@ async def test_listener_site_serves_an_inherited_socket() -> None:
         await runner.cleanup()
         with contextlib.suppress(OSError):
             sock.close()
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"Content-Type: application/json\r\nContent-Type: application/json; charset=utf-7\r\n",
+        b"Content-Length: 5\r\nContent-Length: 6\r\n",
+        b"Transfer-Encoding: chunked\r\nContent-Length: 5\r\n",
+        b"X-Bad\x01: v\r\n",
+    ],
+    ids=["two-content-types", "two-lengths", "te-and-cl", "control-char"],
+)
+async def test_a_malformed_request_is_400_without_a_traceback(
+    head: bytes, issuer: TestIssuer, launch: Launch, upstreams: Upstreams, tmp_path: Path
+) -> None:
+    """aiohttp answered these with a plain-text 400 and logged a traceback at error level:
+    any client could flood the log. Now one info line, a JSON-RPC body, and the token the
+    client sent appears nowhere."""
+    proxyd, upstream = await start_proxyd(issuer, launch, upstreams, tmp_path)
+    token = issuer.token(time.time())
+    conn = await Raw.open(proxyd.port)
+    try:
+        request = (
+            b"POST /mcp/apps/a HTTP/1.1\r\nHost: proxyd.test\r\nAuthorization: Bearer "
+            + token.encode()
+            + b"\r\n"
+            + head
+            + b"\r\n{}"
+        )
+        assert await conn.send(request)
+        answer = await conn.answer()
+    finally:
+        conn.close()
+    assert answer.status == 400, answer
+    assert answer.json()["error"]["data"] == {"status": 400, "reason": "malformed_request"}
+    assert upstream.calls == 0
+    line = await proxyd.wait_for("request_rejected", reason="malformed_request")
+    assert line["level"] == "info"
+    output = json.dumps(proxyd.lines) + proxyd.stderr.decode(errors="replace")
+    assert "Error handling request" not in output and "Traceback" not in output
+    assert token not in output

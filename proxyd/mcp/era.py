@@ -25,6 +25,9 @@ HANDSHAKE_VERSIONS: Final = frozenset({"2024-11-05", "2025-03-26", "2025-06-18",
 NAME_BEARING: Final = {"tools/call": "name", "prompts/get": "name", "resources/read": "uri"}
 PROTOCOL_VERSION_META: Final = "io.modelcontextprotocol/protocolVersion"
 _SENTINEL = re.compile(r"^=\?base64\?(?P<payload>.*)\?=$")
+# JSON-RPC method names of MCP: printable ASCII without spaces ("tools/call",
+# "notifications/progress"); a NUL or a control character is another name to some reader.
+_METHOD = re.compile(r"[\x21-\x7e]{1,256}")
 _SINGLE = ("MCP-Protocol-Version", "Mcp-Method", "Mcp-Name", "Mcp-Session-Id", "Last-Event-ID")
 # RFC 9110 §8.3.1 media type with an optional charset parameter (OWS ";" OWS name=value).
 # Only UTF-8 (RFC 8259 §8.1): body-parser honours any charset it knows (UTF-7 included), so a
@@ -107,7 +110,33 @@ def parse_message(body: bytes) -> dict[str, Any]:
             "request body must be one JSON-RPC message (batches are not part of MCP 2026-07-28)",
             reason="invalid_jsonrpc",
         )
+    check_envelope(message)
     return message
+
+
+def check_envelope(message: Mapping[str, Any]) -> None:
+    """The members proxyd reads are spelled exactly, and the method is a plain name.
+
+    proxyd reads ``method`` and ``params.name`` as spelled; a reader that matches names
+    ignoring case or stops at a NUL reads ``"METHOD"`` or ``"name\u0000"`` as those members. A
+    message with ``"METHOD":"tools/call"`` and a ``result`` was a response to proxyd (no policy,
+    no audit) and a tools/call to Go's SDK; ``"tools/call\u0000"`` another method to proxyd
+    and tools/call to a C reader (issue 10, found by the differential tests).
+    """
+    params = message.get("params")
+    for obj in (message, params) if isinstance(params, dict) else (message,):
+        wrong = strictjson.misspelled(obj)
+        if wrong is not None:
+            right = strictjson.canonical(wrong)
+            raise BadRequest(
+                f"JSON-RPC member {wrong[:40]!r} must be spelled {right!r}",
+                reason="invalid_jsonrpc",
+            )
+    method = message.get("method")
+    if isinstance(method, str) and _METHOD.fullmatch(method) is None:
+        raise BadRequest(
+            "JSON-RPC method must be 1-256 printable ASCII characters", reason="invalid_jsonrpc"
+        )
 
 
 def message_kind(message: Mapping[str, Any]) -> str:

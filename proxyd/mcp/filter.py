@@ -144,6 +144,18 @@ def _key(obj: dict[str, Any], name: str) -> str:
     return next(key for key in obj if key.casefold() == name)
 
 
+def _unmarked(line: bytes) -> bytes:
+    """The line without the byte order marks at its start that some client drops.
+
+    WHATWG drops one at the start of the stream only; @microsoft/fetch-event-source decodes
+    each field name on its own and so drops one from every line; a client decoding each
+    network chunk without ``stream: true`` drops one per chunk. The filter reads a field as
+    "data" when any of them does (issue 10, found by the differential tests)."""
+    while line.startswith((_BOM, _LATIN1_BOM)):
+        line = line[len(_BOM) if line.startswith(_BOM) else len(_LATIN1_BOM) :]
+    return line
+
+
 def _dumps(value: Any) -> bytes:
     return json.dumps(value, separators=(",", ":")).encode()
 
@@ -243,7 +255,7 @@ class SseFilter:
         for line in _LINE_END.split(raw):
             if not line or line.startswith(b":"):
                 continue
-            name, _, value = line.partition(b":")
+            name, _, value = _unmarked(line).partition(b":")
             value = value[1:] if value.startswith(b" ") else value
             if name == b"data":
                 data.append(value)

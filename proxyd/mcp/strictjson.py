@@ -7,9 +7,10 @@ so a message is accepted only where every mainstream parser must read it as prox
 - bytes that are not strict UTF-8, or start with a byte order mark (RFC 8259 §8.1: no BOM;
   ``json.loads(bytes)`` guesses UTF-16/32 and skips a BOM, others refuse or keep it);
 - an object with two members of the same name (RFC 8259 §4: behaviour is unpredictable;
-  Python and ``JSON.parse`` keep the last, others the first), or whose names differ only in
-  case where the name is one proxyd reads (Go's ``encoding/json`` matches struct fields
-  case-insensitively, with Unicode folding: ``"param\\u017f"`` (long s) is ``params`` to it);
+  Python and ``JSON.parse`` keep the last, others the first), or with two names that a lenient
+  reader takes for one proxyd reads (``canonical``: Go's ``encoding/json`` matches struct
+  fields case-insensitively, with Unicode folding, so ``"param\\u017f"`` (long s) is
+  ``params`` to it; cJSON ends a key at a NUL, so ``"name\\u0000x"`` is ``name``);
 - ``NaN``/``Infinity`` (not JSON; Python accepts them, ``JSON.parse`` does not);
 - an escaped lone surrogate (RFC 8259 §8.2: implementations differ: kept, replaced by U+FFFD
   or refused);
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping
 from typing import Any, Final
 
 BOM: Final = b"\xef\xbb\xbf"
@@ -52,6 +54,16 @@ def _refuse_constant(name: str) -> Any:
     raise AmbiguousJson(f"{name} is not JSON")
 
 
+def canonical(name: str) -> str:
+    """A member name as the most lenient reader matches it: case folded (Go's encoding/json,
+    with Unicode folding) and cut at a NUL (C readers such as cJSON end a key there)."""
+    return name.partition("\x00")[0].casefold()
+
+
+def _plain(name: str) -> bool:
+    return name.isascii() and name.islower() and "\x00" not in name
+
+
 def _object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     obj = dict(pairs)
     if len(obj) != len(pairs):
@@ -60,12 +72,10 @@ def _object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
             if name in seen:
                 raise AmbiguousJson(f"duplicate member {_shown(name)}")
             seen.add(name)
-    folded = [name.casefold() for name in obj if not name.isascii() or not name.islower()]
-    if folded:
-        lower = {name for name in obj if name.isascii() and name.islower()}
-        for name in folded:
-            if name in PROTOCOL_NAMES and (name in lower or folded.count(name) > 1):
-                raise AmbiguousJson(f"members named {_shown(name)} differing only in case")
+    variants = [canonical(name) for name in obj if not _plain(name)]
+    for name in variants:
+        if name in PROTOCOL_NAMES and (name in obj or variants.count(name) > 1):
+            raise AmbiguousJson(f"two members read as {_shown(name)} by a lenient reader")
     return obj
 
 
@@ -103,13 +113,23 @@ def loads(data: bytes) -> Any:
 
 
 def member(obj: dict[str, Any], name: str) -> Any:
-    """``obj[name]``, also when spelled in another case (see PROTOCOL_NAMES); None if absent.
-
-    Only for objects read by ``loads``, which leaves at most one such member."""
-    value = obj.get(name)
-    if value is not None or name in obj:
-        return value
+    """``obj[name]``, also when spelled so that a lenient reader takes it for ``name`` (see
+    ``canonical``); None if absent. Only for objects read by ``loads``, which leaves at most
+    one such member for a name in PROTOCOL_NAMES."""
+    if name in obj:
+        return obj[name]
     for key, value in obj.items():
-        if key.casefold() == name:
+        if not _plain(key) and canonical(key) == name:
             return value
+    return None
+
+
+def misspelled(obj: Mapping[str, Any]) -> str | None:
+    """The first member name that a lenient reader takes for a protocol name it is not
+    (``"METHOD"``, ``"param\u017f"``, ``"name\u0000"``), if any."""
+    for key in obj:
+        if not _plain(key):
+            name = canonical(key)
+            if name in PROTOCOL_NAMES:
+                return key
     return None
