@@ -1007,6 +1007,9 @@ NUL_NAME = _answer(
     "application/json",
 )
 NUL_TOOLS = _answer(LISTED.replace(b'"tools"', b'"tools\\u0000"'), "application/json")
+# Found in the CI profile: the member is "result" up to its NUL (the filter compared names
+# ignoring case only).
+NUL_RESULT = _answer(LISTED.replace(b'"result"', b'"result\\u0000"'), "application/json")
 
 
 @DIFFERENTIAL
@@ -1018,6 +1021,7 @@ NUL_TOOLS = _answer(LISTED.replace(b'"tools"', b'"tools\\u0000"'), "application/
 @example(answer=TWO_BOMS, kind="tools/list")
 @example(answer=NUL_NAME, kind="tools/list")
 @example(answer=NUL_TOOLS, kind="tools/call")
+@example(answer=NUL_RESULT, kind="tools/call")
 def test_no_answer_shows_a_client_a_denied_tool(
     stack: ProxyStack, reader: JsonReader, token: str, answer: HostileAnswer, kind: str
 ) -> None:

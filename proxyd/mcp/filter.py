@@ -135,13 +135,13 @@ class ToolsListFilter:
 
 
 def _has(obj: dict[str, Any], name: str) -> bool:
-    return name in obj or any(key.casefold() == name for key in obj)
+    return name in obj or any(strictjson.canonical(key) == name for key in obj)
 
 
 def _key(obj: dict[str, Any], name: str) -> str:
     if name in obj:
         return name
-    return next(key for key in obj if key.casefold() == name)
+    return next(key for key in obj if strictjson.canonical(key) == name)
 
 
 def _unmarked(line: bytes) -> bytes:
