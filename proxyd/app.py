@@ -19,15 +19,18 @@ from prometheus_client.core import Metric
 from proxyd.access import access_middleware
 from proxyd.auth.appauth import AppAuthStore, Authenticator
 from proxyd.auth.assertion import AssertionSigner, load_or_create_key
+from proxyd.auth.gate import SessionGate
 from proxyd.auth.jwks import JwksCache
 from proxyd.auth.session import SessionStore
 from proxyd.auth.shared import SharedSessions
+from proxyd.clock import Clocks
 from proxyd.config import RateLimitSettings, Settings
 from proxyd.forward import Forwarder
-from proxyd.handler import Clocks, McpHandler
+from proxyd.handler import McpHandler
 from proxyd.health import HealthBook, HealthChecker
 from proxyd.log import get_logger
 from proxyd.mcp.audit import Auditor
+from proxyd.mcp.gate import McpGate
 from proxyd.mcp.pinning import SessionPinning
 from proxyd.mcp.policy import Policy
 from proxyd.mcp.sessionid import SessionIdCodec
@@ -35,6 +38,7 @@ from proxyd.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from proxyd.metrics import Metrics, counter, gauge
 from proxyd.ratelimit import Limiter, Limits, SharedLimiter
 from proxyd.registry import Registry
+from proxyd.router import UpstreamRouter
 from proxyd.state import RedisState
 from proxyd.upstream import UpstreamClient
 from proxyd.watcher import AuthConfigWatcher
@@ -112,19 +116,19 @@ class Runtime:
             s.metrics,
         )
         keys = list(settings.sessions.mcp_keys) or self._ephemeral_key()
+        pinning = SessionPinning(SessionIdCodec(keys), registry)
+        authenticator = Authenticator(s.store, s.jwks, s.clocks.wall)
+        forwarder = Forwarder(s.upstreams, settings.upstream, s.metrics)
         handler = McpHandler(
             settings,
             registry,
-            s.sessions,
-            Authenticator(s.store, s.jwks, s.clocks.wall),
-            Forwarder(s.upstreams, settings.upstream, s.metrics),
+            SessionGate(s.sessions, authenticator, limits, s.metrics, s.auditor, s.clocks),
+            # New roles apply to live sessions from the next request.
+            McpGate(settings.server, Policy(settings.roles), pinning),
+            UpstreamRouter(registry, forwarder, pinning, settings.upstream.max_attempts),
             signer,
-            s.clocks,
-            limits,
-            SessionPinning(SessionIdCodec(keys), registry),
-            s.metrics,
-            Policy(settings.roles),  # new roles apply to live sessions from the next request
             s.auditor,
+            s.clocks,
         )
         well_known = WellKnown(settings.server.public_url, registry, s.store, signer)
         self.settings, self.handler, self.well_known = settings, handler, well_known

@@ -22,27 +22,11 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
+from proxyd.auth.keys import ASYMMETRIC_ALGORITHMS, KeySetError, parse_jwks
 from proxyd.labels import LabelSelector, SelectorError, parse_selector
 
 T = TypeVar("T")
 
-# The JWS algorithms proxyd accepts from an identity provider: asymmetric only, so a public key
-# can never be used as an HMAC secret (RFC 8725 §2.1, §3.1) and "none" is impossible.
-ASYMMETRIC_ALGORITHMS = frozenset(
-    {
-        "RS256",
-        "RS384",
-        "RS512",
-        "PS256",
-        "PS384",
-        "PS512",
-        "ES256",
-        "ES384",
-        "ES512",
-        "EdDSA",
-        "Ed25519",
-    }
-)
 # MCP 2025-06-18 §Authorization recommends Bearer tokens of IdPs; Entra tokens with group claims
 # reach 8 KiB, so the default header budget is larger than aiohttp's 8190-byte field limit.
 DEFAULT_MAX_HEADER_SIZE = 32 * 1024
@@ -1018,8 +1002,6 @@ def _static_jwks(value: object) -> str:
 
 
 def _check_static_jwks(t: _Table, text: str, algorithms: frozenset[str]) -> None:
-    from proxyd.auth.keys import KeySetError, parse_jwks  # local: keys imports config
-
     try:
         rejected, unusable = parse_jwks(text.encode(), algorithms).rejected, None
     except KeySetError as exc:

@@ -8,56 +8,32 @@ when the upstream gives one, chunked otherwise. A client that goes away cancels 
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Final
 
 from aiohttp import web
-from multidict import CIMultiDict, CIMultiDictProxy
+from multidict import CIMultiDict
 
+from proxyd.body import (
+    HOP_BY_HOP,
+    BodyFilter,
+    EventFilter,
+    HeaderHook,
+    RequestBody,
+    connection_tokens,
+)
 from proxyd.config import UpstreamSettings
 from proxyd.errors import (
     ConnectFailed,
-    PayloadTooLarge,
-    RequestTimeout,
     UpstreamError,
     UpstreamTimeout,
 )
-from proxyd.mcp.filter import MAX_JSON_ANSWER, SseFilter, ToolsListFilter
 from proxyd.metrics import Metrics
 from proxyd.upstream import Connection, UpstreamClient, request_head
 
-__all__ = ["ConnectFailed", "Forwarder", "Outcome", "RequestBody", "request_headers"]
+__all__ = ["ConnectFailed", "Forwarder", "Outcome"]
 
-HeaderHook = Callable[[CIMultiDict[str]], None]
-
-# RFC 9110 §7.6.1 connection-specific fields, plus the de-facto ones.
-HOP_BY_HOP: Final = frozenset(
-    {
-        "connection",
-        "keep-alive",
-        "proxy-connection",
-        "transfer-encoding",
-        "te",
-        "trailer",
-        "upgrade",
-        "proxy-authenticate",
-        "proxy-authorization",
-    }
-)
-# Never forwarded from the client: its credentials are for proxyd (MCP authorization: no token
-# passthrough), forwarding headers are rebuilt by proxyd, and Host is the upstream's.
-_STRIP_REQUEST: Final = HOP_BY_HOP | {
-    "authorization",
-    "host",
-    "content-length",
-    "x-forwarded-for",
-    "x-forwarded-proto",
-    "x-forwarded-host",
-    "forwarded",
-    "x-real-ip",
-}
 _STRIP_RESPONSE: Final = HOP_BY_HOP | {"content-length"}
 
 
@@ -77,23 +53,6 @@ class Outcome:
 SMALL_BODY: Final = 64 * 1024
 
 
-def _connection_tokens(value: str | None) -> set[str]:
-    return {t.strip().lower() for t in value.split(",")} if value else set()
-
-
-def request_headers(
-    incoming: CIMultiDictProxy[str], extra: Mapping[str, str], identity_header: str
-) -> CIMultiDict[str]:
-    drop = _STRIP_REQUEST | _connection_tokens(incoming.get("Connection"))
-    drop |= {identity_header.lower()}
-    out: CIMultiDict[str] = CIMultiDict()
-    for name, value in incoming.items():
-        if name.lower() not in drop:
-            out.add(name, value)
-    out.update(extra)
-    return out
-
-
 @dataclass(slots=True)
 class AnswerHead:
     """The upstream's fields as they go to the client, and the framing facts taken from them."""
@@ -109,7 +68,7 @@ def response_headers(upstream: Iterable[tuple[str, str]]) -> AnswerHead:
     tokens: set[str] = set()
     for name, value in fields:
         if name.lower() == "connection":
-            tokens |= _connection_tokens(value)
+            tokens |= connection_tokens(value)
     drop = _STRIP_RESPONSE | tokens if tokens else _STRIP_RESPONSE
     out: CIMultiDict[str] = CIMultiDict()
     length: int | None = None
@@ -149,69 +108,6 @@ def answer_form(content_types: list[str]) -> tuple[str, str | None]:
     return ("sse" if sse else "json"), None
 
 
-class RequestBody:
-    """The client's body, read whole and bounded: MCP requests proxyd must look into.
-
-    A POST carries one JSON-RPC message (read, parsed, decided on: the bytes that go up are the
-    bytes proxyd read); GET and DELETE carry none (a body there is refused before this). Being
-    in memory, it can be replayed to another server after a failed connect.
-    """
-
-    __slots__ = ("_exists", "data")
-
-    def __init__(self, data: bytes, exists: bool) -> None:
-        self.data = data
-        self._exists = exists
-
-    @classmethod
-    def empty(cls) -> RequestBody:
-        return cls(b"", False)
-
-    @classmethod
-    async def read_all(cls, request: web.Request, limit: int, silence: float) -> RequestBody:
-        declared = request.content_length
-        if declared is not None and declared > limit:
-            raise PayloadTooLarge(_too_large(limit))
-        if not request.body_exists:
-            return cls(b"", declared is not None)
-        chunks: list[bytes] = []
-        total = 0
-        content = request.content
-        while True:
-            try:
-                # Silence, not total time: a large body on a slow link keeps going while
-                # bytes arrive; a client that stops sending is cut (slow-body attacks).
-                async with asyncio.timeout(silence):
-                    chunk = await content.readany()
-            except TimeoutError:
-                raise RequestTimeout(
-                    f"no request body bytes for {silence:g}s", reason="body_timeout"
-                ) from None
-            if not chunk:
-                break
-            total += len(chunk)
-            if total > limit:
-                raise PayloadTooLarge(_too_large(limit))
-            chunks.append(chunk)
-        return cls(chunks[0] if len(chunks) == 1 else b"".join(chunks), True)
-
-    @property
-    def sent(self) -> int:
-        return len(self.data)
-
-    def framing(self, method: str) -> str:
-        """The framing field of the upstream request (the body always goes in one piece)."""
-        if self.data or self._exists:
-            return f"Content-Length: {len(self.data)}\r\n"
-        # No body. RFC 9110 §8.6: Content-Length: 0 where the method gives content a meaning
-        # (what aiohttp's client sent, so upstreams see the same requests as before).
-        return "" if method == "GET" else "Content-Length: 0\r\n"
-
-
-def _too_large(limit: int) -> str:
-    return f"request body exceeds the limit of {limit} bytes"
-
-
 class Forwarder:
     def __init__(
         self,
@@ -232,7 +128,7 @@ class Forwarder:
         outcome: Outcome,
         body: RequestBody,
         on_response: HeaderHook | None = None,
-        tools_filter: ToolsListFilter | None = None,
+        tools_filter: BodyFilter | None = None,
     ) -> web.StreamResponse:
         """Send the request to ``target`` and relay the answer.
 
@@ -292,7 +188,7 @@ class Forwarder:
         upstream: Connection,
         out: web.StreamResponse,
         outcome: Outcome,
-        events: SseFilter | None = None,
+        events: EventFilter | None = None,
     ) -> web.StreamResponse:
         """Relay the body chunk by chunk (through ``events`` when filtering), each flushed."""
         gauge = self._streams.labels(outcome.app) if self._streams is not None else None
@@ -338,7 +234,7 @@ class Forwarder:
         request: web.Request,
         upstream: Connection,
         outcome: Outcome,
-        tools_filter: ToolsListFilter,
+        tools_filter: BodyFilter,
         on_response: HeaderHook | None = None,
     ) -> web.StreamResponse:
         """An answer read for tool lists, with the tools the session may not call taken out."""
@@ -359,10 +255,7 @@ class Forwarder:
             outcome.bytes_down = len(body)
             return web.Response(status=upstream.status, headers=headers, body=body)
 
-        if not 200 <= upstream.status < 300:
-            # Not the list itself (an error page, a 404 for a stale session): read only for
-            # the tools it could carry, passed as it came when it can carry none.
-            tools_filter.strict = False
+        tools_filter.answer_status(upstream.status)
         form, unreadable = answer_form(headers.getall("Content-Type", []))
         if codings:
             # Compressed although proxyd sent no Accept-Encoding (RFC 9110 §12.5.3 allows it):
@@ -376,7 +269,7 @@ class Forwarder:
             # JSON (or anything a client might parse as such): read whole, bounded. Every chunk
             # to the end: one read() returned only what had arrived so far, so a large answer
             # became an error, and one over the limit passed on its first chunk.
-            raw = await upstream.read_whole(MAX_JSON_ANSWER)
+            raw = await upstream.read_whole(tools_filter.max_answer)
             if raw is None:
                 return whole(tools_filter.error_bytes("answer too large"), True)
             body = tools_filter.json_body(raw)

@@ -19,7 +19,6 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from proxyd.auth.jwt import Identity
 from proxyd.config import RateLimitSettings
 from proxyd.errors import RateLimited, StateUnavailable
 from proxyd.metrics import Metrics
@@ -188,16 +187,16 @@ class Limits:
             self._limited_unauthenticated.inc()
             raise RateLimited("too many unauthenticated requests; slow down", wait)
 
-    def per_user(self, identity: Identity) -> None:
-        wait = self._per_user_local.for_user(identity.issuer, identity.username)
+    def per_user(self, issuer: str, username: str) -> None:
+        wait = self._per_user_local.for_user(issuer, username)
         if wait:
             self._limited_user.inc()
             raise RateLimited("too many requests for this user; slow down", wait)
 
-    async def shared_per_user(self, identity: Identity) -> None:
+    async def shared_per_user(self, issuer: str, username: str) -> None:
         limiter = self._per_user
         assert isinstance(limiter, SharedLimiter)
-        wait = await limiter.for_user(identity.issuer, identity.username)
+        wait = await limiter.for_user(issuer, username)
         if wait:
             self._limited_user.inc()
             raise RateLimited("too many requests for this user; slow down", wait)

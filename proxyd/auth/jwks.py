@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 
 import aiohttp
 
-from proxyd.auth.keys import KeySet, KeySetError, RejectedKey, parse_jwks
-from proxyd.config import ASYMMETRIC_ALGORITHMS, JwksSettings
+from proxyd.auth.keys import ASYMMETRIC_ALGORITHMS, KeySet, KeySetError, RejectedKey, parse_jwks
+from proxyd.config import JwksSettings
 from proxyd.log import get_logger
 
 log = get_logger("proxyd.jwks")

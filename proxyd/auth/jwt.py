@@ -21,8 +21,8 @@ from typing import Any
 from joserfc import jws
 from joserfc.errors import JoseError, SecurityWarning
 
-from proxyd.auth.keys import KeySet, VerifyKey
-from proxyd.config import ASYMMETRIC_ALGORITHMS, JwtSettings
+from proxyd.auth.keys import ASYMMETRIC_ALGORITHMS, KeySet, VerifyKey
+from proxyd.config import JwtSettings
 from proxyd.errors import InvalidToken
 
 # RFC 9864 deprecates "EdDSA" in favour of "Ed25519"; IdPs still publish it and we accept it.

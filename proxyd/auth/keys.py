@@ -20,7 +20,24 @@ from joserfc.errors import JoseError
 from joserfc.jwk import ECKey, Key, OKPKey, RSAKey, import_key
 from joserfc.util import base64_to_int
 
-from proxyd.config import ASYMMETRIC_ALGORITHMS
+# The JWS algorithms proxyd accepts from an identity provider: asymmetric only, so a public key
+# can never be used as an HMAC secret (RFC 8725 §2.1, §3.1) and "none" is impossible.
+ASYMMETRIC_ALGORITHMS = frozenset(
+    {
+        "RS256",
+        "RS384",
+        "RS512",
+        "PS256",
+        "PS384",
+        "PS512",
+        "ES256",
+        "ES384",
+        "ES512",
+        "EdDSA",
+        "Ed25519",
+    }
+)
+
 
 # alg → (kty, curve or None) it requires (RFC 7518 §3.1, RFC 8037 §3.1).
 _ALG_KEY_TYPE: dict[str, tuple[str, str | None]] = {

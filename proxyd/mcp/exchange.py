@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from proxyd.forward import RequestBody
+from proxyd.body import RequestBody
 from proxyd.mcp.sessionid import Pin
 
 

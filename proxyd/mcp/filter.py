@@ -59,11 +59,19 @@ class ToolsListFilter:
     ``strict``: the request was a tools/list, so every response must be a tool list or an
     error."""
 
+    max_answer = MAX_JSON_ANSWER
+
     def __init__(self, access: Access, *, request_id: Any = None, strict: bool = False) -> None:
         self.access = access
         self.request_id = request_id
         self.strict = strict
         self.removed = 0
+
+    def answer_status(self, status: int) -> None:
+        if not 200 <= status < 300:
+            # Not the list itself (an error page, a 404 for a stale session): read only for
+            # the tools it could carry, passed as it came when it can carry none.
+            self.strict = False
 
     def _filter(self, message: Any) -> Any:
         """The message with denied tools removed; the same object when nothing changed, so

@@ -11,8 +11,8 @@ from __future__ import annotations
 from multidict import CIMultiDict
 
 from proxyd.auth.jwt import Identity
+from proxyd.body import HeaderHook
 from proxyd.errors import NotFound, UpstreamError
-from proxyd.forward import HeaderHook
 from proxyd.log import get_logger
 from proxyd.mcp.sessionid import MAX_ID_LENGTH, Pin, SessionIdCodec
 from proxyd.registry import App, Registry
