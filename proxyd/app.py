@@ -6,7 +6,8 @@ import os
 import random
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass, field
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
@@ -24,11 +25,18 @@ from proxyd.auth.jwks import JwksCache
 from proxyd.auth.session import SessionStore
 from proxyd.auth.shared import SharedSessions
 from proxyd.clock import Clocks
-from proxyd.config import RateLimitSettings, Settings
+from proxyd.config import (
+    RESTART_ONLY,
+    ConfigError,
+    RateLimitSettings,
+    Settings,
+    in_force,
+    load_settings,
+)
 from proxyd.forward import Forwarder
 from proxyd.handler import McpHandler
 from proxyd.health import HealthBook, HealthChecker
-from proxyd.log import get_logger
+from proxyd.log import get_logger, set_level
 from proxyd.mcp.audit import Auditor
 from proxyd.mcp.gate import McpGate
 from proxyd.mcp.pinning import SessionPinning
@@ -36,6 +44,7 @@ from proxyd.mcp.policy import Policy
 from proxyd.mcp.sessionid import SessionIdCodec
 from proxyd.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from proxyd.metrics import Metrics, counter, gauge
+from proxyd.notify import Notifier
 from proxyd.ratelimit import Limiter, Limits, SharedLimiter
 from proxyd.registry import Registry
 from proxyd.router import UpstreamRouter
@@ -49,99 +58,231 @@ DEFAULT_CLOCKS = Clocks(monotonic=time.monotonic, wall=time.time)
 log = get_logger("proxyd")
 
 
-@dataclass(slots=True)
-class Shared:
-    """What outlives a configuration: connections, caches, keys, health and metrics."""
+@dataclass(frozen=True, slots=True)
+class Core:
+    """What create_app builds before the loop runs, shared by every configuration."""
 
     clocks: Clocks
     rng: random.Random
     store: AppAuthStore
     health: HealthBook
     metrics: Metrics
-    http: aiohttp.ClientSession | None = None  # JWKS and health checks
-    upstreams: UpstreamClient | None = None  # the hot path: requests to app servers
-    jwks: JwksCache | None = None
-    sessions: SessionStore | None = None
-    identity_key: ECKey | None = None
-    ephemeral_mcp_key: bytes | None = None
-    auditor: Auditor | None = None
-    state: RedisState | None = None  # the shared state backend, when [state] says redis
-    shared_sessions: SharedSessions | None = None
-    limiters: dict[tuple[str, RateLimitSettings], Limiter | SharedLimiter] = field(
-        default_factory=dict
-    )
+    watcher: AuthConfigWatcher
 
-    def limiter(self, kind: str, settings: RateLimitSettings) -> Limiter | SharedLimiter:
-        # Same settings after a reload: keep the buckets (a reload is no way around a limit).
-        key = (kind, settings)
-        if key not in self.limiters:
-            self.limiters = {k: v for k, v in self.limiters.items() if k[0] != kind}
-            local = Limiter(settings, self.clocks.monotonic)
-            if self.state is None:
-                self.limiters[key] = local
-            else:
-                # In Redis the buckets outlive any reload; `local` serves limiter_failure=local.
-                self.limiters[key] = SharedLimiter(settings, kind, self.state, local)
-        return self.limiters[key]
+
+@dataclass(frozen=True, slots=True)
+class Resources:
+    """What lives as long as the process and needs the running loop: built whole by
+    ``open_resources``, each closed by the stack that opened it (issue 11)."""
+
+    http: aiohttp.ClientSession  # JWKS and health checks
+    upstreams: UpstreamClient  # the hot path: requests to app servers
+    jwks: JwksCache
+    sessions: SessionStore
+    identity_key: ECKey
+    auditor: Auditor
+    checker: HealthChecker
+    state: RedisState | None  # only with [state] backend = "redis"
+    shared_sessions: SharedSessions | None  # likewise
+
+
+async def open_resources(settings: Settings, core: Core, stack: AsyncExitStack) -> Resources:
+    """Every resource, its close pushed on ``stack`` the moment it exists.
+
+    aiohttp's cleanup contexts close in reverse and collect errors (web_app.py); one generator
+    that built all of them and closed them in one ``finally`` leaked what was made when a later
+    step failed (a bad identity.key_file left the ClientSession unclosed) and skipped every
+    close after one that raised.
+    """
+    upstreams = UpstreamClient(
+        keepalive_timeout=settings.upstream.keepalive_timeout,
+        max_idle=settings.upstream.max_idle_connections,
+    )
+    stack.push_async_callback(upstreams.close)
+    # JWKS fetches and health checks keep aiohttp's client (off the hot path).
+    http = aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=0, limit_per_host=0),
+        cookie_jar=aiohttp.DummyCookieJar(),
+        trust_env=False,
+    )
+    stack.push_async_callback(http.close)
+    jwks = JwksCache(http, settings.jwks, core.clocks.monotonic)
+    stack.push_async_callback(jwks.close)
+    state = shared_sessions = None
+    if settings.state.shared:
+        state = RedisState(settings.state, core.clocks.monotonic, core.metrics)
+        stack.push_async_callback(state.close)
+        log.info(
+            "state_backend",
+            backend="redis",
+            url=state.url,
+            timeout=settings.state.timeout,
+            limiter_failure=settings.state.limiter_failure,
+        )
+        await state.start()
+        shared_sessions = SharedSessions(
+            redis_session_cache(state),
+            state,
+            core.store,
+            settings.sessions.mcp_keys,
+            core.clocks.wall,
+        )
+    # timeout=None: aiocache's default 5 s timeout wraps every get in asyncio.wait_for,
+    # a task per lookup on the hot path, for an in-memory dict that cannot block.
+    cache = SimpleMemoryCache(timeout=None)
+    sessions = SessionStore(cache, core.clocks.wall, settings.sessions.max_ttl, shared_sessions)
+    stack.push_async_callback(sessions.close)
+    auditor = Auditor(settings.audit)
+    stack.callback(auditor.close)
+    identity_key = load_or_create_key(settings.identity.key_file, settings.server.state_dir)
+    checker = HealthChecker(core.health, http)
+    stack.push_async_callback(checker.stop)
+    return Resources(
+        http, upstreams, jwks, sessions, identity_key, auditor, checker, state, shared_sessions
+    )
 
 
 class Runtime:
     """The configuration in force: one reference, swapped whole on reload (a request reads it
     once, so it sees the old configuration or the new one, never a mix)."""
 
-    def __init__(self, settings: Settings, shared: Shared) -> None:
+    def __init__(self, settings: Settings, core: Core, mcp_key: bytes | None = None) -> None:
         self.settings = settings
         self.boot_settings = settings  # what the listeners, key and directories were built from
-        self.shared = shared
+        self.core = core
+        self._resources: Resources | None = None
         self.ready = False
         self.handler: McpHandler | None = None
         self.well_known: WellKnown | None = None
+        self.ephemeral_mcp_key = mcp_key
+        self.limiters: dict[tuple[str, RateLimitSettings], Limiter | SharedLimiter] = {}
+
+    @property
+    def resources(self) -> Resources:
+        if self._resources is None:
+            raise RuntimeError("proxyd's resources are opened when the app starts")
+        return self._resources
+
+    @property
+    def started(self) -> bool:
+        return self._resources is not None
+
+    def start(self, resources: Resources) -> None:
+        self._resources = resources
+        self.install(self.settings)
+
+    async def stop(self) -> None:
+        self.ready = False
+        if self.handler is not None:
+            await self.handler.close()
+
+    def limiter(self, kind: str, settings: RateLimitSettings) -> Limiter | SharedLimiter:
+        # Same settings after a reload: keep the buckets (a reload is no way around a limit).
+        key = (kind, settings)
+        if key not in self.limiters:
+            self.limiters = {k: v for k, v in self.limiters.items() if k[0] != kind}
+            local = Limiter(settings, self.core.clocks.monotonic)
+            state = self.resources.state
+            if state is None:
+                self.limiters[key] = local
+            else:
+                # In Redis the buckets outlive any reload; `local` serves limiter_failure=local.
+                self.limiters[key] = SharedLimiter(settings, kind, state, local)
+        return self.limiters[key]
 
     def install(self, settings: Settings) -> None:
-        s = self.shared
-        assert s.http is not None and s.jwks is not None and s.sessions is not None
-        assert s.identity_key is not None and s.auditor is not None and s.upstreams is not None
-        s.upstreams.keepalive_timeout = settings.upstream.keepalive_timeout
-        s.upstreams.max_idle = settings.upstream.max_idle_connections
-        s.auditor.settings = settings.audit
-        s.health.reconfigure(settings.apps)
-        registry = Registry(settings.apps, s.rng, s.health)
-        signer = AssertionSigner(s.identity_key, settings.server.public_url, settings.identity.ttl)
-        s.sessions.max_ttl = settings.sessions.max_ttl
-        if s.shared_sessions is not None and settings.sessions.mcp_keys:
-            s.shared_sessions.set_keys(settings.sessions.mcp_keys)
+        core, r = self.core, self.resources
+        r.upstreams.keepalive_timeout = settings.upstream.keepalive_timeout
+        r.upstreams.max_idle = settings.upstream.max_idle_connections
+        r.auditor.reconfigure(settings.audit)
+        core.health.reconfigure(settings.apps)
+        r.sessions.reconfigure(settings.sessions.max_ttl)
+        if r.shared_sessions is not None and settings.sessions.mcp_keys:
+            r.shared_sessions.set_keys(settings.sessions.mcp_keys)
+        registry = Registry(settings.apps, core.rng, core.health)
+        signer = AssertionSigner(r.identity_key, settings.server.public_url, settings.identity.ttl)
         limits = Limits(
-            s.limiter("unauthenticated", settings.limits.unauthenticated),
-            s.limiter("per_user", settings.limits.per_user),
-            s.metrics,
+            self.limiter("unauthenticated", settings.limits.unauthenticated),
+            self.limiter("per_user", settings.limits.per_user),
+            core.metrics,
         )
         keys = list(settings.sessions.mcp_keys) or self._ephemeral_key()
         pinning = SessionPinning(SessionIdCodec(keys), registry)
-        authenticator = Authenticator(s.store, s.jwks, s.clocks.wall)
-        forwarder = Forwarder(s.upstreams, settings.upstream, s.metrics)
+        authenticator = Authenticator(core.store, r.jwks, core.clocks.wall)
+        forwarder = Forwarder(r.upstreams, settings.upstream, core.metrics)
         handler = McpHandler(
             settings,
             registry,
-            SessionGate(s.sessions, authenticator, limits, s.metrics, s.auditor, s.clocks),
+            SessionGate(r.sessions, authenticator, limits, core.metrics, r.auditor, core.clocks),
             # New roles apply to live sessions from the next request.
             McpGate(settings.server, Policy(settings.roles), pinning),
             UpstreamRouter(registry, forwarder, pinning, settings.upstream.max_attempts),
             signer,
-            s.auditor,
-            s.clocks,
+            r.auditor,
+            core.clocks,
         )
-        well_known = WellKnown(settings.server.public_url, registry, s.store, signer)
+        well_known = WellKnown(settings.server.public_url, registry, core.store, signer)
         self.settings, self.handler, self.well_known = settings, handler, well_known
 
+    async def reload(self, path: str, notifier: Notifier) -> bool:
+        """SIGHUP: re-read and validate the main file; on success swap the configuration.
+
+        Apps, servers, health checks, limits, upstream timeouts, MCP session keys, the identity
+        assertion's lifetime, the main file's app auth configs and the log level change at
+        once; requests and streams in flight finish on the configuration they started with.
+        The listeners read their timeouts and connection cap from this runtime for each new
+        connection and request head (proxyd/listener.py). A file with any problem changes
+        nothing: every problem is logged. What a running process cannot change (listen
+        addresses, directories, keys on disk, the state backend) is named in the log.
+        """
+        metrics = self.core.metrics
+        notifier.reloading()
+        try:
+            new = load_settings(path, load_dir=False)
+        except ConfigError as exc:
+            log.error(
+                "config_reload_failed",
+                path=path,
+                problems=exc.problems,
+                kept="the configuration in force",
+            )
+            metrics.reloads.labels("sighup", "failed").inc()
+            notifier.ready("reload failed: previous configuration in force")
+            return False
+        # Compared with what the process started with: that is what is in force for these keys.
+        boot = self.boot_settings
+        later = [key for key, value in RESTART_ONLY.items() if value(boot) != value(new)]
+        if later:
+            log.warning(
+                "config_change_needs_restart",
+                keys=later,
+                detail="these settings keep their old values until proxyd restarts",
+            )
+        set_level(new.log.level)
+        self.install(in_force(new, boot))
+        self.core.watcher.set_main(new.main_app_auth_configs)
+        checker = self.resources.checker
+        await checker.stop()
+        checker.start()
+        metrics.reloads.labels("sighup", "applied").inc()
+        log.info(
+            "config_reloaded",
+            path=path,
+            apps=[a.name for a in new.apps],
+            generation=self.core.store.snapshot.generation,
+        )
+        notifier.ready("serving (configuration reloaded)")
+        return True
+
     def _ephemeral_key(self) -> list[bytes]:
-        if self.shared.ephemeral_mcp_key is None:
+        if self.ephemeral_mcp_key is None:
             log.warning(
                 "mcp_session_key_ephemeral",
                 detail="no sessions.mcp_keys configured: MCP sessions will not survive a "
                 "restart or work across proxyd instances",
             )
-            self.shared.ephemeral_mcp_key = os.urandom(32)
-        return [self.shared.ephemeral_mcp_key]
+            self.ephemeral_mcp_key = os.urandom(32)
+        return [self.ephemeral_mcp_key]
 
 
 RUNTIME = web.AppKey("runtime", Runtime)
@@ -174,95 +315,42 @@ def create_app(
         },
     )
     store = AppAuthStore(settings.app_auth_configs)
-    shared = Shared(
-        clocks=clocks,
-        # Spreads load over app servers; not a security decision, so any PRNG will do.
-        rng=rng or random.Random(),  # noqa: S311
-        store=store,
-        health=HealthBook(settings.apps, clocks.monotonic),
-        metrics=metrics,
-        ephemeral_mcp_key=mcp_key,
-    )
-    runtime = Runtime(settings, shared)
     watcher = AuthConfigWatcher(
         store,
         settings.main_app_auth_configs,
         settings.app_auth_config_dir,
         force_polling=force_polling,
     )
+    core = Core(
+        clocks=clocks,
+        # Spreads load over app servers; not a security decision, so any PRNG will do.
+        rng=rng or random.Random(),  # noqa: S311
+        store=store,
+        health=HealthBook(settings.apps, clocks.monotonic),
+        metrics=metrics,
+        watcher=watcher,
+    )
+    runtime = Runtime(settings, core, mcp_key)
     app[RUNTIME] = runtime
     app[AUTH_STORE] = store
-    app[HEALTH] = shared.health
+    app[HEALTH] = core.health
     app[WATCHER] = watcher
     register_collectors(metrics, runtime)
 
-    async def resources(app: web.Application) -> AsyncIterator[None]:
-        # Requests to app servers go through proxyd's lean client (proxyd/upstream.py): its
-        # pools survive reloads; open connections are never capped (SSE streams).
-        upstreams = UpstreamClient(
-            keepalive_timeout=settings.upstream.keepalive_timeout,
-            max_idle=settings.upstream.max_idle_connections,
-        )
-        shared.upstreams = upstreams
-        # JWKS fetches and health checks keep aiohttp's client (off the hot path).
-        http = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0, limit_per_host=0),
-            cookie_jar=aiohttp.DummyCookieJar(),
-            trust_env=False,
-        )
-        shared.http = http
-        shared.jwks = JwksCache(http, settings.jwks, clocks.monotonic)
-        # timeout=None: aiocache's default 5 s timeout wraps every get in asyncio.wait_for,
-        # a task per lookup on the hot path, for an in-memory dict that cannot block.
-        cache = SimpleMemoryCache(timeout=None)
-        if settings.state.shared:
-            shared.state = RedisState(settings.state, clocks.monotonic, metrics)
-            log.info(
-                "state_backend",
-                backend="redis",
-                url=shared.state.url,
-                timeout=settings.state.timeout,
-                limiter_failure=settings.state.limiter_failure,
-            )
-            await shared.state.start()
-            shared.shared_sessions = SharedSessions(
-                redis_session_cache(shared.state),
-                shared.state,
-                store,
-                settings.sessions.mcp_keys,
-                clocks.wall,
-            )
-        shared.sessions = SessionStore(
-            cache, clocks.wall, settings.sessions.max_ttl, shared.shared_sessions
-        )
-        shared.auditor = Auditor(settings.audit)
-        shared.identity_key = load_or_create_key(
-            settings.identity.key_file, settings.server.state_dir
-        )
-        runtime.install(settings)
-        checker = HealthChecker(shared.health, http)
-        app[CHECKER] = checker
-        watcher.rescan()  # the directory as it is now: serving starts on a full load
-        watcher.start()
-        checker.start()
-        runtime.ready = True
-        try:
+    async def lifetime(app: web.Application) -> AsyncIterator[None]:
+        async with AsyncExitStack() as stack:
+            resources = await open_resources(settings, core, stack)
+            runtime.start(resources)
+            stack.push_async_callback(runtime.stop)  # first of all: not ready, verifications
+            app[CHECKER] = resources.checker
+            watcher.rescan()  # the directory as it is now: serving starts on a full load
+            watcher.start()
+            stack.push_async_callback(watcher.stop)
+            resources.checker.start()
+            runtime.ready = True
             yield
-        finally:
-            runtime.ready = False
-            await watcher.stop()
-            if runtime.handler is not None:
-                await runtime.handler.close()
-            await checker.stop()
-            await shared.jwks.close()
-            await shared.sessions.close()
-            if shared.state is not None:
-                await shared.state.close()
-            await upstreams.close()
-            await http.close()
-            shared.auditor.close()
 
-    app.cleanup_ctx.append(resources)
+    app.cleanup_ctx.append(lifetime)
     app.router.add_route("*", "/mcp/apps/{app}", _mcp)
     app.router.add_get("/.well-known/jwks.json", _jwks)
     app.router.add_get("/.well-known/oauth-protected-resource/mcp/apps/{app}", _resource_metadata)
@@ -289,20 +377,17 @@ def redis_session_cache(state: RedisState) -> Any:
 
 def register_collectors(metrics: Metrics, runtime: Runtime) -> None:
     """State read at scrape time: upstream health, JWKS age and errors, config generation."""
-    shared = runtime.shared
+    core = runtime.core
 
     def collect() -> Iterator[Metric]:
-        now = shared.clocks.monotonic()
+        now = core.clocks.monotonic()
         yield gauge(
             "proxyd_upstream_healthy",
             "1 when the app server takes new work (healthy and not ejected).",
             ["app", "server", "state"],
-            (
-                ([h.app, h.server, h.label(now)], float(h.available(now)))
-                for h in shared.health.all()
-            ),
+            (([h.app, h.server, h.label(now)], float(h.available(now))) for h in core.health.all()),
         )
-        snapshot = shared.store.snapshot
+        snapshot = core.store.snapshot
         yield gauge(
             "proxyd_config_generation",
             "App auth config generation.",
@@ -313,7 +398,7 @@ def register_collectors(metrics: Metrics, runtime: Runtime) -> None:
             "proxyd_config_last_load_timestamp_seconds",
             "When the app auth configs last changed (Unix time).",
             [],
-            [([], shared.store.loaded_at)],
+            [([], core.store.loaded_at)],
         )
         yield gauge(
             "proxyd_app_auth_configs",
@@ -321,8 +406,8 @@ def register_collectors(metrics: Metrics, runtime: Runtime) -> None:
             [],
             [([], float(len(snapshot.configs)))],
         )
-        if shared.jwks is not None:
-            stats = shared.jwks.stats()
+        if runtime.started:
+            stats = runtime.resources.jwks.stats()
             yield gauge(
                 "proxyd_jwks_age_seconds",
                 "Age of the cached key set per JWKS URL.",
@@ -374,7 +459,7 @@ def create_admin_app(runtime: Runtime, draining: Callable[[], bool]) -> web.Appl
         return web.json_response({"ready": ok}, status=200 if ok else 503)
 
     async def metrics(_: web.Request) -> web.Response:
-        body = runtime.shared.metrics.render()
+        body = runtime.core.metrics.render()
         return web.Response(body=body, headers={"Content-Type": METRICS_CONTENT_TYPE})
 
     admin.router.add_get("/healthz", healthz)

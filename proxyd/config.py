@@ -1191,3 +1191,44 @@ def settings_from_text(text: str, path: str, *, load_dir: bool = True) -> Settin
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([f"{path}: {exc}"]) from None
     return parse_settings(data, path, load_dir=load_dir)
+
+
+# Settings a running process cannot change (reload keeps the values it started with).
+RESTART_ONLY: dict[str, Callable[[Settings], Any]] = {
+    "server.listen": lambda s: (s.server.listen_host, s.server.listen_port),
+    "server.state_dir": lambda s: s.server.state_dir,
+    "server.max_header_size": lambda s: s.server.max_header_size,
+    "server.workers": lambda s: s.server.workers,
+    "admin": lambda s: s.admin,
+    "log.format": lambda s: s.log.format,
+    "identity.key_file": lambda s: s.identity.key_file,
+    "jwks": lambda s: s.jwks,
+    "app_auth.config_dir": lambda s: s.app_auth_config_dir,
+    "audit.file": lambda s: s.audit.file,
+    # The Redis connection, its fallbacks and key names are built once, at start.
+    "state": lambda s: s.state,
+}
+
+
+def in_force(new: Settings, boot: Settings) -> Settings:
+    """The new settings with the restart-only values of the running process, so nothing is
+    half applied (e.g. a 431 limit above what aiohttp's parser was built with)."""
+    server = dataclasses.replace(
+        new.server,
+        listen_host=boot.server.listen_host,
+        listen_port=boot.server.listen_port,
+        state_dir=boot.server.state_dir,
+        max_header_size=boot.server.max_header_size,
+        workers=boot.server.workers,
+    )
+    return dataclasses.replace(
+        new,
+        server=server,
+        admin=boot.admin,
+        log=dataclasses.replace(new.log, format=boot.log.format),
+        identity=dataclasses.replace(new.identity, key_file=boot.identity.key_file),
+        jwks=boot.jwks,
+        app_auth_config_dir=boot.app_auth_config_dir,
+        audit=dataclasses.replace(new.audit, file=boot.audit.file),
+        state=boot.state,
+    )

@@ -107,7 +107,7 @@ async def serve(
         # read from the settings in force: a reload applies them to the next connections.
         await ListenerSite(
             runner,
-            Listener(lambda: runtime.settings.server, runtime.shared.metrics),
+            Listener(lambda: runtime.settings.server, runtime.core.metrics),
             host=s.listen_host,
             port=s.listen_port,
             # The kernel spreads new connections over the workers' sockets (one accept
@@ -146,7 +146,7 @@ async def serve(
             listen=f"{s.listen_host}:{s.listen_port}",
             public_url=s.public_url,
             apps=[a.name for a in settings.apps],
-            app_auth_configs=[c.name for c in runtime.shared.store.snapshot.configs],
+            app_auth_configs=[c.name for c in runtime.core.store.snapshot.configs],
             loop=type(loop).__module__.split(".")[0],
             fd_limit=fd_limit,
         )

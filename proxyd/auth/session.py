@@ -78,6 +78,9 @@ class SessionStore:
         self.max_ttl = max_ttl
         self.shared = shared
 
+    def reconfigure(self, max_ttl: float) -> None:
+        self.max_ttl = max_ttl  # sessions created from now on; live ones keep their expiry
+
     async def get(self, key: str) -> Session | None:
         session: Session | None = await self._cache.get(key)
         if session is None:

@@ -44,6 +44,10 @@ class Auditor:
             fd = os.open(settings.file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
             self._file = os.fdopen(fd, "a", buffering=1, encoding="utf-8")  # a line at a time
 
+    def reconfigure(self, settings: AuditSettings) -> None:
+        # audit.file is restart-only (the file stays open); the other keys apply at once.
+        self.settings = settings
+
     def records(self, method: str | None, failed: bool) -> bool:
         return failed or self.settings.list_methods or method not in NOISY
 
