@@ -22,10 +22,7 @@ from dataclasses import dataclass
 from proxyd.config import RateLimitSettings
 from proxyd.errors import RateLimited, StateUnavailable
 from proxyd.metrics import Metrics
-from proxyd.state import RedisState, SharedBuckets, StateDown
-
-# Seconds: below any real clock's meaningful resolution here, far above float noise.
-_DUE_SLACK = 1e-6
+from proxyd.state import DUE_SLACK, RedisState, SharedBuckets, StateDown
 
 
 @dataclass(slots=True)
@@ -63,10 +60,10 @@ class TokenBuckets:
             self._buckets.move_to_end(key)
         wait = (1.0 - bucket.tokens) / self._rate
         # Refills accumulate float error (20/min, 2.9 s + 0.1 s left 0.9999999999999997 tokens):
-        # a token due within _DUE_SLACK counts as here, and the wait is rounded to it, so that
+        # a token due within DUE_SLACK counts as here, and the wait is rounded to it, so that
         # Retry-After is exact on whole seconds (2.0000000000000004 s made it 3) and obeying it
         # always succeeds.
-        if wait <= _DUE_SLACK:
+        if wait <= DUE_SLACK:
             bucket.tokens = max(0.0, bucket.tokens - 1.0)
             return 0.0
         return round(wait, 6)

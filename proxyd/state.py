@@ -30,7 +30,8 @@ T = TypeVar("T")
 
 log = get_logger("proxyd.state")
 
-# Seconds: a token due this close counts as here (the same slack as ratelimit.TokenBuckets).
+# Seconds: below any real clock's meaningful resolution here, far above float noise; a token due
+# this close counts as here (ratelimit.TokenBuckets and the Lua bucket alike).
 DUE_SLACK = 1e-6
 
 # One atomic step of a token bucket: refill by elapsed time, spend a token if a whole one is

@@ -16,25 +16,22 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
 import json
 import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from proxyd.auth.appauth import AppAuthStore
 from proxyd.auth.jwt import Identity
+from proxyd.auth.keyring import AssociatedData, KeyRing
 from proxyd.auth.session import FOREIGN_VERSION, Session
 from proxyd.state import RedisState, StateDown
 
 RECORD_PREFIX = "pxr1."
 RECORD_VERSION = 1
-_KID_LEN, _NONCE_LEN = 4, 12
 # Separates this use of the MCP session keys from sealing MCP session ids (sessionid.py).
 _HKDF_INFO = b"proxyd shared session record v1"
 _MAX_RECORD = 64 * 1024  # far above a real record (claims are capped at 4 KiB)
@@ -45,23 +42,17 @@ def _derive(key: bytes) -> bytes:
 
 
 class RecordSealer:
-    """AES-256-GCM over a key ring: the first key seals, all open (rotation as mcp_keys)."""
+    """Session records sealed over the ring of ``sessions.mcp_keys`` (rotation as for the MCP
+    session ids), each bound to the Redis key it is stored under."""
 
     def __init__(
         self, keys: Sequence[bytes], random_bytes: Callable[[int], bytes] = os.urandom
     ) -> None:
-        if not keys:
-            raise ValueError("the key ring needs at least one key")
-        derived = [_derive(k) for k in keys]
-        self._ring = [(hashlib.sha256(k).digest()[:_KID_LEN], AESGCM(k)) for k in derived]
-        self._by_kid = dict(reversed(self._ring))
-        self._random = random_bytes
+        self._ring = KeyRing([_derive(k) for k in keys], random_bytes)
 
     def seal(self, plain: bytes, where: str) -> str:
-        kid, aead = self._ring[0]
-        nonce = self._random(_NONCE_LEN)
-        sealed = aead.encrypt(nonce, plain, self._aad(kid, where))
-        return RECORD_PREFIX + base64.urlsafe_b64encode(kid + nonce + sealed).decode()
+        raw = self._ring.seal(plain, self._aad(where))
+        return RECORD_PREFIX + base64.urlsafe_b64encode(raw).decode()
 
     def open(self, text: str, where: str) -> bytes | None:
         if not text.startswith(RECORD_PREFIX) or len(text) > _MAX_RECORD:
@@ -70,19 +61,12 @@ class RecordSealer:
             raw = base64.urlsafe_b64decode(text[len(RECORD_PREFIX) :])
         except (binascii.Error, ValueError):
             return None
-        kid, nonce = raw[:_KID_LEN], raw[_KID_LEN : _KID_LEN + _NONCE_LEN]
-        aead = self._by_kid.get(kid)
-        if aead is None or len(nonce) != _NONCE_LEN:
-            return None
-        try:
-            return aead.decrypt(nonce, raw[_KID_LEN + _NONCE_LEN :], self._aad(kid, where))
-        except InvalidTag:
-            return None
+        return self._ring.open(raw, self._aad(where))
 
     @staticmethod
-    def _aad(kid: bytes, where: str) -> bytes:
+    def _aad(where: str) -> AssociatedData:
         # Bound to the session key: a record copied under another key does not open.
-        return RECORD_PREFIX.encode() + kid + b"\x00" + where.encode()
+        return lambda kid: RECORD_PREFIX.encode() + kid + b"\x00" + where.encode()
 
 
 def encode_record(session: Session, fingerprint: str) -> bytes:

@@ -12,17 +12,14 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
 import json
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from proxyd.auth.keyring import KeyRing
 
 PREFIX = "pxs1."
-_KID_LEN, _NONCE_LEN = 4, 12
 # Mcp-Session-Id must be visible ASCII (MCP transport §Session Management); ids above this
 # length are not ours and are refused before any crypto.
 MAX_ID_LENGTH = 4096
@@ -41,21 +38,15 @@ class SessionIdCodec:
     def __init__(
         self, keys: Sequence[bytes], random_bytes: Callable[[int], bytes] = os.urandom
     ) -> None:
-        if not keys:
-            raise ValueError("the key ring needs at least one key")
-        self._ring = [(hashlib.sha256(k).digest()[:_KID_LEN], AESGCM(k)) for k in keys]
-        self._by_kid = dict(reversed(self._ring))  # the first key wins a (2^-32) kid collision
-        self._random = random_bytes
+        self._ring = KeyRing(keys, random_bytes)
 
     def seal(self, pin: Pin) -> str:
-        kid, aead = self._ring[0]
-        nonce = self._random(_NONCE_LEN)
         plain = json.dumps(
             [pin.app, pin.server, pin.upstream_id, pin.issuer, pin.username],
             separators=(",", ":"),
         ).encode()
-        sealed = aead.encrypt(nonce, plain, PREFIX.encode() + kid)
-        return PREFIX + base64.urlsafe_b64encode(kid + nonce + sealed).rstrip(b"=").decode()
+        raw = self._ring.seal(plain, _aad)
+        return PREFIX + base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
 
     def open(self, session_id: str) -> Pin | None:
         """The pin inside a proxyd session id, or None: not ours, forged, or from a removed key."""
@@ -66,18 +57,10 @@ class SessionIdCodec:
             raw = base64.urlsafe_b64decode(body + "=" * (-len(body) % 4))
         except (binascii.Error, ValueError):
             return None
-        kid, nonce, sealed = (
-            raw[:_KID_LEN],
-            raw[_KID_LEN : _KID_LEN + _NONCE_LEN],
-            raw[_KID_LEN + _NONCE_LEN :],
-        )
-        aead = self._by_kid.get(kid)
-        if aead is None or len(nonce) != _NONCE_LEN:
-            return None
+        plain = self._ring.open(raw, _aad)
         try:
-            plain = aead.decrypt(nonce, sealed, PREFIX.encode() + kid)
-            fields = json.loads(plain)
-        except (InvalidTag, ValueError):
+            fields = json.loads(plain) if plain is not None else None
+        except ValueError:
             return None
         if not (
             isinstance(fields, list)
@@ -86,3 +69,7 @@ class SessionIdCodec:
         ):
             return None
         return Pin(*fields)
+
+
+def _aad(kid: bytes) -> bytes:
+    return PREFIX.encode() + kid
