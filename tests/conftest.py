@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import random
+import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
@@ -24,7 +25,8 @@ from proxyd.app import create_app
 from proxyd.config import Settings, parse_settings
 from proxyd.handler import Clocks
 from proxyd.log import configure
-from tests.issuer import MINTED, TestIssuer
+from tests.kit.echo import Upstreams
+from tests.kit.issuer import MINTED, TestIssuer
 
 
 class FakeClock:
@@ -148,6 +150,26 @@ async def make_proxy(clock: FakeClock) -> AsyncIterator[ProxyFactory]:
         await client.close()
 
 
+@pytest.fixture
+async def upstreams() -> AsyncIterator[Upstreams]:
+    """Real aiohttp upstreams on 127.0.0.1 (``await upstreams.start(app)``), closed at teardown."""
+    ups = Upstreams()
+    try:
+        yield ups
+    finally:
+        await ups.close()
+
+
+@pytest.fixture
+def refused_url() -> Iterator[str]:
+    """A port that refuses connections: bound, never listening (no race with other tests)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    yield f"http://127.0.0.1:{port}/mcp"
+    sock.close()
+
+
 async def start_upstream(app: web.Application) -> TestServer:
     server = TestServer(app, host="127.0.0.1")
     await server.start_server()
@@ -160,7 +182,5 @@ async def start_upstream(app: web.Application) -> TestServer:
 settings.register_profile("dev", max_examples=300, deadline=None)
 # CI explores the same examples on every run (derandomize): a landing never hangs on what one
 # random draw found; new draws come from local runs of the "dev" profile.
-settings.register_profile(
-    "ci", max_examples=3000, deadline=None, print_blob=True, derandomize=True
-)
+settings.register_profile("ci", max_examples=3000, deadline=None, print_blob=True, derandomize=True)
 settings.load_profile("dev")

@@ -38,7 +38,6 @@ import pytest
 from hypothesis import HealthCheck, event, example, given, note, settings
 from hypothesis import strategies as st
 
-from tests.issuer import MINTED
 from tests.kit.harness import (
     BOM,
     LATIN1_BOM,
@@ -56,8 +55,9 @@ from tests.kit.harness import (
     python_readings,
     tool_allowed,
 )
+from tests.kit.issuer import MINTED
+from tests.kit.nodekit import JsonReader
 from tests.kit.recording import RawRequest
-from tests.nodekit import JsonReader
 
 ALLOW = ("echo", "get_*")
 DENY = ("delete_everything",)

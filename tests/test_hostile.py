@@ -19,8 +19,10 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from tests.conftest import FakeClock, LogCapture, ProxyFactory
-from tests.issuer import TestIssuer
 from tests.kit.bodies import UTF7_DUAL_BODY
+from tests.kit.issuer import TestIssuer
+from tests.kit.nodekit import node_upstream, run_client
+from tests.kit.proxy import bearer, config, rpc_error
 from tests.kit.recording import (
     Answer,
     RawRequest,
@@ -28,8 +30,7 @@ from tests.kit.recording import (
     json_answer,
     recording_upstream,
 )
-from tests.nodekit import node_upstream, run_client
-from tests.test_proxy import GUARD, bearer, config, rpc_error
+from tests.kit.wait import GUARD
 
 Client = TestClient[web.Request, web.Application]
 

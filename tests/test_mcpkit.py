@@ -1,4 +1,4 @@
-"""Self-tests for tests/mcpkit.py: SDK client <-> SDK upstream server, no proxy in between."""
+"""Self-tests for tests/kit/mcpkit.py: SDK client <-> SDK upstream server, no proxy in between."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 from mcp import MCPError
 from mcp_types import CONNECTION_CLOSED, UNSUPPORTED_PROTOCOL_VERSION, TextContent
 
-from tests.mcpkit import (
+from tests.kit.mcpkit import (
     AUTO,
     LEGACY,
     LEGACY_VERSION,

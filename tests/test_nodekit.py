@@ -1,4 +1,4 @@
-"""The Node test kit works on its own (no proxyd): tests/nodekit.py and tests/node/*.mjs.
+"""The Node test kit works on its own (no proxyd): tests/kit/nodekit.py and tests/node/*.mjs.
 
 Also pins down the readings proxyd must match or refuse: body-parser decodes a POST body in the
 charset its Content-Type names (a UTF-7 body runs another tool than its UTF-8 reading names),
@@ -16,7 +16,7 @@ import aiohttp
 import pytest
 
 from tests.kit.bodies import UTF7_DUAL_BODY
-from tests.nodekit import JsonReader, NodeClientError, node_upstream, run_client
+from tests.kit.nodekit import JsonReader, NodeClientError, node_upstream, run_client
 
 TOKEN = "nodekit-test-token-4f1d"  # a test value; must never be printed
 ALL_TOOLS = ["echo", "get_time", "get_secret", "delete_everything", "search_docs"]

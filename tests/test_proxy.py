@@ -1,186 +1,37 @@
 """The MCP endpoint end to end: the error table, sessions, the identity assertion, access logs
 and the RFC 9728 resource metadata. Real upstreams and a real IdP on 127.0.0.1; only time is
-faked (FakeClock). Forwarding and streaming details live in tests/test_forward.py.
+faked (FakeClock). Forwarding and streaming details live in tests/upstream/test_forward.py.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
-import random
-import socket
-from collections.abc import AsyncIterator, Iterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestClient, TestServer
-from joserfc import jwt
-from joserfc.jwk import KeySet
-from multidict import CIMultiDictProxy
 
 from proxyd.auth.session import session_key
-from tests.conftest import FakeClock, LogCapture, ProxyFactory, base_config
-from tests.issuer import MINTED, TestIssuer, b64url
-
-Client = TestClient[web.Request, web.Application]
-
-PUBLIC_URL = "https://mcp.example.com"
-IDENTITY = "X-Proxyd-Identity"
-GUARD = 10.0  # seconds; a failure guard for awaited conditions, never a timing assumption
-RPC = {"jsonrpc": "2.0", "id": 1, "method": "tools/list"}
-
-
-# --------------------------------------------------------------------------------------------
-# Shared helpers (also imported by tests/test_forward.py)
-
-
-@dataclass
-class SeenRequest:
-    method: str
-    path: str
-    raw_query: str
-    headers: CIMultiDictProxy[str]
-    raw_headers: tuple[tuple[bytes, bytes], ...]
-    body: bytes
-
-
-@dataclass
-class Echo:
-    """An upstream MCP server that records what reaches it and answers a small JSON body."""
-
-    seen: list[SeenRequest] = field(default_factory=list)
-    called: asyncio.Event = field(default_factory=asyncio.Event)
-
-    def app(self) -> web.Application:
-        app = web.Application(client_max_size=64 * 1024 * 1024)
-        app.router.add_route("*", "/mcp", self.handle)
-        return app
-
-    async def handle(self, request: web.Request) -> web.StreamResponse:
-        self.called.set()
-        body = await request.read()
-        self.seen.append(
-            SeenRequest(
-                request.method,
-                request.path,
-                request.raw_path.partition("?")[2],
-                request.headers,
-                request.raw_headers,
-                body,
-            )
-        )
-        return web.json_response(
-            {"jsonrpc": "2.0", "id": 1, "result": {"n": len(self.seen)}},
-            headers={"Mcp-Session-Id": "s-1"},
-        )
-
-    @property
-    def last(self) -> SeenRequest:
-        assert self.seen, "the upstream was never called"
-        return self.seen[-1]
-
-
-class Upstreams:
-    """Real aiohttp servers on 127.0.0.1, closed at teardown."""
-
-    def __init__(self) -> None:
-        self.servers: list[TestServer] = []
-
-    async def start(self, app: web.Application, **runner_kwargs: Any) -> str:
-        server = TestServer(app, host="127.0.0.1")
-        # A failing test may leave a handler parked on its gate: cut it short at teardown.
-        await server.start_server(**{"shutdown_timeout": 1.0, **runner_kwargs})
-        self.servers.append(server)
-        return str(server.make_url("/mcp"))
-
-    async def close(self) -> None:
-        for server in self.servers:
-            await server.close()
-
-
-@pytest.fixture
-async def upstreams() -> AsyncIterator[Upstreams]:
-    ups = Upstreams()
-    yield ups
-    await ups.close()
-
-
-@pytest.fixture
-def refused_url() -> Iterator[str]:
-    """A port that refuses connections: bound, never listening (no race with other tests)."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    yield f"http://127.0.0.1:{port}/mcp"
-    sock.close()
-
-
-def config(
-    issuer: TestIssuer, apps: Mapping[str, str | list[str]], tmp_path: Path, **sections: Any
-) -> dict[str, Any]:
-    servers = {name: [url] if isinstance(url, str) else url for name, url in apps.items()}
-    server = {"public_url": PUBLIC_URL, **sections.pop("server", {})}
-    return base_config(issuer, servers, tmp_path, server=server, **sections)
-
-
-def bearer(token: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {token}"}
-
-
-def padded_rpc(size: int, seed: int = 1) -> bytes:
-    """One valid JSON-RPC request of exactly ``size`` bytes, padded with seeded random text.
-
-    Written the way no JSON serializer would (odd spacing, a unicode escape), so any
-    re-encoding on the way shows up as a byte difference.
-    """
-    head = b'{ "jsonrpc" : "2.0", "id" : 7 , "method": "tools/call",\n "params": '
-    head += b'{"name": "\\u0065cho", "arguments": {"text": "'
-    tail = b'"} } }'
-    fill = size - len(head) - len(tail)
-    assert fill >= 0, f"{size} bytes is too small for a padded message"
-    text = base64.b64encode(random.Random(seed).randbytes(fill))[:fill]  # no quote, no escape
-    body = head + text + tail
-    assert len(body) == size and json.loads(body)["params"]["name"] == "echo"
-    return body
-
-
-async def rpc_error(resp: aiohttp.ClientResponse, status: int) -> dict[str, Any]:
-    """The answer is ``status`` with a JSON-RPC error object carrying a message."""
-    text = await resp.text()
-    assert resp.status == status, text
-    assert resp.content_type == "application/json", text
-    body: dict[str, Any] = await resp.json()
-    assert body["jsonrpc"] == "2.0"
-    assert body["id"] is None
-    assert isinstance(body["error"]["code"], int)
-    assert isinstance(body["error"]["message"], str) and body["error"]["message"].strip()
-    return body
-
-
-def access_lines(logs: LogCapture) -> list[dict[str, Any]]:
-    return logs.events("request")
-
-
-async def proxy_keys(client: Client) -> KeySet:
-    resp = await client.get("/.well-known/jwks.json")
-    assert resp.status == 200
-    return KeySet.import_key_set(await resp.json())
-
-
-def decode_assertion(value: str, keys: KeySet) -> dict[str, Any]:
-    token = jwt.decode(value, keys, algorithms=["ES256"])
-    assert token.header["alg"] == "ES256"
-    return dict(token.claims)
-
-
-def resource_metadata_header(app: str) -> str:
-    return f'resource_metadata="{PUBLIC_URL}/.well-known/oauth-protected-resource/mcp/apps/{app}"'
-
+from tests.conftest import FakeClock, LogCapture, ProxyFactory
+from tests.kit.echo import Echo, Upstreams
+from tests.kit.issuer import MINTED, TestIssuer, b64url
+from tests.kit.proxy import (
+    IDENTITY,
+    PUBLIC_URL,
+    RPC,
+    access_lines,
+    bearer,
+    config,
+    decode_assertion,
+    padded_rpc,
+    proxy_keys,
+    resource_metadata_header,
+    rpc_error,
+)
+from tests.kit.wait import GUARD
 
 # --------------------------------------------------------------------------------------------
 # The error table
@@ -605,7 +456,7 @@ async def test_cached_session_skips_verification(
     fetches = issuer.fetches
     # Break every way the token could be verified again: the IdP is down with other keys and
     # the token is past max_token_age (30m). (Changing the app auth config would rightly end
-    # or re-verify the session: tests/test_reload.py.)
+    # or re-verify the session: tests/process/test_reload.py.)
     issuer.remove_key("k1")
     issuer.add_key("k2")
     issuer.behaviour.down = True

@@ -10,16 +10,12 @@ from __future__ import annotations
 import asyncio
 import math
 import random
-import re
 import tomllib
 import tracemalloc
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import pytest
 from aiohttp import web
 from joserfc import jwt
@@ -29,29 +25,14 @@ from proxyd.config import ConfigError, RateLimitSettings, parse_settings
 from proxyd.errors import RateLimited
 from proxyd.ratelimit import Limiter, TokenBuckets, address_key
 from tests.conftest import FakeClock, LogCapture, ProxyFactory
-from tests.issuer import MINTED, TestIssuer
-from tests.test_proxy import (
-    GUARD,
-    RPC,
-    Client,
-    Echo,
-    Upstreams,
-    access_lines,
-    bearer,
-    config,
-    rpc_error,
-)
+from tests.kit.echo import Echo, Upstreams
+from tests.kit.issuer import MINTED, TestIssuer
+from tests.kit.limits import RETRY_AFTER_RE, Flood, assert_401, assert_ok, limited, post
+from tests.kit.proxy import Client, access_lines, bearer, config
+from tests.kit.wait import GUARD, until
 
 PEER = "127.0.0.1"  # every test client connects from here
 DEFAULT_BURST = 40  # RateLimitSettings defaults: 20 per minute, burst 40
-RETRY_AFTER_RE = re.compile(r"[1-9][0-9]*")
-
-
-@pytest.fixture
-async def upstreams() -> AsyncIterator[Upstreams]:
-    ups = Upstreams()
-    yield ups
-    await ups.close()
 
 
 # --------------------------------------------------------------------------------------------
@@ -86,69 +67,6 @@ async def proxy(
     return client, echo
 
 
-async def post(client: Client, headers: Any = None) -> aiohttp.ClientResponse:
-    resp = await client.post("/mcp/apps/a", json=RPC, headers=headers)
-    await resp.read()
-    return resp
-
-
-async def assert_ok(client: Client, headers: Any) -> None:
-    resp = await post(client, headers)
-    assert resp.status == 200, await resp.text()
-
-
-async def assert_401(client: Client, headers: Any) -> None:
-    resp = await post(client, headers)
-    await rpc_error(resp, 401)
-
-
-async def assert_429(resp: aiohttp.ClientResponse, retry: int | None = None) -> dict[str, Any]:
-    """429 with a whole-seconds Retry-After >= 1 and a JSON-RPC error body (rate_limited)."""
-    body = await rpc_error(resp, 429)
-    assert body["error"]["code"] == -32600
-    assert body["error"]["data"] == {"status": 429, "reason": "rate_limited"}
-    value = resp.headers["Retry-After"]
-    assert RETRY_AFTER_RE.fullmatch(value), value
-    if retry is not None:
-        assert int(value) == retry
-    assert "WWW-Authenticate" not in resp.headers
-    return body
-
-
-async def limited(client: Client, headers: Any, retry: int | None = None) -> dict[str, Any]:
-    return await assert_429(await post(client, headers), retry)
-
-
-@dataclass
-class Flood:
-    """Requests that do not ride an established session, of one kind (or all kinds mixed)."""
-
-    issuer: TestIssuer
-    clock: FakeClock
-    kind: str
-    rng: random.Random = field(default_factory=lambda: random.Random(3))
-    count: int = 0
-
-    KINDS = ("forged", "garbage", "no_token", "malformed")
-
-    def headers(self) -> dict[str, str]:
-        i = self.count
-        self.count += 1
-        kind = self.KINDS[i % 4] if self.kind == "mixed" else self.kind
-        if kind == "no_token":
-            return {}
-        if kind == "malformed":
-            value = ("Basic YWxpY2U6c2VjcmV0", "Bearer", "Bearer a b", "Token abc")[i % 4]
-            return {"Authorization": value}
-        if kind == "garbage":
-            token = f"{self.rng.getrandbits(128):032x}"  # a guess: not even a JWT
-        else:  # forged: a real token's signature over other claims
-            real = self.issuer.token(self.clock.wall(), jti=f"flood-{i}")
-            token = self.issuer.tampered(real, email="mallory@example.com")
-        MINTED.add(token)  # the log guard must watch it too
-        return bearer(token)
-
-
 def rogue_token(issuer: TestIssuer, clock: FakeClock, key: ECKey, kid: str) -> str:
     """Signed by a key the IdP never published, under ``kid``."""
     token = jwt.encode(
@@ -156,16 +74,6 @@ def rogue_token(issuer: TestIssuer, clock: FakeClock, key: ECKey, kid: str) -> s
     )
     MINTED.add(token)
     return token
-
-
-async def until(condition: Callable[[], bool]) -> None:
-    """Wait for a condition nothing signals (aiohttp's request counter), yielding each turn."""
-
-    async def poll() -> None:
-        while not condition():  # noqa: ASYNC110 - no event to wait on
-            await asyncio.sleep(0)
-
-    await asyncio.wait_for(poll(), GUARD)
 
 
 # --------------------------------------------------------------------------------------------
@@ -714,7 +622,7 @@ async def test_concurrent_first_requests_share_one_verification_and_one_token(
     tasks = [asyncio.ensure_future(post(client, good)) for _ in range(60)]
     try:
         await asyncio.wait_for(hit.wait(), GUARD)
-        await until(lambda: server.requests_count >= before + 60)
+        await until(lambda: server.requests_count >= before + 60, "60 requests counted", every=0)
         assert not any(task.done() for task in tasks)  # nobody answered yet (no 429s)
         gate.set()
         responses = await asyncio.wait_for(asyncio.gather(*tasks), GUARD)

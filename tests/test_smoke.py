@@ -5,7 +5,7 @@ from pathlib import Path
 from aiohttp import web
 
 from tests.conftest import FakeClock, LogCapture, ProxyFactory, base_config, start_upstream
-from tests.issuer import TestIssuer
+from tests.kit.issuer import TestIssuer
 
 
 async def test_post_reaches_upstream_with_identity(

@@ -1,6 +1,6 @@
 """The shared state backend: ``[state] backend = "redis"`` (rate-limit buckets and sessions).
 
-Every test here runs a REAL ``redis-server`` (tests/redisserver.py) and real proxyd instances
+Every test here runs a REAL ``redis-server`` (tests/kit/redisserver.py) and real proxyd instances
 (create_app on 127.0.0.1) with a real IdP. Only time and randomness are faked: the fake clock
 drives proxyd (sessions, the Redis back-off); Redis's own clock (TIME) runs for real, so the
 bucket script is checked against the in-memory TokenBuckets through its test-only clock
@@ -39,10 +39,13 @@ from proxyd.ratelimit import TokenBuckets
 from proxyd.reload import RESTART_ONLY, in_force
 from proxyd.state import RedisState, SharedBuckets
 from tests.conftest import FakeClock, LogCapture, ProxyFactory
-from tests.issuer import MINTED, TestIssuer
-from tests.redisserver import RedisServer, free_port
-from tests.test_proxy import GUARD, Client, Echo, Upstreams, bearer, config, rpc_error
-from tests.test_ratelimit import Flood, assert_401, assert_ok, limited, post
+from tests.kit.echo import Echo, Upstreams
+from tests.kit.issuer import MINTED, TestIssuer
+from tests.kit.limits import Flood, assert_401, assert_ok, limited, post
+from tests.kit.net import free_port
+from tests.kit.proxy import Client, bearer, config, rpc_error
+from tests.kit.redisserver import RedisServer
+from tests.kit.wait import GUARD
 
 MCP_KEY = base64.b64encode(bytes(range(32))).decode()
 OTHER_KEY = base64.b64encode(bytes(range(1, 33))).decode()
@@ -86,13 +89,6 @@ def own_redis() -> Iterator[RedisServer]:
     finally:
         server.stop()
         shutil.rmtree(directory, ignore_errors=True)
-
-
-@pytest.fixture
-async def upstreams() -> AsyncIterator[Upstreams]:
-    ups = Upstreams()
-    yield ups
-    await ups.close()
 
 
 class BlackHole:
@@ -160,7 +156,7 @@ async def start_pair(
 
 
 def metric(client: Client, name: str, **labels: str) -> float:
-    registry = client.app[RUNTIME].shared.metrics.registry
+    registry = client.app[RUNTIME].core.metrics.registry
     value = registry.get_sample_value(name, labels)
     return 0.0 if value is None else float(value)
 
@@ -175,7 +171,7 @@ def verified(client: Client) -> float:
 
 
 def up(client: Client) -> float:
-    registry = client.app[RUNTIME].shared.metrics.registry
+    registry = client.app[RUNTIME].core.metrics.registry
     value = registry.get_sample_value("proxyd_state_backend_up", {"backend": "redis"})
     assert value is not None
     return value
@@ -250,7 +246,6 @@ async def test_lua_bucket_on_redis_time_burst_retry_after_and_refill(
         # Refill on Redis's clock: obeying the advertised wait is enough.
         fast = SharedBuckets(state, RateLimitSettings(average=100, period=1.0, burst=2), "fast")
         assert [await fast.take("k") for _ in range(2)] == [0.0] * 2
-
 
         async def refill(times: int) -> None:
             done = 0
@@ -781,8 +776,8 @@ async def test_memory_backend_touches_no_redis_metrics(
     client = await make_proxy(config(issuer, {"a": await upstreams.start(echo.app())}, tmp_path))
     await assert_ok(client, new_token(issuer, clock, "mem"))
     runtime = client.app[RUNTIME]
-    assert runtime.shared.state is None and runtime.shared.shared_sessions is None
-    registry = runtime.shared.metrics.registry
+    assert runtime.resources.state is None and runtime.resources.shared_sessions is None
+    registry = runtime.core.metrics.registry
     assert registry.get_sample_value("proxyd_state_backend_up", {"backend": "redis"}) is None
 
 

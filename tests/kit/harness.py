@@ -38,7 +38,7 @@ from aiohttp import web
 from proxyd.app import RUNTIME, create_app
 from proxyd.config import parse_settings
 from proxyd.listener import Listener, ListenerSite
-from tests.issuer import TestIssuer
+from tests.kit.issuer import TestIssuer
 from tests.kit.recording import RawRequest
 
 T = TypeVar("T")

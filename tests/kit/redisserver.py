@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.kit.net import free_port
+
 READY_GUARD = 10.0  # seconds for redis-server to answer PING; a failure guard only
 
 
@@ -33,13 +35,6 @@ def redis_server_binary() -> str:
             pytest.fail(message + "; CI must install it (.ci/run)")
         pytest.skip(message)
     return found
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def command(port: int, *args: str, timeout: float = 1.0) -> bytes:

@@ -1,5 +1,5 @@
 // The official TypeScript SDK client (Client + StreamableHTTPClientTransport), one action per run.
-// Used by tests/nodekit.py.
+// Used by tests/kit/nodekit.py.
 //
 //   MCP_TOKEN=... node client.mjs URL [--timeout-ms N] [--header 'Name: value']... [--terminate] ACTION
 //

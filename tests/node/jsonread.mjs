@@ -1,6 +1,6 @@
 // An independent reader: what Node (express.json()/body-parser, undici's fetch Response, the
 // TypeScript MCP SDK's client transport) reads from given bytes. Long-running; driven by the
-// JsonReader of tests/nodekit.py.
+// JsonReader of tests/kit/nodekit.py.
 //
 // Protocol: prints `READY` once, then reads newline-delimited JSON requests on stdin and answers
 // each with exactly one JSON line on stdout, in order. A request that cannot be understood gets

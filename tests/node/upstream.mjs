@@ -1,7 +1,7 @@
 // An MCP upstream written the way the TypeScript SDK (v1.x) documents a Streamable HTTP server
 // with express: `app.use(express.json())` with its DEFAULT options (body-parser honours the
 // Content-Type charset: utf-7, utf-16... are decoded by iconv-lite), then
-// `transport.handleRequest(req, res, req.body)`. Used by tests/nodekit.py.
+// `transport.handleRequest(req, res, req.body)`. Used by tests/kit/nodekit.py.
 //
 //   node upstream.mjs [--stateless|--stateful] [--json|--sse] [--port N] [--exit-on-eof]
 //
