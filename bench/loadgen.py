@@ -359,15 +359,15 @@ class IdleStream(asyncio.Protocol):
         if head_end < 0:
             return
         try:
-            response = Response(self.buffer[:head_end + 4])
+            response = Response(self.buffer[: head_end + 4])
         except HttpError as exc:
             self._fail(exc)
             return
         if response.status != 200:
-            body = self.buffer[head_end + 4:][:200].decode("utf-8", "replace")
+            body = self.buffer[head_end + 4 :][:200].decode("utf-8", "replace")
             self._fail(StatusError(response.status, body))
             return
-        if b"\n\n" in self.buffer[head_end + 4:]:  # the first event (chunk framing aside)
+        if b"\n\n" in self.buffer[head_end + 4 :]:  # the first event (chunk framing aside)
             self.established = True
             self.buffer = b""
             self.holder.open += 1

@@ -34,18 +34,23 @@ def find() -> str | None:
 def _apt(argv: list[str]) -> subprocess.CompletedProcess[str]:
     log("$ " + " ".join(argv))
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    return subprocess.run(argv, env=env, capture_output=True, text=True, check=False,
-                          timeout=600)
+    return subprocess.run(argv, env=env, capture_output=True, text=True, check=False, timeout=600)
 
 
 def ensure() -> str:
     """The nginx binary; installed with apt-get when missing. Fails loudly if it cannot be."""
-    return ensure_debian("nginx", PACKAGES, find, "the peer proxy of the benchmark",
-                         "or run with --no-nginx to skip the peer")
+    return ensure_debian(
+        "nginx",
+        PACKAGES,
+        find,
+        "the peer proxy of the benchmark",
+        "or run with --no-nginx to skip the peer",
+    )
 
 
-def ensure_debian(what: str, packages: Sequence[str], locate: Callable[[], str | None],
-                  why: str, otherwise: str) -> str:
+def ensure_debian(
+    what: str, packages: Sequence[str], locate: Callable[[], str | None], why: str, otherwise: str
+) -> str:
     """``what`` from Debian's packages (the first of ``packages`` that installs) when
     ``locate`` does not find it; BenchError saying what to do when that fails."""
     found = locate()
@@ -53,17 +58,22 @@ def ensure_debian(what: str, packages: Sequence[str], locate: Callable[[], str |
         return found
     apt = shutil.which("apt-get")
     if apt is None:
-        raise BenchError(f"{what} is not installed and there is no apt-get: install {what} "
-                         f"({otherwise})")
+        raise BenchError(
+            f"{what} is not installed and there is no apt-get: install {what} ({otherwise})"
+        )
     prefix = [] if os.geteuid() == 0 else ["sudo", "-n"]
     if prefix and shutil.which("sudo") is None:
-        raise BenchError(f"{what} is not installed and we are not root: "
-                         f"sudo apt-get install -y {packages[0]} ({otherwise})")
+        raise BenchError(
+            f"{what} is not installed and we are not root: "
+            f"sudo apt-get install -y {packages[0]} ({otherwise})"
+        )
     log(f"{what} not found: installing it from Debian ({why})")
     update = _apt([*prefix, apt, "update"])
     if update.returncode != 0:
-        log(f"apt-get update failed ({update.returncode}); trying the install anyway:\n"
-            + _tail(update))
+        log(
+            f"apt-get update failed ({update.returncode}); trying the install anyway:\n"
+            + _tail(update)
+        )
     failures = []
     for package in packages:
         done = _apt([*prefix, apt, "install", "-y", "--no-install-recommends", package])
@@ -80,8 +90,7 @@ def _tail(done: subprocess.CompletedProcess[str], lines: int = 8) -> str:
 
 
 def version(binary: str) -> str:
-    done = subprocess.run([binary, "-v"], capture_output=True, text=True, check=False,
-                          timeout=10)
+    done = subprocess.run([binary, "-v"], capture_output=True, text=True, check=False, timeout=10)
     text = (done.stderr or done.stdout).strip()  # "nginx version: nginx/1.22.1"
     return text.rsplit(" ", 1)[-1] if text else "?"
 
@@ -127,8 +136,8 @@ def config(workdir: Path, plan: NginxPlan) -> str:
 {user}
 worker_processes 1;
 master_process on;
-pid {tmp / 'nginx.pid'};
-error_log {tmp / 'error.log'} warn;
+pid {tmp / "nginx.pid"};
+error_log {tmp / "error.log"} warn;
 worker_rlimit_nofile {nofile};
 
 events {{
@@ -138,11 +147,11 @@ events {{
 http {{
     default_type application/octet-stream;
     {access}
-    client_body_temp_path {tmp / 'body'};
-    proxy_temp_path {tmp / 'proxy'};
-    fastcgi_temp_path {tmp / 'fastcgi'};
-    uwsgi_temp_path {tmp / 'uwsgi'};
-    scgi_temp_path {tmp / 'scgi'};
+    client_body_temp_path {tmp / "body"};
+    proxy_temp_path {tmp / "proxy"};
+    fastcgi_temp_path {tmp / "fastcgi"};
+    uwsgi_temp_path {tmp / "uwsgi"};
+    scgi_temp_path {tmp / "scgi"};
     tcp_nodelay on;
     keepalive_timeout 75s;
     keepalive_requests 1000000;  # as proxyd: never close a busy client connection

@@ -64,9 +64,10 @@ def rss_bytes(pids: Iterable[int]) -> int:
     """Sum of VmRSS over the processes (resident memory, shared pages counted per process)."""
     total = 0
     for pid in pids:
-        with suppress(FileNotFoundError, ProcessLookupError), open(
-            f"/proc/{pid}/status", encoding="ascii"
-        ) as fh:
+        with (
+            suppress(FileNotFoundError, ProcessLookupError),
+            open(f"/proc/{pid}/status", encoding="ascii") as fh,
+        ):
             for line in fh:
                 if line.startswith("VmRSS:"):
                     total += int(line.split()[1]) * 1024
@@ -160,9 +161,7 @@ class Child:
 
     def check_alive(self) -> None:
         if self.proc.poll() is not None:
-            raise BenchError(
-                f"{self.name} exited with {self.proc.returncode}:\n{self.tail()}"
-            )
+            raise BenchError(f"{self.name} exited with {self.proc.returncode}:\n{self.tail()}")
 
 
 class Children:

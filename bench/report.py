@@ -62,8 +62,9 @@ def summarize(raw: Raw) -> dict[str, dict[str, Any]]:
                 proxy = [r["proxy_cpu_s"] for r in rounds if r["proxy_cpu_s"] is not None]
                 out[scenario][target] = {
                     # the median round, as for requests/s; the pooled rate is in the JSON too
-                    "mb_per_s": statistics.median(r["bytes"] / r["elapsed_s"] / 1e6
-                                                  for r in rounds),
+                    "mb_per_s": statistics.median(
+                        r["bytes"] / r["elapsed_s"] / 1e6 for r in rounds
+                    ),
                     "mb_per_s_pooled": size / secs / 1e6,
                     "proxy_cpu_ms_per_10mib": (
                         sum(proxy) / (size / BIG_SIZE) * 1000 if proxy else None
@@ -114,18 +115,35 @@ def _get(summary: Mapping[str, Any], target: str, key: str) -> float | None:
     return None if value is None else float(value)
 
 
-def table_rows(summary: dict[str, dict[str, Any]], concurrency: Sequence[int],
-               idle: Mapping[str, dict[str, Any]], workers: int = 0) -> list[Row]:
+def table_rows(
+    summary: dict[str, dict[str, Any]],
+    concurrency: Sequence[int],
+    idle: Mapping[str, dict[str, Any]],
+    workers: int = 0,
+) -> list[Row]:
     rows: list[Row] = []
 
-    def row(label: str, scenario: Mapping[str, Any], key: str, *, proxyd: str = "proxyd",
-            direct_key: str | None = None, nginx_key: str | None = None, diff: bool = False,
-            fmt: str = "{:.3f}") -> Row:
-        return Row(label, {
-            "direct": _get(scenario, "direct", direct_key or key),
-            "nginx": _get(scenario, "nginx", nginx_key or key),
-            "proxyd": _get(scenario, proxyd, key),
-        }, diff=diff, fmt=fmt)
+    def row(
+        label: str,
+        scenario: Mapping[str, Any],
+        key: str,
+        *,
+        proxyd: str = "proxyd",
+        direct_key: str | None = None,
+        nginx_key: str | None = None,
+        diff: bool = False,
+        fmt: str = "{:.3f}",
+    ) -> Row:
+        return Row(
+            label,
+            {
+                "direct": _get(scenario, "direct", direct_key or key),
+                "nginx": _get(scenario, "nginx", nginx_key or key),
+                "proxyd": _get(scenario, proxyd, key),
+            },
+            diff=diff,
+            fmt=fmt,
+        )
 
     for c in concurrency:
         s = summary[f"post_c{c}"]
@@ -135,25 +153,51 @@ def table_rows(summary: dict[str, dict[str, Any]], concurrency: Sequence[int],
             row(f"POST c={c}  p99 ms", s, "p99_ms", diff=True),
             # Direct has no proxy: its column shows the upstream's own CPU, so ÷ direct reads
             # "proxyd costs N x a bare aiohttp server per request".
-            row(f"POST c={c}  CPU µs/req (direct: upstream)", s, "proxy_cpu_us_per_req",
-                direct_key="upstream_cpu_us_per_req", fmt="{:.0f}"),
+            row(
+                f"POST c={c}  CPU µs/req (direct: upstream)",
+                s,
+                "proxy_cpu_us_per_req",
+                direct_key="upstream_cpu_us_per_req",
+                fmt="{:.0f}",
+            ),
         ]
         if "proxyd_2up" in s:
             # The same POST to an app with two servers (random healthy pick).
             rows += [
-                row(f"POST c={c}  proxyd 2 servers requests/s", s, "rps", proxyd="proxyd_2up",
-                    fmt="{:.0f}"),
-                row(f"POST c={c}  proxyd 2 servers CPU µs/req", s, "proxy_cpu_us_per_req",
-                    proxyd="proxyd_2up", direct_key="upstream_cpu_us_per_req", fmt="{:.0f}"),
+                row(
+                    f"POST c={c}  proxyd 2 servers requests/s",
+                    s,
+                    "rps",
+                    proxyd="proxyd_2up",
+                    fmt="{:.0f}",
+                ),
+                row(
+                    f"POST c={c}  proxyd 2 servers CPU µs/req",
+                    s,
+                    "proxy_cpu_us_per_req",
+                    proxyd="proxyd_2up",
+                    direct_key="upstream_cpu_us_per_req",
+                    fmt="{:.0f}",
+                ),
             ]
         if "proxyd_workers" in s:
             # server.workers = N (all processes' CPU counted) against nginx's single worker.
             rows += [
-                row(f"POST c={c}  proxyd {workers} workers requests/s", s, "rps",
-                    proxyd="proxyd_workers", fmt="{:.0f}"),
-                row(f"POST c={c}  proxyd {workers} workers CPU µs/req", s,
-                    "proxy_cpu_us_per_req", proxyd="proxyd_workers",
-                    direct_key="upstream_cpu_us_per_req", fmt="{:.0f}"),
+                row(
+                    f"POST c={c}  proxyd {workers} workers requests/s",
+                    s,
+                    "rps",
+                    proxyd="proxyd_workers",
+                    fmt="{:.0f}",
+                ),
+                row(
+                    f"POST c={c}  proxyd {workers} workers CPU µs/req",
+                    s,
+                    "proxy_cpu_us_per_req",
+                    proxyd="proxyd_workers",
+                    direct_key="upstream_cpu_us_per_req",
+                    fmt="{:.0f}",
+                ),
             ]
     s = summary["sse"]
     rows += [
@@ -178,11 +222,18 @@ def table_rows(summary: dict[str, dict[str, Any]], concurrency: Sequence[int],
             ("idle: POST c=4 p99 ms, no streams", "post_before_p99_ms", "{:.3f}", True),
             (f"idle: POST c=4 p99 ms, {n} streams", "post_during_p99_ms", "{:.3f}", True),
         ):
-            rows.append(Row(label, {
-                "direct": None,
-                "nginx": _get(idle, "nginx", key),
-                "proxyd": _get(idle, "proxyd", key),
-            }, diff=diff, fmt=fmt))
+            rows.append(
+                Row(
+                    label,
+                    {
+                        "direct": None,
+                        "nginx": _get(idle, "nginx", key),
+                        "proxyd": _get(idle, "proxyd", key),
+                    },
+                    diff=diff,
+                    fmt=fmt,
+                )
+            )
     return rows
 
 
@@ -191,8 +242,10 @@ def render(rows: Sequence[Row]) -> str:
         return "—" if value is None else fmt.format(value)
 
     width = max(len(r.label) for r in rows)
-    head = (f"{'':<{width}}  {'direct':>9}  {'nginx':>9}  {'proxyd':>9}  {'÷direct':>8}  "
-            f"{'÷nginx':>7}  {'-direct':>8}  {'-nginx':>8}")
+    head = (
+        f"{'':<{width}}  {'direct':>9}  {'nginx':>9}  {'proxyd':>9}  {'÷direct':>8}  "
+        f"{'÷nginx':>7}  {'-direct':>8}  {'-nginx':>8}"
+    )
     lines = [head, "-" * len(head)]
     for r in rows:
         values = "  ".join(f"{cell(r.values.get(p), r.fmt):>9}" for p in PEERS)
@@ -240,36 +293,60 @@ def _scaled(value: float | None, factor: float = 1.0, plus: float = 0.0) -> floa
     return None if value is None else value * factor + plus
 
 
-def checks(summary: dict[str, dict[str, Any]], concurrency: Sequence[int],
-           idle: Mapping[str, dict[str, Any]], idle_planned: int) -> list[Check]:
+def checks(
+    summary: dict[str, dict[str, Any]],
+    concurrency: Sequence[int],
+    idle: Mapping[str, dict[str, Any]],
+    idle_planned: int,
+) -> list[Check]:
     out: list[Check] = []
     for c in concurrency:
         s = summary[f"post_c{c}"]
-        out.append(Check(
-            f"POST c={c}: proxyd CPU/req <= 2 x nginx's",
-            _get(s, "proxyd", "proxy_cpu_us_per_req"),
-            _scaled(_get(s, "nginx", "proxy_cpu_us_per_req"), 2.0), "µs",
-        ))
+        out.append(
+            Check(
+                f"POST c={c}: proxyd CPU/req <= 2 x nginx's",
+                _get(s, "proxyd", "proxy_cpu_us_per_req"),
+                _scaled(_get(s, "nginx", "proxy_cpu_us_per_req"), 2.0),
+                "µs",
+            )
+        )
     top = 64 if 64 in concurrency else max(concurrency)
     s = summary[f"post_c{top}"]
-    out.append(Check(
-        f"POST c={top}: requests/s >= 0.6 x nginx's",
-        _get(s, "proxyd", "rps"), _scaled(_get(s, "nginx", "rps"), 0.6), "req/s",
-        higher_is_better=True, note="" if top == 64 else "c=64 was not measured",
-    ))
+    out.append(
+        Check(
+            f"POST c={top}: requests/s >= 0.6 x nginx's",
+            _get(s, "proxyd", "rps"),
+            _scaled(_get(s, "nginx", "rps"), 0.6),
+            "req/s",
+            higher_is_better=True,
+            note="" if top == 64 else "c=64 was not measured",
+        )
+    )
     s = summary["sse"]
     out += [
-        Check("SSE per-event delay (mean) <= nginx's + 0.3 ms",
-              _get(s, "proxyd", "delay_mean_ms"), _scaled(_get(s, "nginx", "delay_mean_ms"),
-                                                            plus=0.3), "ms"),
-        Check("SSE first event (median) <= nginx's + 1 ms",
-              _get(s, "proxyd", "first_event_ms"),
-              _scaled(_get(s, "nginx", "first_event_ms"), plus=1.0), "ms"),
+        Check(
+            "SSE per-event delay (mean) <= nginx's + 0.3 ms",
+            _get(s, "proxyd", "delay_mean_ms"),
+            _scaled(_get(s, "nginx", "delay_mean_ms"), plus=0.3),
+            "ms",
+        ),
+        Check(
+            "SSE first event (median) <= nginx's + 1 ms",
+            _get(s, "proxyd", "first_event_ms"),
+            _scaled(_get(s, "nginx", "first_event_ms"), plus=1.0),
+            "ms",
+        ),
     ]
     s = summary["big"]
-    out.append(Check("10 MiB body: MB/s >= 0.5 x direct",
-                     _get(s, "proxyd", "mb_per_s"), _scaled(_get(s, "direct", "mb_per_s"), 0.5),
-                     "MB/s", higher_is_better=True))
+    out.append(
+        Check(
+            "10 MiB body: MB/s >= 0.5 x direct",
+            _get(s, "proxyd", "mb_per_s"),
+            _scaled(_get(s, "direct", "mb_per_s"), 0.5),
+            "MB/s",
+            higher_is_better=True,
+        )
+    )
     p = idle.get("proxyd")
     if idle_planned:
         held = int(p.get("streams", 0)) if p else 0
@@ -278,20 +355,32 @@ def checks(summary: dict[str, dict[str, Any]], concurrency: Sequence[int],
             note = "not measured (file descriptor limit, see the log)"
         elif held < idle_planned:
             opened = False  # a smaller count says nothing about the target: n/a, not PASS
-            note = (f"only {held} streams fit the file descriptor limit (RLIMIT_NOFILE); "
-                    "see meta.plan.rlimit_nofile")
+            note = (
+                f"only {held} streams fit the file descriptor limit (RLIMIT_NOFILE); "
+                "see meta.plan.rlimit_nofile"
+            )
         elif not opened:
-            note = (f"not every stream opened and stayed open: {p.get('opened')} opened, "
-                    f"{p.get('dropped')} dropped {p.get('error', '')}").strip()
+            note = (
+                f"not every stream opened and stayed open: {p.get('opened')} opened, "
+                f"{p.get('dropped')} dropped {p.get('error', '')}"
+            ).strip()
         else:
             note = ""
         out += [
-            Check(f"{idle_planned} idle SSE streams: proxyd RSS <= 1 GiB",
-                  _get(idle, "proxyd", "rss_mib") if opened else None, 1024.0, "MiB",
-                  note=note),
-            Check(f"{idle_planned} idle SSE streams: POST c=4 p99 <= 50 ms",
-                  _get(idle, "proxyd", "post_during_p99_ms") if opened else None, 50.0, "ms",
-                  note=note),
+            Check(
+                f"{idle_planned} idle SSE streams: proxyd RSS <= 1 GiB",
+                _get(idle, "proxyd", "rss_mib") if opened else None,
+                1024.0,
+                "MiB",
+                note=note,
+            ),
+            Check(
+                f"{idle_planned} idle SSE streams: POST c=4 p99 <= 50 ms",
+                _get(idle, "proxyd", "post_during_p99_ms") if opened else None,
+                50.0,
+                "ms",
+                note=note,
+            ),
         ]
     return out
 
@@ -307,7 +396,9 @@ def render_checks(items: Sequence[Check]) -> str:
     lines = [head, "-" * len(head)]
     for c in items:
         bound = ">=" if c.higher_is_better else "<="
-        line = (f"{c.name:<{width}}  {cell(c.value):>9}  {bound}{cell(c.limit):>7}  "
-                f"{c.unit:<5}  {c.result}")
+        line = (
+            f"{c.name:<{width}}  {cell(c.value):>9}  {bound}{cell(c.limit):>7}  "
+            f"{c.unit:<5}  {c.result}"
+        )
         lines.append(line + (f"  ({c.note})" if c.note else ""))
     return "\n".join(lines)

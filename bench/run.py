@@ -116,8 +116,10 @@ IDLE_INIT_BODY = json.dumps(
     },
     separators=(",", ":"),
 )
-IDLE_INIT_HEADERS = {"Content-Type": "application/json",
-                     "Accept": "application/json, text/event-stream"}
+IDLE_INIT_HEADERS = {
+    "Content-Type": "application/json",
+    "Accept": "application/json, text/event-stream",
+}
 IDLE_HEADERS = {"Accept": "text/event-stream", "MCP-Protocol-Version": "2025-11-25"}
 IDLE_POST_CONCURRENCY = 4
 IDLE_OPEN_CONCURRENCY = 64  # streams being opened at once (the accept backlogs stay short)
@@ -175,41 +177,68 @@ def parse_args(argv: Sequence[str] | None) -> Plan:
     parser.add_argument("--sse-streams", type=int, default=1, help="parallel SSE streams")
     parser.add_argument("--big-repeat", type=int, help="10 MiB GETs per round (default 5)")
     parser.add_argument(
-        "--idle-streams", type=int,
+        "--idle-streams",
+        type=int,
         help="idle SSE streams held through each proxy (default $BENCH_IDLE_STREAMS or 10000; "
-             "1000 with --quick; 0 skips the scenario)",
+        "1000 with --quick; 0 skips the scenario)",
     )
     parser.add_argument(
-        "--idle-addrs", type=int, default=0,
+        "--idle-addrs",
+        type=int,
+        default=0,
         help="loopback addresses to spread idle sockets over (default: from the ephemeral "
-             "port range)",
+        "port range)",
     )
-    parser.add_argument("--idle-post-seconds", type=int, default=3,
-                        help="POST c=4 run beside the idle streams (default %(default)s)")
-    parser.add_argument("--idle-heartbeat", type=int, default=30,
-                        help="seconds between SSE comments on idle streams, 0 = none "
-                             "(default %(default)s)")
     parser.add_argument(
-        "--loadgen", choices=("auto", "wrk", "python"), default="auto",
+        "--idle-post-seconds",
+        type=int,
+        default=3,
+        help="POST c=4 run beside the idle streams (default %(default)s)",
+    )
+    parser.add_argument(
+        "--idle-heartbeat",
+        type=int,
+        default=30,
+        help="seconds between SSE comments on idle streams, 0 = none (default %(default)s)",
+    )
+    parser.add_argument(
+        "--loadgen",
+        choices=("auto", "wrk", "python"),
+        default="auto",
         help="POST load generator: wrk if on PATH (auto), or the Python client",
     )
     parser.add_argument(
-        "--pin", nargs="?", const="on", choices=("auto", "on", "off"), default="auto",
+        "--pin",
+        nargs="?",
+        const="on",
+        choices=("auto", "on", "off"),
+        default="auto",
         help="CPU pinning: load generator, proxy and upstream apart (auto: with >= 3 CPUs)",
     )
-    parser.add_argument("--upstream-workers", type=int, default=0,
-                        help="upstream processes sharing the port (default: one per upstream "
-                             "CPU when pinned, up to 4; else 1)")
-    parser.add_argument("--no-nginx", action="store_true",
-                        help="skip the nginx peer (its columns and targets become n/a)")
-    parser.add_argument("--quiet-logs", action="store_true",
-                        help="proxyd at log level warning and nginx access_log off "
-                             "(default: both write an access line per request)")
     parser.add_argument(
-        "--proxyd-workers", type=int,
+        "--upstream-workers",
+        type=int,
+        default=0,
+        help="upstream processes sharing the port (default: one per upstream "
+        "CPU when pinned, up to 4; else 1)",
+    )
+    parser.add_argument(
+        "--no-nginx",
+        action="store_true",
+        help="skip the nginx peer (its columns and targets become n/a)",
+    )
+    parser.add_argument(
+        "--quiet-logs",
+        action="store_true",
+        help="proxyd at log level warning and nginx access_log off "
+        "(default: both write an access line per request)",
+    )
+    parser.add_argument(
+        "--proxyd-workers",
+        type=int,
         help="also measure the POST through a proxyd with server.workers = N (default: the "
-             "number of CPUs when there are 2 or more; 0 skips it); against nginx's one worker "
-             "it shows what the extra processes buy, not a like-for-like ratio",
+        "number of CPUs when there are 2 or more; 0 skips it); against nginx's one worker "
+        "it shows what the extra processes buy, not a like-for-like ratio",
     )
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="JSON results file")
     args = parser.parse_args(argv)
@@ -242,7 +271,8 @@ def parse_args(argv: Sequence[str] | None) -> Plan:
         idle_addrs=max(0, int(args.idle_addrs)),
         idle_post_seconds=max(1, int(args.idle_post_seconds)),
         idle_heartbeat_s=max(0, int(args.idle_heartbeat)),
-        proxyd_workers=max(0, int(args.proxyd_workers)) if args.proxyd_workers is not None
+        proxyd_workers=max(0, int(args.proxyd_workers))
+        if args.proxyd_workers is not None
         else (n if (n := len(os.sched_getaffinity(0))) >= 2 else 0),
         output=args.output,
     )
@@ -269,8 +299,11 @@ class Layout:
     def describe(self) -> dict[str, list[int]] | None:
         if not self.pinned:
             return None
-        return {"client": sorted(self.client), "proxy": sorted(self.proxy),
-                "upstream": sorted(self.upstream)}
+        return {
+            "client": sorted(self.client),
+            "proxy": sorted(self.proxy),
+            "upstream": sorted(self.upstream),
+        }
 
 
 def cpu_layout(cpus: list[int], mode: str) -> Layout:
@@ -300,8 +333,9 @@ class ProxydPorts:
     idle_servers: tuple[str, ...]  # "host:port" of the idle upstream, one per address
 
 
-def proxyd_config(ports: ProxydPorts, workdir: Path, issuer: DevIssuer, plan: Plan,
-                  workers: int = 1) -> str:
+def proxyd_config(
+    ports: ProxydPorts, workdir: Path, issuer: DevIssuer, plan: Plan, workers: int = 1
+) -> str:
     lines = [
         "[server]",
         f"listen = {toml_str(f'{HOST}:{ports.listen}')}",
@@ -432,8 +466,14 @@ class PythonLoad:
 
     def post(self, target: Target, concurrency: int, duration: float) -> PostRun:
         result = self.run(
-            target.job("post", "post", POST_HEADERS, body=POST_BODY,
-                       concurrency=concurrency, duration=duration)
+            target.job(
+                "post",
+                "post",
+                POST_HEADERS,
+                body=POST_BODY,
+                concurrency=concurrency,
+                duration=duration,
+            )
         )
         latency = result["latency_us"]
         return PostRun(
@@ -495,12 +535,22 @@ class WrkLoad:
 
     def post(self, target: Target, concurrency: int, duration: float) -> PostRun:
         url = f"http://{HOST}:{target.port}{target.paths['post']}"
-        argv = [self.wrk, "-t1", f"-c{concurrency}", f"-d{max(1, round(duration))}s",
-                "--timeout", "10s", "-s", str(self.script(target)), url]
+        argv = [
+            self.wrk,
+            "-t1",
+            f"-c{concurrency}",
+            f"-d{max(1, round(duration))}s",
+            "--timeout",
+            "10s",
+            "-s",
+            str(self.script(target)),
+            url,
+        ]
         before = children_cpu_seconds()
         try:
-            done = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 30,
-                                  check=False)
+            done = subprocess.run(
+                argv, capture_output=True, text=True, timeout=duration + 30, check=False
+            )
         except subprocess.TimeoutExpired:
             raise BenchError(f"wrk did not finish: {' '.join(argv)}") from None
         self._cpu += children_cpu_seconds() - before
@@ -562,8 +612,9 @@ def cpu_meter(groups: Mapping[str, Sequence[int]], load: LoadGen) -> Iterator[di
     spent["other"] = max(0.0, machine_busy_seconds() - busy - ours) / spent["wall"]
 
 
-def measure_post(load: LoadGen, target: Target, upstream_pids: Sequence[int], concurrency: int,
-                 duration: float) -> dict[str, Any]:
+def measure_post(
+    load: LoadGen, target: Target, upstream_pids: Sequence[int], concurrency: int, duration: float
+) -> dict[str, Any]:
     with cpu_meter({"proxy": target.proxy_pids, "upstream": upstream_pids}, load) as cpu:
         run = load.post(target, concurrency, duration)
     require_ok(f"POST c={concurrency}", target, run.statuses, run.errors)
@@ -588,8 +639,9 @@ def measure_post(load: LoadGen, target: Target, upstream_pids: Sequence[int], co
     }
 
 
-def sse_run(load: PythonLoad, target: Target, events: int, interval_ms: int, streams: int,
-            repeat: int) -> dict[str, Any]:
+def sse_run(
+    load: PythonLoad, target: Target, events: int, interval_ms: int, streams: int, repeat: int
+) -> dict[str, Any]:
     job = target.job("sse", "sse", SSE_HEADERS, streams=streams, repeat=repeat)
     job["path"] += f"?n={events}&interval_ms={interval_ms}"
     result = load.run(job)
@@ -654,8 +706,10 @@ def plan_idle(plan: Plan, proxies: Sequence[str]) -> IdlePlan | None:
     usable = max(1000, span - PORT_HEADROOM)
     addrs = plan.idle_addrs or math.ceil(n / usable)
     if addrs > 250:
-        raise BenchError(f"{n} idle streams need {addrs} loopback addresses (ephemeral range "
-                         f"{low}-{high}); lower --idle-streams")
+        raise BenchError(
+            f"{n} idle streams need {addrs} loopback addresses (ephemeral range "
+            f"{low}-{high}); lower --idle-streams"
+        )
     # A proxy holds 2 descriptors per stream (client + upstream socket) plus its own few;
     # the idle upstream and the client hold one per stream. Children inherit our limit.
     need = 2 * n + FD_SPARE
@@ -663,12 +717,16 @@ def plan_idle(plan: Plan, proxies: Sequence[str]) -> IdlePlan | None:
     streams = n
     if soft < need:
         streams = max(0, (soft - FD_SPARE) // 2)
-        log(f"WARNING: {n} idle streams need {need} open files in the proxy process but "
+        log(
+            f"WARNING: {n} idle streams need {need} open files in the proxy process but "
             f"RLIMIT_NOFILE is {soft}/{hard} and cannot be raised here (raising the hard "
             f"limit needs root with CAP_SYS_RESOURCE, or `ulimit -Hn {need}` before the run). "
-            f"Holding {streams} streams instead; the {n}-stream targets read n/a.")
-    log(f"idle streams: {streams} per proxy over {addrs} loopback address(es); ephemeral "
-        f"ports {low}-{high} ({span} per destination); RLIMIT_NOFILE {soft}/{hard}")
+            f"Holding {streams} streams instead; the {n}-stream targets read n/a."
+        )
+    log(
+        f"idle streams: {streams} per proxy over {addrs} loopback address(es); ephemeral "
+        f"ports {low}-{high} ({span} per destination); RLIMIT_NOFILE {soft}/{hard}"
+    )
     if streams <= 0:
         return None
     return IdlePlan(
@@ -688,8 +746,7 @@ def idle_sessions(worker: PythonLoad, target: Target, idle: IdlePlan) -> list[di
     for _attempt in range(40 * len(idle.addrs)):
         job = target.job("once", "idle", IDLE_INIT_HEADERS, method="POST", body=IDLE_INIT_BODY)
         result = worker.run(job)
-        require_ok("initialize (idle app)", target, result["statuses"],
-                   str(result.get("body", "")))
+        require_ok("initialize (idle app)", target, result["statuses"], str(result.get("body", "")))
         sealed = result.get("headers", {}).get("mcp-session-id")
         if not sealed:
             raise BenchError(f"initialize via {target.name}: no Mcp-Session-Id in the answer")
@@ -702,19 +759,31 @@ def idle_sessions(worker: PythonLoad, target: Target, idle: IdlePlan) -> list[di
     return [{"Mcp-Session-Id": sealed} for sealed in found.values()]
 
 
-def measure_idle(load: LoadGen, holder: PythonLoad, target: Target, idle: IdlePlan,
-                 plan: Plan, variants: list[dict[str, str]],
-                 upstream_pids: Sequence[int]) -> dict[str, Any]:
+def measure_idle(
+    load: LoadGen,
+    holder: PythonLoad,
+    target: Target,
+    idle: IdlePlan,
+    plan: Plan,
+    variants: list[dict[str, str]],
+    upstream_pids: Sequence[int],
+) -> dict[str, Any]:
     n = idle.streams
     pids = target.proxy_pids
-    out: dict[str, Any] = {"planned": idle.planned, "streams": n,
-                           "addresses": len(idle.addrs)}
-    before = measure_post(load, target, upstream_pids, IDLE_POST_CONCURRENCY,
-                          plan.idle_post_seconds)
+    out: dict[str, Any] = {"planned": idle.planned, "streams": n, "addresses": len(idle.addrs)}
+    before = measure_post(
+        load, target, upstream_pids, IDLE_POST_CONCURRENCY, plan.idle_post_seconds
+    )
     out["rss_before_mib"] = rss_bytes(pids) / MiB
-    job = target.job("idle_open", "idle", IDLE_HEADERS, count=n,
-                     concurrency=IDLE_OPEN_CONCURRENCY, variants=variants,
-                     sources=list(idle.addrs) if len(idle.addrs) > 1 else [])
+    job = target.job(
+        "idle_open",
+        "idle",
+        IDLE_HEADERS,
+        count=n,
+        concurrency=IDLE_OPEN_CONCURRENCY,
+        variants=variants,
+        sources=list(idle.addrs) if len(idle.addrs) > 1 else [],
+    )
     job["path"] += f"?heartbeat_s={plan.idle_heartbeat_s}"
     log(f"idle: opening {n} SSE streams through {target.name}")
     opened = holder.run(job)
@@ -733,23 +802,28 @@ def measure_idle(load: LoadGen, holder: PythonLoad, target: Target, idle: IdlePl
     out["rss_per_stream_kib"] = (
         (out["rss_mib"] - out["rss_before_mib"]) * 1024 / out["opened"] if out["opened"] else None
     )
-    during = measure_post(load, target, upstream_pids, IDLE_POST_CONCURRENCY,
-                          plan.idle_post_seconds)
+    during = measure_post(
+        load, target, upstream_pids, IDLE_POST_CONCURRENCY, plan.idle_post_seconds
+    )
     status = holder.run({"kind": "idle_status"})
     out |= {"still_open": int(status["open"]), "dropped": int(status["dropped"])}
     holder.run({"kind": "idle_close"})
     time.sleep(0.5)
     out["rss_after_close_mib"] = rss_bytes(pids) / MiB
     out |= {
-        "post_before_p50_ms": before["p50_ms"], "post_before_p99_ms": before["p99_ms"],
+        "post_before_p50_ms": before["p50_ms"],
+        "post_before_p99_ms": before["p99_ms"],
         "post_before_rps": before["rps"],
-        "post_during_p50_ms": during["p50_ms"], "post_during_p99_ms": during["p99_ms"],
+        "post_during_p50_ms": during["p50_ms"],
+        "post_during_p99_ms": during["p99_ms"],
         "post_during_rps": during["rps"],
         "post_during_proxy_cpu_us_per_req": during["proxy_cpu_us_per_req"],
     }
     if out["opened"] < n or out["dropped"]:
-        log(f"WARNING: idle via {target.name}: {out['opened']}/{n} opened, "
-            f"{out['dropped']} dropped; errors: {opened['errors']}")
+        log(
+            f"WARNING: idle via {target.name}: {out['opened']}/{n} opened, "
+            f"{out['dropped']} dropped; errors: {opened['errors']}"
+        )
     return out
 
 
@@ -762,8 +836,13 @@ def choose_loadgen(plan: Plan) -> str | None:
         return None
     try:
         # wrk from Debian when missing: the Python client saturates long before proxyd does.
-        return peer_nginx.ensure_debian("wrk", ("wrk",), lambda: shutil.which("wrk"),
-                                        "the load generator", "or run with --loadgen python")
+        return peer_nginx.ensure_debian(
+            "wrk",
+            ("wrk",),
+            lambda: shutil.which("wrk"),
+            "the load generator",
+            "or run with --loadgen python",
+        )
     except BenchError as exc:
         if plan.loadgen == "wrk":
             raise
@@ -794,8 +873,15 @@ def _start_upstreams(children: Children, port: int, workers: int) -> list[Child]
     ]
 
 
-def _run(plan: Plan, workdir: Path, children: Children, wrk: str | None, nginx: str | None,
-         cpus: list[int], started: float) -> dict[str, Any]:
+def _run(
+    plan: Plan,
+    workdir: Path,
+    children: Children,
+    wrk: str | None,
+    nginx: str | None,
+    cpus: list[int],
+    started: float,
+) -> dict[str, Any]:
     layout = cpu_layout(cpus, plan.pin)
     workers = plan.upstream_workers or (
         min(4, len(layout.upstream)) if layout.pinned and len(cpus) >= 4 else 1
@@ -807,8 +893,9 @@ def _run(plan: Plan, workdir: Path, children: Children, wrk: str | None, nginx: 
     second_port, nginx_port = free_port(), free_port()
     issuer = DevIssuer(audience="proxyd-bench")
     config = workdir / "proxyd.toml"
-    ports = ProxydPorts(proxyd_port, admin_port, upstream_port, second_port,
-                        idle.servers("proxyd") if idle else ())
+    ports = ProxydPorts(
+        proxyd_port, admin_port, upstream_port, second_port, idle.servers("proxyd") if idle else ()
+    )
     config.write_text(proxyd_config(ports, workdir, issuer, plan), encoding="utf-8")
 
     upstreams = _start_upstreams(children, upstream_port, workers)
@@ -839,20 +926,28 @@ def _run(plan: Plan, workdir: Path, children: Children, wrk: str | None, nginx: 
     nginx_child = None
     if nginx:
         conf = workdir / "nginx.conf"
-        conf.write_text(peer_nginx.config(workdir, peer_nginx.NginxPlan(
-            port=nginx_port,
-            routes={
-                **{f"/mcp/apps/{app}": f"bench{DIRECT_PATHS[s]}" for s, app in APPS.items()},
-                **({f"/mcp/apps/{IDLE_APP}": "bench_idle/idle"} if idle else {}),
-            },
-            pools={
-                "bench": [f"{HOST}:{upstream_port}"],
-                **({"bench_idle": list(idle.servers("nginx"))} if idle else {}),
-            },
-            max_connections=2 * (idle.streams if idle else 0) + 1024,
-            access_log=plan.access_logs,
-            nofile_limit=idle.nofile[1] if idle else None,
-        )), encoding="utf-8")
+        conf.write_text(
+            peer_nginx.config(
+                workdir,
+                peer_nginx.NginxPlan(
+                    port=nginx_port,
+                    routes={
+                        **{
+                            f"/mcp/apps/{app}": f"bench{DIRECT_PATHS[s]}" for s, app in APPS.items()
+                        },
+                        **({f"/mcp/apps/{IDLE_APP}": "bench_idle/idle"} if idle else {}),
+                    },
+                    pools={
+                        "bench": [f"{HOST}:{upstream_port}"],
+                        **({"bench_idle": list(idle.servers("nginx"))} if idle else {}),
+                    },
+                    max_connections=2 * (idle.streams if idle else 0) + 1024,
+                    access_log=plan.access_logs,
+                    nofile_limit=idle.nofile[1] if idle else None,
+                ),
+            ),
+            encoding="utf-8",
+        )
         nginx_child = children.start(
             "nginx", [nginx, "-p", str(workdir / "nginx"), "-c", str(conf), "-g", "daemon off;"]
         )
@@ -888,9 +983,11 @@ def _run(plan: Plan, workdir: Path, children: Children, wrk: str | None, nginx: 
     )
     holder = None
     if idle:
-        holder = PythonLoad(children.start(
-            "loadgen-idle", [sys.executable, str(BENCH_DIR / "loadgen.py")], pipes=True
-        ))
+        holder = PythonLoad(
+            children.start(
+                "loadgen-idle", [sys.executable, str(BENCH_DIR / "loadgen.py")], pipes=True
+            )
+        )
     load: LoadGen = WrkLoad(wrk, workdir) if wrk else worker
 
     token = issuer.token(ttl=3600)
@@ -903,8 +1000,13 @@ def _run(plan: Plan, workdir: Path, children: Children, wrk: str | None, nginx: 
         targets.append(Target("nginx", nginx_port, proxyd_paths, bearer, nginx_pids))
     targets += [
         Target("proxyd", proxyd_port, proxyd_paths, bearer, (proxyd.pid,)),
-        Target("proxyd_2up", proxyd_port, {"post": f"/mcp/apps/{TWO_SERVER_APP}"}, bearer,
-               (proxyd.pid,)),
+        Target(
+            "proxyd_2up",
+            proxyd_port,
+            {"post": f"/mcp/apps/{TWO_SERVER_APP}"},
+            bearer,
+            (proxyd.pid,),
+        ),
     ]
     if multi_pids:
         targets.append(
@@ -926,17 +1028,23 @@ def _run(plan: Plan, workdir: Path, children: Children, wrk: str | None, nginx: 
             if scenario == "sse":
                 job["path"] += "?n=1&interval_ms=0"
             result = worker.run(job)
-            require_ok(f"preflight {method} {scenario}", target, result["statuses"],
-                       str(result.get("body", "")))
+            require_ok(
+                f"preflight {method} {scenario}",
+                target,
+                result["statuses"],
+                str(result.get("body", "")),
+            )
         load.post(target, max(plan.concurrency), plan.warmup)  # warm-up, not recorded
     variants: list[dict[str, str]] = []
     if idle:
         proxyd_target = next(t for t in targets if t.name == "proxyd")
         variants = idle_sessions(worker, proxyd_target, idle)  # proxyd's sealed session ids
-    log(f"load generator: {load.name}" + (f" ({load.version})" if isinstance(load, WrkLoad)
-                                         else f" ({worker.loop})")
+    log(
+        f"load generator: {load.name}"
+        + (f" ({load.version})" if isinstance(load, WrkLoad) else f" ({worker.loop})")
         + f"; upstream workers: {workers}; pinned: {layout.describe() or 'no'}"
-        + (f"; nginx {peer_nginx.version(nginx)}" if nginx else "; no nginx"))
+        + (f"; nginx {peer_nginx.version(nginx)}" if nginx else "; no nginx")
+    )
 
     raw: report.Raw = {}
 
@@ -949,16 +1057,24 @@ def _run(plan: Plan, workdir: Path, children: Children, wrk: str | None, nginx: 
         log(f"round {round_no + 1}/{plan.rounds}: {' then '.join(t.name for t in order)}")
         for c in plan.concurrency:
             for target in order:
-                record(f"post_c{c}", target,
-                       measure_post(load, target, upstream_pids, c, plan.duration))
+                record(
+                    f"post_c{c}",
+                    target,
+                    measure_post(load, target, upstream_pids, c, plan.duration),
+                )
         for target in order:
             if "sse" in target.paths:
                 record("sse", target, measure_sse(worker, target, plan))
         for target in order:
             if "big" in target.paths:
                 record("big", target, measure_big(worker, target, plan))
-        for child in (*upstreams, second, proxyd, *([nginx_child] if nginx_child else []),
-                      *([multi] if multi else [])):
+        for child in (
+            *upstreams,
+            second,
+            proxyd,
+            *([nginx_child] if nginx_child else []),
+            *([multi] if multi else []),
+        ):
             child.check_alive()
 
     idle_results: dict[str, dict[str, Any]] = {}
@@ -967,12 +1083,17 @@ def _run(plan: Plan, workdir: Path, children: Children, wrk: str | None, nginx: 
             if target.name not in idle.ports:
                 continue
             try:
-                idle_results[target.name] = measure_idle(load, holder, target, idle, plan,
-                                                         variants, upstream_pids)
+                idle_results[target.name] = measure_idle(
+                    load, holder, target, idle, plan, variants, upstream_pids
+                )
             except BenchError as exc:  # recorded as a MISS; the rest of the run still counts
                 log(f"WARNING: idle streams via {target.name} failed: {exc}")
-                idle_results[target.name] = {"planned": idle.planned, "streams": idle.streams,
-                                             "opened": 0, "error": str(exc)[:500]}
+                idle_results[target.name] = {
+                    "planned": idle.planned,
+                    "streams": idle.streams,
+                    "opened": 0,
+                    "error": str(exc)[:500],
+                }
                 with_holder_reset(holder)
 
     summary = report.summarize(raw)
@@ -994,9 +1115,12 @@ def _run(plan: Plan, workdir: Path, children: Children, wrk: str | None, nginx: 
             "pinned": layout.describe(),
             "access_logs": plan.access_logs,
             "plan": {
-                "rounds": plan.rounds, "duration_s": plan.duration,
-                "concurrency": list(plan.concurrency), "sse_events": plan.sse_events,
-                "sse_interval_ms": plan.sse_interval_ms, "sse_streams": plan.sse_streams,
+                "rounds": plan.rounds,
+                "duration_s": plan.duration,
+                "concurrency": list(plan.concurrency),
+                "sse_events": plan.sse_events,
+                "sse_interval_ms": plan.sse_interval_ms,
+                "sse_streams": plan.sse_streams,
                 "sse_first_event_probes": plan.sse_probes,
                 "big_repeat": plan.big_repeat,
                 "idle_streams": plan.idle_streams,
@@ -1077,9 +1201,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"rounds={plan.rounds}, {plan.duration}s per POST run, {meta['seconds']}s total; "
         f"upstream workers {meta['upstream_workers']}, pinned {meta['pinned'] or 'no'}"
     )
-    print(f"logs: proxyd {meta['proxyd_log_lines']} lines, audit {meta['proxyd_audit_lines']} "
-          f"records, nginx access {meta['nginx_access_lines']} lines "
-          f"({'access lines on' if plan.access_logs else '--quiet-logs'})")
+    print(
+        f"logs: proxyd {meta['proxyd_log_lines']} lines, audit {meta['proxyd_audit_lines']} "
+        f"records, nginx access {meta['nginx_access_lines']} lines "
+        f"({'access lines on' if plan.access_logs else '--quiet-logs'})"
+    )
     posts = [v for k, by in results["summary"].items() if k.startswith("post") for v in by.values()]
     busiest_client = max(p["loadgen_cpu_util"] for p in posts)
     noise = max(p["other_cpus_busy"] for p in posts)
@@ -1090,12 +1216,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         if scenario.startswith("post"):
             for name, s in by.items():
                 if s["upstream_cpu_util"] > 0.9 * meta["upstream_workers"]:
-                    print(f"WARNING: {scenario} via {name}: the upstream was saturated "
-                          f"({s['upstream_cpu_util']:.2f} CPU): its requests/s are the "
-                          "upstream's, not the proxy's")
+                    print(
+                        f"WARNING: {scenario} via {name}: the upstream was saturated "
+                        f"({s['upstream_cpu_util']:.2f} CPU): its requests/s are the "
+                        "upstream's, not the proxy's"
+                    )
     if noise > NOISE_WARN:
-        print("WARNING: other processes were busy during the run; rates are unreliable "
-              "(CPU per request is the steadier number)")
+        print(
+            "WARNING: other processes were busy during the run; rates are unreliable "
+            "(CPU per request is the steadier number)"
+        )
     plan.output.parent.mkdir(parents=True, exist_ok=True)
     plan.output.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     print(f"results: {plan.output}")

@@ -46,8 +46,10 @@ _RESULT = json.dumps(
     separators=(",", ":"),
 ).encode()
 _MAX_EVENTS = 100_000
-_OPENED = b'event: message\ndata: {"jsonrpc":"2.0","method":"notifications/message",' \
+_OPENED = (
+    b'event: message\ndata: {"jsonrpc":"2.0","method":"notifications/message",'
     b'"params":{"level":"info","data":"stream open"}}\n\n'
+)
 
 
 async def mcp_post(request: web.Request) -> web.Response:
@@ -161,10 +163,19 @@ def _address(value: str) -> tuple[str, int]:
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description="the benchmark's upstream")
     parser.add_argument("port", nargs="*", type=int, help="listen on 127.0.0.1:PORT")
-    parser.add_argument("--listen", action="append", type=_address, default=[],
-                        metavar="HOST:PORT", help="listen here too (repeatable)")
-    parser.add_argument("--reuse-port", action="store_true",
-                        help="SO_REUSEPORT: several upstream processes share the port(s)")
+    parser.add_argument(
+        "--listen",
+        action="append",
+        type=_address,
+        default=[],
+        metavar="HOST:PORT",
+        help="listen here too (repeatable)",
+    )
+    parser.add_argument(
+        "--reuse-port",
+        action="store_true",
+        help="SO_REUSEPORT: several upstream processes share the port(s)",
+    )
     parser.add_argument("--backlog", type=int, default=4096)
     args = parser.parse_args(argv[1:])
     listen = [("127.0.0.1", p) for p in args.port] + list(args.listen)

@@ -1,21 +1,13 @@
-"""proxyd command line: run, check-config, dev, version."""
+"""proxyd command line: run, check-config, dev, version. Parses and dispatches, nothing else."""
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import os
-import socket
 import sys
-from collections.abc import Coroutine, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 from proxyd import __version__
-from proxyd.auth.assertion import KeyFileError
-from proxyd.config import ConfigError, Settings, load_settings, read_config, settings_from_text
-from proxyd.log import configure, get_logger, set_context
-
-log = get_logger("proxyd")
+from proxyd.config import ConfigError, load_settings
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -40,20 +32,6 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run_loop(main: Coroutine[Any, Any, None]) -> None:
-    """uvloop when installed (libuv's loop: a cheaper event loop for the byte relay, issue 6),
-    the standard loop otherwise; PROXYD_LOOP=asyncio forces the standard one."""
-    if os.environ.get("PROXYD_LOOP", "uvloop") != "asyncio":
-        try:
-            import uvloop
-        except ImportError:
-            pass
-        else:
-            uvloop.run(main)
-            return
-    asyncio.run(main)
-
-
 def _check(path: str) -> int:
     try:
         settings = load_settings(path)
@@ -68,109 +46,27 @@ def _check(path: str) -> int:
     return 0
 
 
-def _run(path: str) -> int:
-    from proxyd.server import serve
-
-    try:
-        text = read_config(path)
-        settings = settings_from_text(text, path)
-    except ConfigError as exc:
-        configure()
-        log.error("config_invalid", path=path, problems=exc.problems)
-        for problem in exc.problems:
-            print(f"{path}: {problem}", file=sys.stderr)
-        return 2
-    configure(settings.log.level, settings.log.format)
-    try:
-        if settings.server.workers > 1:
-            return _supervise(settings, path, text)
-        run_loop(serve(settings))
-    except KeyFileError as exc:
-        log.error("identity_key_unusable", error=str(exc))
-        return 1
-    except OSError as exc:
-        log.error("listen_failed", error=str(exc))
-        return 1
-    return 0
-
-
-def _supervise(settings: Settings, path: str, text: str) -> int:
-    from proxyd.supervisor import Supervisor
-
-    codes: list[int] = []
-
-    async def main() -> None:
-        codes.append(await Supervisor(settings, path, text).run())
-
-    run_loop(main())
-    return codes[0] if codes else 1
-
-
-def _worker(args: argparse.Namespace) -> int:
-    from proxyd.notify import Notifier
-    from proxyd.server import WorkerRole, serve
-    from proxyd.supervisor import die_with_supervisor, read_boot
-
-    if not die_with_supervisor(args.supervisor_pid):
-        return 1  # orphaned before it started: nobody would supervise it
-    channel = socket.socket(fileno=args.control_fd)
-    boot = read_boot(channel)
-    try:
-        if boot.boot_text is None or boot.boot_text == boot.text:
-            settings = settings_from_text(boot.text, args.config)
-        else:
-            from proxyd.reload import in_force
-
-            # Started after a reload: the reloaded settings, with the restart-only values the
-            # service started on (its siblings kept them: same port, Redis, key and audit file),
-            # as a worker that started then and applied the reload would have. The directory
-            # is left to the watcher's first scan, as on a reload.
-            settings = in_force(
-                settings_from_text(boot.text, args.config, load_dir=False),
-                settings_from_text(boot.boot_text, args.config, load_dir=False),
-            )
-    except ConfigError as exc:
-        configure()
-        log.error("config_invalid", path=args.config, problems=exc.problems)
-        return 2
-    configure(settings.log.level, settings.log.format)
-    set_context(worker=args.index)
-    role = WorkerRole(args.index, args.admin_socket, Notifier(channel=channel), boot.mcp_key)
-    try:
-        run_loop(serve(settings, role=role))
-    except KeyFileError as exc:
-        log.error("identity_key_unusable", error=str(exc))
-        return 1
-    except OSError as exc:
-        log.error("listen_failed", error=str(exc))
-        return 1
-    return 0
-
-
-def _dev(listen: str) -> int:
-    from proxyd.devmain import run_dev
-
-    configure("info", "auto")
-    try:
-        run_loop(run_dev(listen))
-    except OSError as exc:
-        log.error("listen_failed", error=str(exc))
-        return 1
-    return 0
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    # Imported per command: `version` and `check-config` load no server code.
     if args.command == "version":
         print(f"proxyd {__version__}")
         return 0
     if args.command == "check-config":
         return _check(args.config)
     if args.command == "run":
-        return _run(args.config)
+        from proxyd.process.single import run
+
+        return run(args.config)
     if args.command == "worker":
-        return _worker(args)
-    return _dev(args.listen)
+        from proxyd.process.worker import run_worker
+
+        return run_worker(
+            args.config, args.index, args.control_fd, args.admin_socket, args.supervisor_pid
+        )
+    from proxyd.devmain import main as dev
+
+    return dev(args.listen)
 
 
 if __name__ == "__main__":

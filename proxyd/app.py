@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import random
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from typing import Any
@@ -42,9 +42,8 @@ from proxyd.mcp.gate import McpGate
 from proxyd.mcp.pinning import SessionPinning
 from proxyd.mcp.policy import Policy
 from proxyd.mcp.sessionid import SessionIdCodec
-from proxyd.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from proxyd.metrics import Metrics, counter, gauge
-from proxyd.notify import Notifier
+from proxyd.process.notify import Notifier
 from proxyd.ratelimit import Limiter, Limits, SharedLimiter
 from proxyd.registry import Registry
 from proxyd.router import UpstreamRouter
@@ -445,24 +444,3 @@ async def _resource_metadata(request: web.Request) -> web.StreamResponse:
     well_known = request.app[RUNTIME].well_known
     assert well_known is not None
     return await well_known.protected_resource(request)
-
-
-def create_admin_app(runtime: Runtime, draining: Callable[[], bool]) -> web.Application:
-    """The admin listener: /healthz (process alive), /readyz (serving), /metrics."""
-    admin = web.Application()
-
-    async def healthz(_: web.Request) -> web.Response:
-        return web.json_response({"status": "ok"})
-
-    async def readyz(_: web.Request) -> web.Response:
-        ok = runtime.ready and not draining()
-        return web.json_response({"ready": ok}, status=200 if ok else 503)
-
-    async def metrics(_: web.Request) -> web.Response:
-        body = runtime.core.metrics.render()
-        return web.Response(body=body, headers={"Content-Type": METRICS_CONTENT_TYPE})
-
-    admin.router.add_get("/healthz", healthz)
-    admin.router.add_get("/readyz", readyz)
-    admin.router.add_get("/metrics", metrics)
-    return admin

@@ -8,7 +8,11 @@ from aiohttp import web
 
 from proxyd.demo import DemoServer
 from proxyd.dev import DevIssuer, dev_settings, instructions
-from proxyd.server import serve
+from proxyd.log import configure, get_logger
+from proxyd.process.loop import exit_code, run_loop
+from proxyd.process.single import serve
+
+log = get_logger("proxyd")
 
 
 async def run_dev(listen: str) -> None:
@@ -28,3 +32,11 @@ async def run_dev(listen: str) -> None:
         await serve(settings, on_ready=ready)
     finally:
         await demo.cleanup()
+
+
+def main(listen: str) -> int:
+    """``proxyd dev``: the exit code."""
+    configure("info", "auto")
+    with exit_code(log) as code:
+        run_loop(run_dev(listen))
+    return code.value

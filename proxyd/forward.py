@@ -1,6 +1,6 @@
 """The streaming forwarder: request body up, response down, each chunk flushed as it arrives.
 
-The upstream side is proxyd's own HTTP/1.1 client (proxyd/upstream.py), which raises proxyd
+The upstream side is proxyd's own HTTP/1.1 client (proxyd/upstream/), which raises proxyd
 errors only. Bytes pass untouched (no decompression, no re-encoding); Content-Length is kept
 when the upstream gives one, chunked otherwise. A client that goes away cancels the handler
 (aiohttp ``handler_cancellation``), which closes the upstream connection at once.

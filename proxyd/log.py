@@ -165,9 +165,7 @@ def configure(level: str = "info", fmt: str = "auto", stream: TextIO | None = No
     _routing.level = _LEVELS[level.lower()]
     _routing.stream = out
     _routing.renderer = (
-        structlog.dev.ConsoleRenderer(colors=out.isatty())
-        if fmt == "console"
-        else _json
+        structlog.dev.ConsoleRenderer(colors=out.isatty()) if fmt == "console" else _json
     )
     if structlog.is_configured():
         return

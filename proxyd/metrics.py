@@ -64,8 +64,7 @@ class Metrics:
         )
         self.state_fallbacks = Counter(
             "proxyd_state_backend_fallbacks",
-            "Operations answered without the shared state backend (down or failing), by "
-            "operation.",
+            "Operations answered without the shared state backend (down or failing), by operation.",
             ["op"],
             registry=r,
         )

@@ -26,17 +26,18 @@ from proxyd.app import RUNTIME
 from proxyd.auth.session import session_key
 from proxyd.auth.shared import RecordSealer, decode_record
 from proxyd.config import (
+    RESTART_ONLY,
     ConfigError,
     RateLimitSettings,
     Settings,
     StateSettings,
+    in_force,
     load_settings,
     parse_settings,
     redact_url,
 )
 from proxyd.metrics import Metrics
 from proxyd.ratelimit import TokenBuckets
-from proxyd.reload import RESTART_ONLY, in_force
 from proxyd.state import RedisState, SharedBuckets
 from tests.conftest import FakeClock, LogCapture, ProxyFactory
 from tests.kit.echo import Echo, Upstreams

@@ -27,13 +27,12 @@ from mcp import MCPError
 from mcp.server.streamable_http import EventCallback, EventMessage, EventStore
 from mcp_types import JSONRPCMessage
 
-from proxyd.app import WATCHER
+from proxyd.app import RUNTIME, WATCHER
 from proxyd.auth.jwt import Identity
 from proxyd.config import ConfigError, RoleSettings, Settings, parse_settings
 from proxyd.labels import parse_selector
 from proxyd.mcp.policy import ALLOW_ALL, Policy, Role, ToolMatcher
-from proxyd.notify import Notifier
-from proxyd.reload import reload
+from proxyd.process.notify import Notifier
 from tests.conftest import FakeClock, LogCapture, ProxyFactory, base_config
 from tests.kit.issuer import TestIssuer
 from tests.kit.mcpkit import LEGACY, MODERN, McpClient, UpstreamServer, mcp_client, upstream_server
@@ -584,7 +583,7 @@ async def test_roles_change_on_reload_applies_to_live_sessions(
 
     async def swap(roles: list[dict[str, Any]]) -> None:
         path.write_text(to_toml(doc(roles)))
-        assert await reload(proxy.app, str(path), Notifier(None)) is True
+        assert await proxy.app[RUNTIME].reload(str(path), Notifier(None)) is True
 
     async with mcp_client(url(proxy), env.token(), mode=mode) as c:
         assert {t.name for t in (await c.list_tools()).tools} == {"echo"}

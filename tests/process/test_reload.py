@@ -1,7 +1,7 @@
 """SIGHUP reload of the main file (issue 4 §2) and the admin listener (§5), in-process.
 
 proxyd runs from a config document (make_proxy) that is also written to a real TOML file;
-``proxyd.reload.reload`` is what the SIGHUP handler calls, invoked directly. The admin app runs
+``Runtime.reload`` is what the SIGHUP handler calls, invoked directly. The admin app runs
 on its own aiohttp test server over the same Runtime. Real upstreams, a real IdP and real
 tokens; only time (FakeClock) and randomness are faked.
 """
@@ -23,10 +23,10 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxyd.app import AUTH_STORE, HEALTH, RUNTIME, WATCHER, create_admin_app, create_app
+from proxyd.app import AUTH_STORE, HEALTH, RUNTIME, WATCHER, create_app
 from proxyd.config import parse_settings
-from proxyd.notify import Notifier
-from proxyd.reload import reload
+from proxyd.process.notify import Notifier
+from proxyd.process.single import admin_app_of
 from tests.conftest import FakeClock, LogCapture, ProxyFactory
 from tests.kit.echo import Echo, Upstreams
 from tests.kit.issuer import TestIssuer
@@ -51,7 +51,7 @@ class Proxy:
 
     async def reload(self, doc: dict[str, Any] | str) -> bool:
         self.path.write_text(doc if isinstance(doc, str) else to_toml(doc))
-        return await reload(self.app, str(self.path), Notifier(None))
+        return await self.app[RUNTIME].reload(str(self.path), Notifier(None))
 
     async def post(self, token: str | None, app: str = "a") -> aiohttp.ClientResponse:
         headers = bearer(token) if token is not None else None
@@ -229,7 +229,7 @@ async def test_a_broken_file_changes_nothing_and_logs_every_problem(
     assert await proxy.reload('[server\nlisten = "x"\n') is False
     assert logs.events("config_reload_failed")[-1]["problems"][0].startswith(f"{proxy.path}: ")
     proxy.path.unlink()
-    assert await reload(proxy.app, str(proxy.path), Notifier(None)) is False
+    assert await proxy.app[RUNTIME].reload(str(proxy.path), Notifier(None)) is False
     assert "cannot read" in logs.events("config_reload_failed")[-1]["problems"][0]
 
     # Nothing changed: same configuration objects, app b unknown, the session and the log
@@ -437,7 +437,7 @@ async def admin_for() -> AsyncIterator[Callable[..., Any]]:
     async def factory(
         app: web.Application, draining: Callable[[], bool] = lambda: False
     ) -> TestClient[web.Request, web.Application]:
-        admin = TestClient(TestServer(create_admin_app(app[RUNTIME], draining), host="127.0.0.1"))
+        admin = TestClient(TestServer(admin_app_of(app[RUNTIME], draining), host="127.0.0.1"))
         await admin.start_server()
         clients.append(admin)
         return admin
@@ -591,8 +591,7 @@ async def test_healthz_and_readyz(
 
 def test_restart_only_values_stay_in_force() -> None:
     """A reload never half-applies a restart-only key; the values the process runs with win."""
-    from proxyd.config import parse_settings
-    from proxyd.reload import in_force
+    from proxyd.config import in_force, parse_settings
 
     boot = parse_settings({"server": {"listen": "127.0.0.1:1000", "max_header_size": "16KiB"}})
     new = parse_settings(

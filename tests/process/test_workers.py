@@ -28,7 +28,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
 from proxyd.config import MAX_WORKERS, ConfigError, parse_settings, settings_from_text
-from proxyd.supervisor import RestartPolicy, Supervisor, describe_exit, parse_fields
+from proxyd.process.supervisor import RestartPolicy, Supervisor, describe_exit, parse_fields
 from tests.kit.daemon import (
     Daemon,
     Upstream,

@@ -1,4 +1,4 @@
-"""proxyd's own upstream client (proxyd/upstream.py) against real servers on 127.0.0.1.
+"""proxyd's own upstream client (proxyd/upstream/) against real servers on 127.0.0.1.
 
 Raw asyncio servers misbehave on purpose (close idle keep-alive connections, die mid-body,
 send malformed or interim answers, huge heads, trailers, bodies ended by EOF); aiohttp servers

@@ -20,14 +20,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import json
 import os
 import signal
 import socket
 import sys
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -42,14 +41,15 @@ from prometheus_client.registry import Collector
 from proxyd.auth.assertion import load_or_create_key
 from proxyd.config import ConfigError, Settings, read_config, settings_from_text
 from proxyd.log import get_logger
-from proxyd.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from proxyd.metrics import counter, gauge
-from proxyd.notify import Notifier
+from proxyd.process.admin import admin_app
+from proxyd.process.loop import run_loop
+from proxyd.process.notify import Notifier
+from proxyd.process.reloader import Reloader
+from proxyd.process.worker import MAX_BOOT_MESSAGE
 
 log = get_logger("proxyd.supervisor")
 
-# Far above any real configuration file; the pair's buffer must hold the boot message whole.
-MAX_BOOT_MESSAGE: Final = 4 * 1024 * 1024
 SCRAPE_TIMEOUT: Final = 5.0
 # A worker that takes longer than this to apply a forwarded SIGHUP is reported, not waited for.
 RELOAD_TIMEOUT: Final = 60.0
@@ -135,8 +135,7 @@ class Supervisor:
     generation: int = 0  # bumped by every configuration the supervisor accepts
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
-    _reloading: asyncio.Lock = field(default_factory=asyncio.Lock)
-    _reload_tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    _reloader: Reloader = field(init=False)
     # The text the service started on: its restart-only values (listen, state, key file,
     # audit file, ...) stay in force after a reload, so a replacement worker must get them
     # too, not the reloaded ones (it bound a reloaded port alone, split from its siblings).
@@ -144,6 +143,7 @@ class Supervisor:
 
     def __post_init__(self) -> None:
         self.boot_text = self.text
+        self._reloader = Reloader(self._reload, self._why_not_reload, log)
 
     # ------------------------------------------------------------------------------------
     # The service's life
@@ -171,8 +171,7 @@ class Supervisor:
             )
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
-        loop.add_signal_handler(signal.SIGHUP, self._on_hup)
-        reloads = self._reload_tasks
+        loop.add_signal_handler(signal.SIGHUP, self._reloader.on_hup)
         admin: web.AppRunner | None = None
         with tempfile.TemporaryDirectory(prefix="proxyd-workers-") as private:
             # Mode 0700 (mkdtemp): the workers' admin sockets are nobody else's to read.
@@ -196,7 +195,7 @@ class Supervisor:
                     self.notifier.ready(self._status())
                     await self._stop.wait()
             finally:
-                await self._shutdown(keepers, reloads)
+                await self._shutdown(keepers)
                 if admin is not None:
                     await admin.cleanup()
                 for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
@@ -204,15 +203,13 @@ class Supervisor:
         log.info("supervisor_stopped")
         return 1 if self.failed else 0
 
-    async def _shutdown(self, keepers: list[asyncio.Task[None]], reloads: set[Any]) -> None:
+    async def _shutdown(self, keepers: list[asyncio.Task[None]]) -> None:
         self.stopping = True
         self._stop.set()  # wakes a slot waiting out a restart back-off, whatever ended run()
         self._changed()
         self.notifier.stopping()
         log.info("supervisor_stopping", grace_seconds=self.settings.server.shutdown_grace)
-        for task in list(reloads):
-            task.cancel()
-        await asyncio.gather(*reloads, return_exceptions=True)
+        await self._reloader.close()
         for worker in self.workers:
             self._signal(worker, signal.SIGTERM)
         deadline = self.settings.server.shutdown_grace + EXIT_SLACK
@@ -373,58 +370,54 @@ class Supervisor:
     # ------------------------------------------------------------------------------------
     # Signals
 
-    def _on_hup(self) -> None:
+    def _why_not_reload(self) -> str | None:
         if self.stopping or not self.booted:
-            log.info("reload_skipped", reason="stopping" if self.stopping else "starting")
-            return
-        task = asyncio.create_task(self._reload(), name="reload")
-        self._reload_tasks.add(task)
-        task.add_done_callback(self._reload_tasks.discard)
+            return "stopping" if self.stopping else "starting"
+        return None
 
     async def _reload(self) -> None:
-        async with self._reloading:  # a second SIGHUP reads the file after the first applied
-            self.notifier.reloading()
-            try:
-                text = read_config(self.path)
-                new = settings_from_text(text, self.path, load_dir=False)
-            except ConfigError as exc:
-                # The workers would refuse it just the same: they are not bothered.
-                self.reload_failures += 1
-                log.error(
-                    "config_reload_failed",
-                    path=self.path,
-                    problems=exc.problems,
-                    kept="the configuration in force",
-                )
-                self.notifier.ready("reload failed: previous configuration in force")
-                return
-            self.text = text
-            self.generation += 1
-            if new.server.workers != self.settings.server.workers:
-                log.warning(
-                    "config_change_needs_restart",
-                    keys=["server.workers"],
-                    detail="these settings keep their old values until proxyd restarts",
-                )
-            targets = [w for w in self.workers if w.alive and w.state != "starting"]
-            marks = {w.index: w.readies for w in targets}
-            for worker in targets:
-                worker.generation = self.generation
-                self._signal(worker, signal.SIGHUP)
-            log.info("reload_forwarded", workers=[w.index for w in targets])
+        self.notifier.reloading()
+        try:
+            text = read_config(self.path)
+            new = settings_from_text(text, self.path, load_dir=False)
+        except ConfigError as exc:
+            # The workers would refuse it just the same: they are not bothered.
+            self.reload_failures += 1
+            log.error(
+                "config_reload_failed",
+                path=self.path,
+                problems=exc.problems,
+                kept="the configuration in force",
+            )
+            self.notifier.ready("reload failed: previous configuration in force")
+            return
+        self.text = text
+        self.generation += 1
+        if new.server.workers != self.settings.server.workers:
+            log.warning(
+                "config_change_needs_restart",
+                keys=["server.workers"],
+                detail="these settings keep their old values until proxyd restarts",
+            )
+        targets = [w for w in self.workers if w.alive and w.state != "starting"]
+        marks = {w.index: w.readies for w in targets}
+        for worker in targets:
+            worker.generation = self.generation
+            self._signal(worker, signal.SIGHUP)
+        log.info("reload_forwarded", workers=[w.index for w in targets])
 
-            def applied() -> bool:
-                return all(w.readies > marks[w.index] or not w.alive for w in targets)
+        def applied() -> bool:
+            return all(w.readies > marks[w.index] or not w.alive for w in targets)
 
-            try:
-                await asyncio.wait_for(self._until(applied), RELOAD_TIMEOUT)
-            except TimeoutError:
-                log.error(
-                    "reload_incomplete",
-                    workers=[w.index for w in targets if w.readies <= marks[w.index]],
-                    waited_seconds=RELOAD_TIMEOUT,
-                )
-            self.notifier.ready(self._status())
+        try:
+            await asyncio.wait_for(self._until(applied), RELOAD_TIMEOUT)
+        except TimeoutError:
+            log.error(
+                "reload_incomplete",
+                workers=[w.index for w in targets if w.readies <= marks[w.index]],
+                waited_seconds=RELOAD_TIMEOUT,
+            )
+        self.notifier.ready(self._status())
 
     def _signal(self, worker: Worker, sig: signal.Signals) -> None:
         if worker.alive:
@@ -469,26 +462,13 @@ class Supervisor:
         return runner
 
     def admin_app(self) -> web.Application:
-        app = web.Application()
-
-        async def healthz(_: web.Request) -> web.Response:
-            return web.json_response({"status": "ok", "workers": self._worker_view()})
-
-        async def readyz(_: web.Request) -> web.Response:
-            # Serving while any worker accepts: the kernel only hands connections to bound
-            # sockets, so a worker being replaced costs capacity, not answers.
-            ok = not self.stopping and self.ready_count() > 0
-            body = {"ready": ok, "workers": self._worker_view()}
-            return web.json_response(body, status=200 if ok else 503)
-
-        async def metrics(_: web.Request) -> web.Response:
-            body = await self.scrape()
-            return web.Response(body=body, headers={"Content-Type": METRICS_CONTENT_TYPE})
-
-        app.router.add_get("/healthz", healthz)
-        app.router.add_get("/readyz", readyz)
-        app.router.add_get("/metrics", metrics)
-        return app
+        # Serving while any worker accepts: the kernel only hands connections to bound
+        # sockets, so a worker being replaced costs capacity, not answers.
+        return admin_app(
+            ready=lambda: not self.stopping and self.ready_count() > 0,
+            metrics=self.scrape,
+            details=lambda: {"workers": self._worker_view()},
+        )
 
     def _worker_view(self) -> dict[str, Any]:
         return {
@@ -567,35 +547,12 @@ class _Families(Collector):
         return iter(self._families)
 
 
-# ----------------------------------------------------------------------------------------
-# The worker's side
+def supervise(settings: Settings, path: str, text: str) -> int:
+    """``proxyd run`` with ``server.workers`` > 1: the supervisor's exit code."""
+    codes: list[int] = []
 
+    async def main() -> None:
+        codes.append(await Supervisor(settings, path, text).run())
 
-@dataclass(frozen=True, slots=True)
-class Boot:
-    text: str
-    mcp_key: bytes | None
-    boot_text: str | None = None  # the supervisor's start text: its restart-only values hold
-
-
-def read_boot(channel: socket.socket) -> Boot:
-    """The supervisor's first message, sent before the worker was started."""
-    raw = channel.recv(MAX_BOOT_MESSAGE)
-    data: Mapping[str, Any] = json.loads(raw)
-    key = data.get("mcp_key")
-    started = data.get("boot_config")
-    return Boot(
-        text=str(data["config"]),
-        mcp_key=bytes.fromhex(key) if key else None,
-        boot_text=str(started) if started is not None else None,
-    )
-
-
-def die_with_supervisor(supervisor_pid: int) -> bool:
-    """Ask the kernel for SIGTERM when the supervisor dies (Linux prctl PR_SET_PDEATHSIG);
-    False when it is already gone (the check after the prctl closes that race)."""
-    pr_set_pdeathsig = 1
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
-    return os.getppid() == supervisor_pid
+    run_loop(main())
+    return codes[0] if codes else 1

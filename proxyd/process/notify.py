@@ -20,7 +20,7 @@ log = get_logger("proxyd.notify")
 class Notifier:
     def __init__(self, address: str | None = None, channel: socket.socket | None = None) -> None:
         """``channel``: a connected socket to a proxyd supervisor, which speaks the same
-        protocol for its workers (proxyd.supervisor); else $NOTIFY_SOCKET or ``address``."""
+        protocol for its workers (proxyd.process.supervisor); else $NOTIFY_SOCKET or ``address``."""
         self._channel = channel
         self._address = address if address is not None else os.environ.get("NOTIFY_SOCKET")
 

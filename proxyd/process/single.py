@@ -2,7 +2,8 @@
 
 SIGTERM/SIGINT: readiness goes false (``/readyz`` 503, STOPPING=1), the listeners close, and
 requests in flight get ``server.shutdown_grace`` to finish before the remaining streams are
-cut; then the process exits 0. SIGHUP reloads the main file (proxyd.reload), one at a time.
+cut; then the process exits 0. SIGHUP reloads the main file (``Runtime.reload``), one at a
+time (proxyd.process.reloader).
 """
 
 from __future__ import annotations
@@ -10,24 +11,27 @@ from __future__ import annotations
 import asyncio
 import resource
 import signal
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from aiohttp import web
 
-from proxyd.app import RUNTIME, create_admin_app, create_app
-from proxyd.config import Settings
+from proxyd.app import RUNTIME, Runtime, create_app
+from proxyd.config import ConfigError, Settings, read_config, settings_from_text
 from proxyd.listener import Listener, ListenerSite
-from proxyd.log import get_logger
-from proxyd.notify import Notifier
-from proxyd.reload import reload
+from proxyd.log import configure, get_logger
+from proxyd.process.admin import admin_app
+from proxyd.process.loop import exit_code, run_loop
+from proxyd.process.notify import Notifier
+from proxyd.process.reloader import Reloader
 
 log = get_logger("proxyd")
 
 
 @dataclass(frozen=True, slots=True)
 class WorkerRole:
-    """One of the processes of a supervised proxyd (proxyd.supervisor): it shares the MCP port
+    """One of the processes of a supervised proxyd (proxyd.process.supervisor): it shares the MCP port
     with its siblings (SO_REUSEPORT), serves its admin app on a private unix socket that the
     supervisor scrapes, uses the supervisor's MCP session key, and reports its states to it."""
 
@@ -67,31 +71,19 @@ async def serve(
     stop = asyncio.Event()
     notifier = role.control if role is not None else Notifier()
     draining = False
-    reloading = asyncio.Lock()
-    reloads: set[asyncio.Task[bool]] = set()
     app = create_app(settings, mcp_key=role.mcp_key if role is not None else None)
     runtime = app[RUNTIME]
 
-    async def reload_once() -> bool:
-        async with reloading:  # two quick SIGHUPs: the second reads the file after the first
-            assert settings.path is not None
-            return await reload(app, settings.path, notifier)
+    async def reload_file() -> bool:
+        assert settings.path is not None
+        return await runtime.reload(settings.path, notifier)
 
-    def on_hup() -> None:
-        if draining:
-            # Too late to reload. The handler stays installed until the end: with it removed
-            # at the start of the drain, a SIGHUP then (default action: terminate) killed
-            # proxyd mid-drain, cutting the requests it was letting finish.
-            log.info("reload_skipped", reason="draining")
-            return
-        task = asyncio.create_task(reload_once(), name="reload")
-        reloads.add(task)
-        task.add_done_callback(reloads.discard)
+    reloader = Reloader(reload_file, lambda: "draining" if draining else None, log)
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     if settings.path is not None:
-        loop.add_signal_handler(signal.SIGHUP, on_hup)
+        loop.add_signal_handler(signal.SIGHUP, reloader.on_hup)
     runners: list[web.AppRunner] = []
     try:
         runner = web.AppRunner(
@@ -127,12 +119,12 @@ async def serve(
         # lock an operator out of /metrics and /readyz.
         admin_listener = Listener(lambda: runtime.settings.server, capped=False)
         if role is not None:
-            admin = web.AppRunner(create_admin_app(runtime, lambda: draining), access_log=None)
+            admin = web.AppRunner(admin_app_of(runtime, lambda: draining), access_log=None)
             runners.append(admin)
             await admin.setup()
             await ListenerSite(admin, admin_listener, path=role.admin_socket).start()
         elif settings.admin.enabled:
-            admin = web.AppRunner(create_admin_app(runtime, lambda: draining), access_log=None)
+            admin = web.AppRunner(admin_app_of(runtime, lambda: draining), access_log=None)
             runners.append(admin)
             await admin.setup()
             await ListenerSite(
@@ -159,9 +151,7 @@ async def serve(
         log.info("proxyd_stopping", grace_seconds=settings.server.shutdown_grace)
     finally:
         draining = True
-        for task in list(reloads):
-            task.cancel()
-        await asyncio.gather(*reloads, return_exceptions=True)
+        await reloader.close()
         # The MCP listener first (stop accepting, drain in-flight up to the grace), then admin.
         for r in runners:
             await _cleanup(r, settings.server.shutdown_grace)
@@ -187,3 +177,35 @@ async def _cleanup(runner: web.AppRunner, grace: float) -> None:
         for connection in runner.server.connections:
             connection.force_close()
     await cleanup
+
+
+def admin_app_of(runtime: Runtime, draining: Callable[[], bool]) -> web.Application:
+    """/healthz (process alive), /readyz (serving), /metrics of this process."""
+
+    async def metrics() -> bytes:
+        return runtime.core.metrics.render()
+
+    return admin_app(ready=lambda: runtime.ready and not draining(), metrics=metrics)
+
+
+def run(path: str) -> int:
+    """``proxyd run -c FILE``: serve (or supervise the workers) until stopped; the exit code."""
+    try:
+        text = read_config(path)
+        settings = settings_from_text(text, path)
+    except ConfigError as exc:
+        configure()
+        log.error("config_invalid", path=path, problems=exc.problems)
+        for problem in exc.problems:
+            print(f"{path}: {problem}", file=sys.stderr)
+        return 2
+    configure(settings.log.level, settings.log.format)
+    if settings.server.workers > 1:
+        from proxyd.process.supervisor import supervise  # its own process: only then
+
+        with exit_code(log) as code:
+            code.value = supervise(settings, path, text)
+        return code.value
+    with exit_code(log) as code:
+        run_loop(serve(settings))
+    return code.value

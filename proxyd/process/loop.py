@@ -1,0 +1,46 @@
+"""The event loop proxyd runs on, and how a serving process's failure becomes its exit code."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Coroutine, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from proxyd.auth.assertion import KeyFileError
+
+
+def run_loop(main: Coroutine[Any, Any, None]) -> None:
+    """uvloop when installed (libuv's loop: a cheaper event loop for the byte relay, issue 6),
+    the standard loop otherwise; PROXYD_LOOP=asyncio forces the standard one."""
+    if os.environ.get("PROXYD_LOOP", "uvloop") != "asyncio":
+        try:
+            import uvloop
+        except ImportError:
+            pass
+        else:
+            uvloop.run(main)
+            return
+    asyncio.run(main)
+
+
+@dataclass
+class ExitCode:
+    value: int = 0
+
+
+@contextmanager
+def exit_code(log: Any) -> Iterator[ExitCode]:
+    """0 when the block ends; 1, logged, when the identity key or a listener cannot be had
+    (systemd then sees a failed start, not a crash trace)."""
+    code = ExitCode()
+    try:
+        yield code
+    except KeyFileError as exc:
+        log.error("identity_key_unusable", error=str(exc))
+        code.value = 1
+    except OSError as exc:
+        log.error("listen_failed", error=str(exc))
+        code.value = 1
