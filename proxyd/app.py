@@ -191,8 +191,9 @@ class Runtime:
 
     def install(self, settings: Settings) -> None:
         core, r = self.core, self.resources
-        r.upstreams.keepalive_timeout = settings.upstream.keepalive_timeout
-        r.upstreams.max_idle = settings.upstream.max_idle_connections
+        r.upstreams.reconfigure(
+            settings.upstream.keepalive_timeout, settings.upstream.max_idle_connections
+        )
         r.auditor.reconfigure(settings.audit)
         core.health.reconfigure(settings.apps)
         r.sessions.reconfigure(settings.sessions.max_ttl)

@@ -122,18 +122,22 @@ class HeadersTooLarge(ProxydError):
     reason = "headers_too_large"
 
 
-class RateLimited(ProxydError):
-    status = 429
-    jsonrpc_code = INVALID_REQUEST
-    reason = "rate_limited"
+class RetryAfter(ProxydError):
+    """An answer that says when to come back (RFC 9110 §10.2.3)."""
 
     def __init__(self, message: str, retry_after: float) -> None:
         super().__init__(message)
         self.retry_after = retry_after
 
     def extra_headers(self) -> Mapping[str, str]:
-        # RFC 9110 §10.2.3: delay-seconds is a non-negative integer; never advertise 0.
+        # delay-seconds is a non-negative integer; never advertise 0.
         return {"Retry-After": str(max(1, math.ceil(self.retry_after)))}
+
+
+class RateLimited(RetryAfter):
+    status = 429
+    jsonrpc_code = INVALID_REQUEST
+    reason = "rate_limited"
 
 
 class UpstreamError(ProxydError):
@@ -150,10 +154,10 @@ class ConnectFailed(UpstreamError):
     """No connection to the upstream was made: nothing of the request reached it, so the
     caller may try another server."""
 
-    def __init__(self, message: str, *, timed_out: bool = False) -> None:
-        super().__init__(message, reason="upstream_connect_timeout" if timed_out else None)
-        if timed_out:
-            self.status = 504
+
+class UpstreamConnectTimeout(ConnectFailed):
+    status = 504
+    reason = "upstream_connect_timeout"
 
 
 class ServiceUnavailable(ProxydError):
@@ -161,20 +165,13 @@ class ServiceUnavailable(ProxydError):
     reason = "unavailable"
 
 
-class StateUnavailable(ServiceUnavailable):
+class StateUnavailable(RetryAfter, ServiceUnavailable):
     """The shared rate limiter cannot decide (Redis down) and ``limiter_failure = "closed"``.
 
     503, not 429: the client did nothing wrong and exceeded no limit; the service cannot take
     the request right now, and says when to try again (RFC 9110 §15.6.4)."""
 
     reason = "state_unavailable"
-
-    def __init__(self, message: str, retry_after: float) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
-
-    def extra_headers(self) -> Mapping[str, str]:
-        return {"Retry-After": str(max(1, math.ceil(self.retry_after)))}
 
 
 def error_body(code: int, message: str, status: int, reason: str) -> bytes:

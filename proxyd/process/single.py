@@ -31,9 +31,10 @@ log = get_logger("proxyd")
 
 @dataclass(frozen=True, slots=True)
 class WorkerRole:
-    """One of the processes of a supervised proxyd (proxyd.process.supervisor): it shares the MCP port
-    with its siblings (SO_REUSEPORT), serves its admin app on a private unix socket that the
-    supervisor scrapes, uses the supervisor's MCP session key, and reports its states to it."""
+    """One of the processes of a supervised proxyd (proxyd.process.supervisor): it shares the
+    MCP port with its siblings (SO_REUSEPORT), serves its admin app on a private unix socket
+    that the supervisor scrapes, uses the supervisor's MCP session key, and reports its states
+    to it."""
 
     index: int
     admin_socket: str

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 
-from proxyd.errors import ConnectFailed
+from proxyd.errors import ConnectFailed, UpstreamConnectTimeout
 from proxyd.upstream.connection import CLOSED, Connection
 from proxyd.upstream.wire import Origin
 
@@ -30,6 +30,12 @@ class UpstreamClient:
         self._sweep: asyncio.TimerHandle | None = None
         self._closing = False
         self._drained: asyncio.Future[None] | None = None
+
+    def reconfigure(self, keepalive_timeout: float, max_idle: int) -> None:
+        """A reload's upstream.keepalive_timeout and max_idle_connections: for connections
+        going idle from now on (the pools and open connections stay)."""
+        self.keepalive_timeout = keepalive_timeout
+        self.max_idle = max_idle
 
     def origin(self, target: str) -> Origin:
         origin = self._origins.get(target)
@@ -76,7 +82,7 @@ class UpstreamClient:
                 )
         except TimeoutError:
             if deadline.expired():
-                raise ConnectFailed(f"upstream {origin.label} timed out", timed_out=True) from None
+                raise UpstreamConnectTimeout(f"upstream {origin.label} timed out") from None
             raise ConnectFailed(f"upstream {origin.label} is unreachable") from None
         except OSError:  # refused, unreachable, DNS (gaierror), TLS verification (SSLError)
             raise ConnectFailed(f"upstream {origin.label} is unreachable") from None
