@@ -151,8 +151,7 @@ class Runtime:
         self.core = core
         self._resources: Resources | None = None
         self.ready = False
-        self.handler: McpHandler | None = None
-        self.well_known: WellKnown | None = None
+        self._serving: tuple[McpHandler, WellKnown] | None = None
         self.ephemeral_mcp_key = mcp_key
         self.limiters: dict[tuple[str, RateLimitSettings], Limiter | SharedLimiter] = {}
 
@@ -161,6 +160,20 @@ class Runtime:
         if self._resources is None:
             raise RuntimeError("proxyd's resources are opened when the app starts")
         return self._resources
+
+    @property
+    def handler(self) -> McpHandler:
+        return self._installed()[0]
+
+    @property
+    def well_known(self) -> WellKnown:
+        return self._installed()[1]
+
+    def _installed(self) -> tuple[McpHandler, WellKnown]:
+        # aiohttp serves no request before the cleanup contexts ran (install happens there).
+        if self._serving is None:
+            raise RuntimeError("no configuration is installed before the app starts")
+        return self._serving
 
     @property
     def started(self) -> bool:
@@ -172,8 +185,8 @@ class Runtime:
 
     async def stop(self) -> None:
         self.ready = False
-        if self.handler is not None:
-            await self.handler.close()
+        if self._serving is not None:
+            await self._serving[0].close()
 
     def limiter(self, kind: str, settings: RateLimitSettings) -> Limiter | SharedLimiter:
         # Same settings after a reload: keep the buckets (a reload is no way around a limit).
@@ -222,7 +235,7 @@ class Runtime:
             core.clocks,
         )
         well_known = WellKnown(settings.server.public_url, registry, core.store, signer)
-        self.settings, self.handler, self.well_known = settings, handler, well_known
+        self.settings, self._serving = settings, (handler, well_known)
 
     async def reload(self, path: str, notifier: Notifier) -> bool:
         """SIGHUP: re-read and validate the main file; on success swap the configuration.
@@ -430,18 +443,12 @@ def _parser_ceiling(settings: Settings) -> int:
 
 
 async def _mcp(request: web.Request) -> web.StreamResponse:
-    handler = request.app[RUNTIME].handler
-    assert handler is not None
-    return await handler.handle(request)
+    return await request.app[RUNTIME].handler.handle(request)
 
 
 async def _jwks(request: web.Request) -> web.StreamResponse:
-    well_known = request.app[RUNTIME].well_known
-    assert well_known is not None
-    return await well_known.jwks(request)
+    return await request.app[RUNTIME].well_known.jwks(request)
 
 
 async def _resource_metadata(request: web.Request) -> web.StreamResponse:
-    well_known = request.app[RUNTIME].well_known
-    assert well_known is not None
-    return await well_known.protected_resource(request)
+    return await request.app[RUNTIME].well_known.protected_resource(request)

@@ -56,7 +56,7 @@ async def test_a_started_app_closes_every_resource_in_reverse(tmp_path: Path) ->
     await runner.setup()
     runtime = app[RUNTIME]
     resources = runtime.resources
-    assert runtime.ready and runtime.handler is not None
+    assert runtime.ready and runtime.handler.settings is runtime.settings
     await runner.cleanup()
     assert not runtime.ready
     assert resources.http.closed
