@@ -26,23 +26,16 @@ import signal
 import socket
 import sys
 import tempfile
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-import aiohttp
 from aiohttp import web
-from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import Metric
-from prometheus_client.parser import text_string_to_metric_families
-from prometheus_client.registry import Collector
 
 from proxyd.auth.assertion import load_or_create_key
 from proxyd.config import ConfigError, Settings, read_config, settings_from_text
 from proxyd.log import get_logger
-from proxyd.metrics import counter, gauge
-from proxyd.process.admin import admin_app
+from proxyd.process.admin import admin_app, merged_metrics
 from proxyd.process.loop import run_loop
 from proxyd.process.notify import Notifier
 from proxyd.process.reloader import Reloader
@@ -50,7 +43,6 @@ from proxyd.process.worker import MAX_BOOT_MESSAGE
 
 log = get_logger("proxyd.supervisor")
 
-SCRAPE_TIMEOUT: Final = 5.0
 # A worker that takes longer than this to apply a forwarded SIGHUP is reported, not waited for.
 RELOAD_TIMEOUT: Final = 60.0
 # After the workers' own grace, how long they may take to exit before SIGKILL.
@@ -479,72 +471,7 @@ class Supervisor:
 
     async def scrape(self) -> bytes:
         """Every worker's metrics with a ``worker`` label, and the supervisor's own."""
-        texts = await asyncio.gather(*(self._scrape_one(w) for w in self.workers))
-        families: dict[str, Metric] = {}
-        for worker, text in zip(self.workers, texts, strict=True):
-            if text is None:
-                continue
-            for family in text_string_to_metric_families(text):
-                merged = families.get(family.name)
-                if merged is None:
-                    merged = families[family.name] = Metric(
-                        family.name, family.documentation, family.type, family.unit
-                    )
-                for sample in family.samples:
-                    labels = {**sample.labels, "worker": str(worker.index)}
-                    merged.samples.append(sample._replace(labels=labels))
-        registry = CollectorRegistry()
-        registry.register(_Families([*families.values(), *self._own_metrics(texts)]))
-        return generate_latest(registry)
-
-    def _own_metrics(self, texts: list[str | None]) -> Iterator[Metric]:
-        states = ("starting", "ready", "reloading", "stopping", "stopped")
-        yield gauge(
-            "proxyd_workers",
-            "Worker processes by state.",
-            ["state"],
-            (([st], float(sum(w.state == st for w in self.workers))) for st in states),
-        )
-        yield counter(
-            "proxyd_worker_restarts",
-            "Workers started again after they died.",
-            ["worker"],
-            (([str(w.index)], float(w.restarts)) for w in self.workers),
-        )
-        yield gauge(
-            "proxyd_worker_scrape_ok",
-            "1 when the worker's metrics were read for this scrape.",
-            ["worker"],
-            (
-                ([str(w.index)], float(t is not None))
-                for w, t in zip(self.workers, texts, strict=True)
-            ),
-        )
-
-    async def _scrape_one(self, worker: Worker) -> str | None:
-        if not worker.alive or worker.state == "starting":
-            return None
-        try:
-            connector = aiohttp.UnixConnector(path=worker.admin_socket)
-            timeout = aiohttp.ClientTimeout(total=SCRAPE_TIMEOUT)
-            async with (
-                aiohttp.ClientSession(connector=connector, timeout=timeout) as http,
-                http.get("http://worker/metrics") as resp,
-            ):
-                if resp.status != 200:
-                    return None
-                return await resp.text()
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            log.warning("worker_scrape_failed", worker=worker.index, error=str(exc))
-            return None
-
-
-class _Families(Collector):
-    def __init__(self, families: list[Metric]) -> None:
-        self._families = families
-
-    def collect(self) -> Iterator[Metric]:
-        return iter(self._families)
+        return await merged_metrics(self.workers)
 
 
 def supervise(settings: Settings, path: str, text: str) -> int:
