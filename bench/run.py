@@ -69,7 +69,7 @@ from procs import (
     wait_accepting,
 )
 
-from proxyd.dev import DevIssuer
+from proxyd.dev.issuer import DevIssuer
 
 BENCH_DIR = Path(__file__).resolve().parent
 DEFAULT_OUTPUT = BENCH_DIR / "results" / "latest.json"

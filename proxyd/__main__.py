@@ -64,7 +64,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_worker(
             args.config, args.index, args.control_fd, args.admin_socket, args.supervisor_pid
         )
-    from proxyd.devmain import main as dev
+    from proxyd.dev.main import main as dev
 
     return dev(args.listen)
 

@@ -6,8 +6,8 @@ import sys
 
 from aiohttp import web
 
-from proxyd.demo import DemoServer
-from proxyd.dev import DevIssuer, dev_settings, instructions
+from proxyd.dev.demo import DemoServer
+from proxyd.dev.issuer import DevIssuer, dev_settings, instructions
 from proxyd.log import configure, get_logger
 from proxyd.process.loop import exit_code, run_loop
 from proxyd.process.single import serve
