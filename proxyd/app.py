@@ -8,7 +8,7 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import aiohttp
 from aiocache import RedisCache, SimpleMemoryCache
@@ -43,7 +43,6 @@ from proxyd.mcp.pinning import SessionPinning
 from proxyd.mcp.policy import Policy
 from proxyd.mcp.sessionid import SessionIdCodec
 from proxyd.metrics import Metrics, counter, gauge
-from proxyd.process.notify import Notifier
 from proxyd.ratelimit import Limiter, Limits, SharedLimiter
 from proxyd.registry import Registry
 from proxyd.router import UpstreamRouter
@@ -139,6 +138,14 @@ async def open_resources(settings: Settings, core: Core, stack: AsyncExitStack) 
     return Resources(
         http, upstreams, jwks, sessions, identity_key, auditor, checker, state, shared_sessions
     )
+
+
+class ReloadNotice(Protocol):
+    """How a reload is told to the service manager (proxyd.process.notify.Notifier)."""
+
+    def reloading(self) -> None: ...
+
+    def ready(self, status: str) -> None: ...
 
 
 class Runtime:
@@ -237,7 +244,7 @@ class Runtime:
         well_known = WellKnown(settings.server.public_url, registry, core.store, signer)
         self.settings, self._serving = settings, (handler, well_known)
 
-    async def reload(self, path: str, notifier: Notifier) -> bool:
+    async def reload(self, path: str, notifier: ReloadNotice) -> bool:
         """SIGHUP: re-read and validate the main file; on success swap the configuration.
 
         Apps, servers, health checks, limits, upstream timeouts, MCP session keys, the identity

@@ -36,10 +36,10 @@ from proxyd.auth.assertion import load_or_create_key
 from proxyd.config import ConfigError, Settings, read_config, settings_from_text
 from proxyd.log import get_logger
 from proxyd.process.admin import admin_app, merged_metrics
+from proxyd.process.boot import MAX_BOOT_MESSAGE
 from proxyd.process.loop import run_loop
 from proxyd.process.notify import Notifier
 from proxyd.process.reloader import Reloader
-from proxyd.process.worker import MAX_BOOT_MESSAGE
 
 log = get_logger("proxyd.supervisor")
 

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import enum
 import socket
-from typing import TYPE_CHECKING, Final, cast
+from typing import Final, Protocol, cast
 
 from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
 
@@ -21,8 +21,16 @@ from proxyd.upstream.answer import MAX_HEAD, _Answer
 from proxyd.upstream.flow import HIGH_WATER, FlowControl
 from proxyd.upstream.wire import Origin
 
-if TYPE_CHECKING:
-    from proxyd.upstream.pool import UpstreamClient
+
+class Pool(Protocol):
+    """What a connection tells the pool that made it (proxyd.upstream.pool.UpstreamClient)."""
+
+    loop: asyncio.AbstractEventLoop
+
+    def release(self, conn: Connection) -> None: ...
+
+    def forget(self, conn: Connection) -> None: ...
+
 
 # Bodies up to this size go out in the same write as the head; larger ones as a second write
 # (no copy of a multi-megabyte body just to save a syscall).
@@ -84,7 +92,7 @@ class Connection(asyncio.Protocol):
 
     _flow: FlowControl  # from connection_made on
 
-    def __init__(self, client: UpstreamClient, origin: Origin) -> None:
+    def __init__(self, client: Pool, origin: Origin) -> None:
         self._client = client
         self.origin = origin
         self._loop = client.loop
