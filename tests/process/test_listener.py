@@ -229,9 +229,15 @@ async def test_slowloris_connections_are_cut_after_header_timeout_while_clients_
         ]
         try:
             await asyncio.wait_for(asyncio.gather(*(s.wait() for s in started)), GUARD)
+
+            async def all_accepted() -> bool:
+                # A client's connect returns once the kernel has the connection; proxyd may
+                # not have accepted it yet: wait for it, never assume it.
+                during = await scrape(http, proxyd)
+                return during.value("proxyd_open_connections") >= ATTACKERS
+
+            await until(all_accepted, what="every attacker's connection accepted", every=0)
             # A normal client, while every attacker holds its connection open.
-            during = await scrape(http, proxyd)
-            assert during.value("proxyd_open_connections") >= ATTACKERS
             served_during_attack = 0
             while not all(t.done() for t in attack):
                 status, body = await post(http, proxyd.url("a"), token)
