@@ -33,6 +33,7 @@ from proxyd.config import (
     in_force,
     load_settings,
 )
+from proxyd.cors import CorsPolicy
 from proxyd.forward import Forwarder
 from proxyd.handler import McpHandler
 from proxyd.health import HealthBook, HealthChecker
@@ -371,9 +372,18 @@ def create_app(
             yield
 
     app.cleanup_ctx.append(lifetime)
+    # CORS (proxyd/cors.py): preflights, and every answer's Access-Control-* stamped as its
+    # head is prepared (outermost of all: proxyd's own errors and streamed answers included).
+    cors = CorsPolicy(lambda: runtime.settings.server)
+    app.on_response_prepare.append(cors.on_prepare)
+    # Each OPTIONS route first on its resource: aiohttp picks a method's own route over "*".
+    app.router.add_route("OPTIONS", "/mcp/apps/{app}", cors.mcp_options)
     app.router.add_route("*", "/mcp/apps/{app}", _mcp)
+    app.router.add_route("OPTIONS", "/.well-known/jwks.json", cors.public_options)
     app.router.add_get("/.well-known/jwks.json", _jwks)
-    app.router.add_get("/.well-known/oauth-protected-resource/mcp/apps/{app}", _resource_metadata)
+    metadata = "/.well-known/oauth-protected-resource/mcp/apps/{app}"
+    app.router.add_route("OPTIONS", metadata, cors.public_options)
+    app.router.add_get(metadata, _resource_metadata)
     return app
 
 

@@ -54,6 +54,9 @@ class Unauthenticated(ProxydError):
     jsonrpc_code = INVALID_REQUEST
     reason = "missing_token"
     oauth_error: str | None = None
+    # The scopes the app's auth configs require, for the challenge's scope= (MCP 2025-11-25
+    # scope selection); set by the session gate, which knows the app.
+    scope: tuple[str, ...] = ()
 
 
 class MalformedToken(Unauthenticated):
@@ -72,6 +75,17 @@ class Forbidden(ProxydError):
     status = 403
     jsonrpc_code = INVALID_REQUEST
     reason = "forbidden"
+
+
+class InsufficientScope(Forbidden):
+    """A valid token without the scope an operation needs (RFC 6750 §3.1): the client may
+    authorize again asking for ``scope`` (MCP 2025-11-25 step-up authorization)."""
+
+    reason = "insufficient_scope"
+
+    def __init__(self, message: str, scope: tuple[str, ...]) -> None:
+        super().__init__(message)
+        self.scope = scope
 
 
 class NotFound(ProxydError):
@@ -213,10 +227,19 @@ def error_response(err: ProxydError, *, resource_metadata: str | None = None) ->
         params = []
         if resource_metadata:
             params.append(f"resource_metadata={_quote(resource_metadata)}")
+        if err.scope:
+            params.append(f"scope={_quote(' '.join(err.scope))}")
         if err.oauth_error:
             params.append(f"error={_quote(err.oauth_error)}")
             params.append(f"error_description={_quote(_description(err.message))}")
         headers["WWW-Authenticate"] = "Bearer" + (" " + ", ".join(params) if params else "")
+    elif isinstance(err, InsufficientScope):
+        # RFC 6750 §3.1 + MCP 2025-11-25 step-up: the scopes to authorize again with.
+        params = ['error="insufficient_scope"', f"scope={_quote(' '.join(err.scope))}"]
+        if resource_metadata:
+            params.append(f"resource_metadata={_quote(resource_metadata)}")
+        params.append(f"error_description={_quote(_description(err.message))}")
+        headers["WWW-Authenticate"] = "Bearer " + ", ".join(params)
     response = web.Response(
         status=err.status,
         body=error_body(err.jsonrpc_code, err.message, err.status, err.reason),

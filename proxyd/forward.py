@@ -75,6 +75,8 @@ def response_headers(upstream: Iterable[tuple[str, str]]) -> AnswerHead:
     chunked = sse = False
     for name, value in fields:
         lower = name.lower()
+        if lower.startswith("access-control-"):
+            continue  # proxyd's CORS policy is the only one (proxyd/cors.py)
         if lower not in drop:
             out.add(name, value)
             if lower == "content-type":

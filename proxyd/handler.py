@@ -21,6 +21,7 @@ from proxyd.auth.session import Session
 from proxyd.body import request_headers
 from proxyd.clock import Clocks
 from proxyd.config import Settings
+from proxyd.cors import allowed_origins
 from proxyd.errors import Forbidden, HeadersTooLarge, MethodNotAllowed, NotFound, ProxydError
 from proxyd.mcp.audit import AuditContext, Auditor
 from proxyd.mcp.exchange import Exchange
@@ -55,8 +56,7 @@ class McpHandler:
         self.signer = signer
         self.auditor = auditor
         self.clocks = clocks
-        public = settings.server.public_url
-        self._allowed_origins = settings.server.allowed_origins | {_origin_of(public)}
+        self._allowed_origins = allowed_origins(settings.server)  # CORS uses the same set
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         record = access_record(request)
@@ -155,8 +155,3 @@ def check_header_size(request: web.Request, limit: int) -> None:
     size = sum(len(name) + len(value) + 4 for name, value in request.raw_headers)
     if size > limit:
         raise HeadersTooLarge(f"request headers exceed the limit of {limit} bytes")
-
-
-def _origin_of(url: str) -> str:
-    scheme, _, rest = url.partition("://")
-    return f"{scheme}://{rest.split('/', 1)[0]}".lower()

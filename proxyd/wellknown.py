@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from proxyd.access import resource_url
 from proxyd.auth.appauth import AppAuthStore
 from proxyd.auth.assertion import AssertionSigner
 from proxyd.errors import NotFound
@@ -27,13 +28,17 @@ class WellKnown:
         app = self._registry.get(name)
         if app is None:
             raise NotFound("unknown app", reason="unknown_app")
-        issuers = sorted({c.jwt.issuer for c in self._store.snapshot.for_labels(app.labels)})
-        # RFC 9728 §2 / §3.2; MCP authorization (2025-06-18+) reads authorization_servers.
-        return web.json_response(
-            {
-                "resource": f"{self._public_url}/mcp/apps/{name}",
-                "authorization_servers": issuers,
-                "bearer_methods_supported": ["header"],
-                "resource_name": name,
-            }
-        )
+        snapshot = self._store.snapshot
+        issuers = sorted({c.jwt.issuer for c in snapshot.for_labels(app.labels)})
+        # RFC 9728 §2 / §3.2; MCP authorization (2025-06-18+) reads authorization_servers,
+        # and (2025-11-25 scope selection) scopes_supported when the 401 names no scope.
+        doc: dict[str, object] = {
+            "resource": resource_url(self._public_url, name),
+            "authorization_servers": issuers,
+            "bearer_methods_supported": ["header"],
+            "resource_name": name,
+        }
+        scopes = snapshot.scopes_for(app.labels)
+        if scopes:
+            doc["scopes_supported"] = list(scopes)
+        return web.json_response(doc)

@@ -835,3 +835,130 @@ async def test_resource_metadata_url_of_401_is_served(
     meta = await client.get(url.removeprefix(PUBLIC_URL))
     assert meta.status == 200
     assert (await meta.json())["resource"] == f"{PUBLIC_URL}/mcp/apps/a"
+
+
+# --------------------------------------------------------------------------------------------
+# Issue 12: RFC 8707 resource audiences, required scopes, username claims
+
+
+def metadata_path(app: str) -> str:
+    return f"/.well-known/oauth-protected-resource/mcp/apps/{app}"
+
+
+async def test_the_advertised_resource_url_is_an_accepted_audience_for_its_app_only(
+    issuer: TestIssuer,
+    make_proxy: ProxyFactory,
+    upstreams: Upstreams,
+    clock: FakeClock,
+    tmp_path: Path,
+) -> None:
+    """A standards-following AS puts the resource proxyd advertises into `aud` (RFC 8707);
+    one app auth config selects both apps, and app a's token never opens app b."""
+    echo_a, echo_b = Echo(), Echo()
+    apps = {"a": await upstreams.start(echo_a.app()), "b": await upstreams.start(echo_b.app())}
+    doc = config(issuer, apps, tmp_path)
+    del doc["app_auth_configs"][0]["jwt"]["audience"]  # the resource URL only
+    client = await make_proxy(doc)
+    resource_a = (await (await client.get(metadata_path("a"))).json())["resource"]
+    resource_b = (await (await client.get(metadata_path("b"))).json())["resource"]
+    assert resource_a == f"{PUBLIC_URL}/mcp/apps/a"
+    token_a = issuer.token(clock.wall(), aud=resource_a)
+    assert (await client.post("/mcp/apps/a", json=RPC, headers=bearer(token_a))).status == 200
+    resp = await client.post("/mcp/apps/b", json=RPC, headers=bearer(token_a))
+    body = await rpc_error(resp, 401)
+    assert body["error"]["data"]["reason"] == "wrong_audience"
+    assert 'error="invalid_token"' in resp.headers["WWW-Authenticate"]
+    assert echo_b.seen == []
+    token_b = issuer.token(clock.wall(), aud=[resource_b, "unrelated"])
+    assert (await client.post("/mcp/apps/b", json=RPC, headers=bearer(token_b))).status == 200
+    # The configured audience of the test IdP is no longer accepted: none is configured.
+    resp = await client.post("/mcp/apps/a", json=RPC, headers=bearer(issuer.token(clock.wall())))
+    await rpc_error(resp, 401)
+
+
+async def test_audience_list_and_resource_audience_off(
+    issuer: TestIssuer,
+    make_proxy: ProxyFactory,
+    upstreams: Upstreams,
+    clock: FakeClock,
+    tmp_path: Path,
+) -> None:
+    doc = config(issuer, {"a": await upstreams.start(Echo().app())}, tmp_path)
+    jwt = doc["app_auth_configs"][0]["jwt"]
+    jwt["audience"], jwt["resource_audience"] = ["one", "two"], False
+    client = await make_proxy(doc)
+    for aud, status in (("two", 200), (["x", "one"], 200), (f"{PUBLIC_URL}/mcp/apps/a", 401)):
+        token = issuer.token(clock.wall(), aud=aud)
+        resp = await client.post("/mcp/apps/a", json=RPC, headers=bearer(token))
+        assert resp.status == status, aud
+
+
+async def test_required_scopes_metadata_401_and_403_insufficient_scope(
+    issuer: TestIssuer,
+    make_proxy: ProxyFactory,
+    upstreams: Upstreams,
+    clock: FakeClock,
+    tmp_path: Path,
+    logs: LogCapture,
+) -> None:
+    echo = Echo()
+    doc = config(issuer, {"a": await upstreams.start(echo.app())}, tmp_path)
+    doc["app_auth_configs"][0]["jwt"]["required_scopes"] = ["mcp", "tools.read"]
+    client = await make_proxy(doc)
+    meta = await (await client.get(metadata_path("a"))).json()
+    assert meta["scopes_supported"] == ["mcp", "tools.read"]
+    resp = await client.post("/mcp/apps/a", json=RPC)
+    await rpc_error(resp, 401)
+    assert resp.headers["WWW-Authenticate"] == (
+        f'Bearer {resource_metadata_header("a")}, scope="mcp tools.read"'
+    )
+    resp = await client.post("/mcp/apps/a", json=RPC, headers=bearer("x.y.z"))
+    assert 'scope="mcp tools.read", error="invalid_token"' in resp.headers["WWW-Authenticate"]
+    short = issuer.token(clock.wall(), scope="openid mcp")
+    resp = await client.post("/mcp/apps/a", json=RPC, headers=bearer(short))
+    body = await rpc_error(resp, 403)
+    assert body["error"]["data"]["reason"] == "insufficient_scope"
+    assert resp.headers["WWW-Authenticate"] == (
+        'Bearer error="insufficient_scope", scope="mcp tools.read", '
+        f'{resource_metadata_header("a")}, error_description="token lacks a required scope"'
+    )
+    assert echo.seen == []
+    failure = logs.events("app_auth.verify.failure")[-1]
+    assert (failure["reason"], failure["config"]) == ("insufficient_scope", "test-idp")
+    enough = issuer.token(clock.wall(), scp=["tools.read", "mcp"])
+    assert (await client.post("/mcp/apps/a", json=RPC, headers=bearer(enough))).status == 200
+    assert len(echo.seen) == 1
+
+
+async def test_no_required_scopes_no_scope_in_metadata_or_challenge(
+    issuer: TestIssuer, make_proxy: ProxyFactory, tmp_path: Path
+) -> None:
+    client = await make_proxy(config(issuer, {"a": "http://127.0.0.1:9/mcp"}, tmp_path))
+    assert "scopes_supported" not in await (await client.get(metadata_path("a"))).json()
+    resp = await client.post("/mcp/apps/a", json=RPC)
+    assert "scope=" not in resp.headers["WWW-Authenticate"]
+
+
+async def test_machine_client_token_with_a_username_claim_list(
+    issuer: TestIssuer,
+    make_proxy: ProxyFactory,
+    upstreams: Upstreams,
+    clock: FakeClock,
+    tmp_path: Path,
+    logs: LogCapture,
+) -> None:
+    """A client_credentials token: no email, no preferred_username, `sub` is the client."""
+    doc = config(issuer, {"a": await upstreams.start(Echo().app())}, tmp_path)
+    jwt = doc["app_auth_configs"][0]["jwt"]
+    jwt["username_claim"] = ["email", "preferred_username", "sub"]
+    client = await make_proxy(doc)
+    machine = issuer.token(clock.wall(), email=None, sub="svc-reports", client_id="svc-reports")
+    assert (await client.post("/mcp/apps/a", json=RPC, headers=bearer(machine))).status == 200
+    person = issuer.token(clock.wall())
+    assert (await client.post("/mcp/apps/a", json=RPC, headers=bearer(person))).status == 200
+    verified = logs.events("app_auth.verify.success")
+    assert [(e["user"], e["username_claim"]) for e in verified] == [
+        ("svc-reports", "sub"),
+        ("alice@example.com", "email"),
+    ]
+    assert [line["user"] for line in access_lines(logs)] == ["svc-reports", "alice@example.com"]

@@ -23,8 +23,9 @@ from typing import Any
 import pytest
 
 from proxyd.app import RUNTIME
-from proxyd.auth.session import session_key
-from proxyd.auth.shared import RecordSealer, decode_record
+from proxyd.auth.jwt import Identity
+from proxyd.auth.session import Session, session_key
+from proxyd.auth.shared import RecordSealer, decode_record, encode_record
 from proxyd.config import (
     RESTART_ONLY,
     ConfigError,
@@ -360,7 +361,9 @@ async def test_a_session_verified_on_one_instance_is_used_by_the_other(
     assert len(echo.seen) == 6
 
 
-@pytest.mark.parametrize("change", ["leeway", "renamed", "rejects"])
+@pytest.mark.parametrize(
+    "change", ["leeway", "renamed", "rejects", "username_claim", "audiences", "resource_audience"]
+)
 async def test_a_changed_app_auth_config_on_the_other_instance_verifies_again(
     change: str,
     redis: RedisServer,
@@ -379,6 +382,12 @@ async def test_a_changed_app_auth_config_on_the_other_instance_verifies_again(
         auth["jwt"]["leeway"] = "30s"  # same name, different content: another fingerprint
     elif change == "renamed":
         auth["name"] = "other-idp"  # B has no config of A's name: verify under B's own
+    elif change == "username_claim":
+        auth["jwt"]["username_claim"] = ["email", "sub"]  # issue 12's fields count too
+    elif change == "audiences":
+        auth["jwt"]["audience"] = [auth["jwt"]["audience"], "another"]
+    elif change == "resource_audience":
+        auth["jwt"]["resource_audience"] = False
     else:
         auth["jwt"]["audience"] = "someone-else"  # B's config refuses the token
     a, b = await start_pair(make_proxy, doc, doc_b)
@@ -789,3 +798,26 @@ def test_the_example_config_shows_every_state_key_with_its_default() -> None:
     section = text[text.index("[state]") : text.index("[upstream]")]
     for name in ("backend", "url", "timeout", "limiter_failure", "key_prefix", "retry_interval"):
         assert f"{name} = " in section, name
+
+
+def test_a_shared_record_keeps_the_username_claim() -> None:
+    identity = Identity(
+        username="svc-reports",
+        issuer="https://idp.test",
+        subject="svc-reports",
+        config="idp",
+        expires_at=2e9,
+        issued_at=1e9,
+        claims={"sub": "svc-reports", "scope": "mcp"},
+        username_claim="sub",
+    )
+    session = Session(key="proxyd-jwt:k", app="a", identity=identity, expires_at=2e9)
+    doc = decode_record(encode_record(session, "fp"))
+    assert doc is not None and doc["username_claim"] == "sub"
+    # A record written before the field existed (same record version) still reads.
+    older = json.loads(encode_record(session, "fp"))
+    del older["username_claim"]
+    doc = decode_record(json.dumps(older).encode())
+    assert doc is not None and doc["username_claim"] == ""
+    older["username_claim"] = 5
+    assert decode_record(json.dumps(older).encode()) is None

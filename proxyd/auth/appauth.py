@@ -18,7 +18,7 @@ from proxyd.auth.jwks import JwksCache, JwksUnavailable
 from proxyd.auth.jwt import Identity, UnverifiedToken, peek, verify
 from proxyd.auth.keys import KeySet, KeySetError, RejectedKey, parse_jwks
 from proxyd.config import AppAuthConfig
-from proxyd.errors import InvalidToken, ServiceUnavailable
+from proxyd.errors import InsufficientScope, InvalidToken, ServiceUnavailable
 from proxyd.labels import LabelSelector
 from proxyd.log import get_logger
 
@@ -46,6 +46,12 @@ class AuthSnapshot:
 
     def for_labels(self, labels: Mapping[str, str]) -> tuple[AppAuthConfig, ...]:
         return tuple(c for c in self.configs if c.app_labels.matches(labels))
+
+    def scopes_for(self, labels: Mapping[str, str]) -> tuple[str, ...]:
+        """The required scopes of the configs that select an app, in config order (RFC 9728
+        scopes_supported, the challenge's scope=)."""
+        scopes = (s for c in self.for_labels(labels) for s in c.jwt.required_scopes)
+        return tuple(dict.fromkeys(scopes))
 
 
 def build_snapshot(
@@ -100,11 +106,13 @@ def fingerprint(config: AppAuthConfig) -> str:
         _selector_doc(config.app_labels),
         [
             jwt.issuer,
-            jwt.audience,
+            list(jwt.audience),
+            jwt.resource_audience,
             jwt.jwks_url,
             jwt.static_jwks,
-            jwt.username_claim,
+            list(jwt.username_claim),
             sorted(jwt.algorithms),
+            list(jwt.required_scopes),
             jwt.max_token_age,
             jwt.leeway,
         ],
@@ -185,21 +193,25 @@ class Authenticator:
     def store(self) -> AppAuthStore:
         return self._store
 
-    async def authenticate(self, app: str, labels: Mapping[str, str], raw: str) -> Identity:
+    async def authenticate(
+        self, app: str, labels: Mapping[str, str], raw: str, resource: str | None = None
+    ) -> Identity:
+        """``resource``: the app's resource URL (``{public_url}/mcp/apps/{app}``), accepted as
+        an audience by configs with ``resource_audience``; None accepts configured ones only."""
         snapshot = self._store.snapshot
         configs = snapshot.for_labels(labels)
         if not configs:
             raise InvalidToken("token not accepted for this app", reason="no_matching_config")
         token = peek(raw)
-        failures: list[InvalidToken] = []
+        failures: list[InvalidToken | InsufficientScope] = []
         unavailable: list[str] = []
         for config in configs:
             if config.jwt.issuer != token.issuer:
                 continue  # cheap pre-filter: no key fetch for an unrelated identity provider
             try:
                 keyset = await self._keys(snapshot, config, token)
-                identity = verify(token, keyset, config.jwt, config.name, self._now())
-            except InvalidToken as exc:
+                identity = verify(token, keyset, config.jwt, config.name, self._now(), resource)
+            except (InvalidToken, InsufficientScope) as exc:
                 exc.config = config.name
                 failures.append(exc)
                 log.info("app_auth_attempt_failed", app=app, config=config.name, reason=exc.reason)
@@ -218,6 +230,11 @@ class Authenticator:
                 "identity provider keys are unavailable; try again shortly",
                 reason="jwks_unavailable",
             )
+        # A token some config found valid but short of scope: 403 with the scopes to ask for
+        # (the client can fix that by authorizing again), not another config's 401.
+        short = [f for f in failures if isinstance(f, InsufficientScope)]
+        if short:
+            raise short[0]
         if failures:
             raise failures[0]
         raise InvalidToken("token issuer is not accepted for this app", reason="wrong_issuer")

@@ -17,7 +17,7 @@ from proxyd.auth.appauth import Authenticator, AuthSnapshot
 from proxyd.auth.bearer import bearer_token
 from proxyd.auth.session import FOREIGN_VERSION, Session, SessionStore, session_key
 from proxyd.clock import Clocks
-from proxyd.errors import InvalidToken, ProxydError
+from proxyd.errors import InvalidToken, ProxydError, Unauthenticated
 from proxyd.log import get_logger
 from proxyd.metrics import Metrics
 from proxyd.netaddr import ClientView
@@ -59,7 +59,18 @@ class SessionGate:
         self, app: App, authorization: str | None, client: ClientView, record: AccessRecord
     ) -> Session:
         """The session of the bearer token in ``authorization`` for ``app``; raises the
-        ProxydError that answers the request otherwise."""
+        ProxydError that answers the request otherwise (a 401 names the scopes the app's
+        configs require, for the client's next authorization)."""
+        try:
+            return await self._session_for(app, authorization, client, record)
+        except Unauthenticated as err:
+            if not err.scope:
+                err.scope = self.authenticator.store.snapshot.scopes_for(app.labels)
+            raise
+
+    async def _session_for(
+        self, app: App, authorization: str | None, client: ClientView, record: AccessRecord
+    ) -> Session:
         try:
             token = bearer_token(authorization)
         except ProxydError:
@@ -113,7 +124,9 @@ class SessionGate:
         if pending is None:
             # Single flight: a client opening its GET stream and POSTs at once with a new
             # token pays one verification and one limiter token, not one per request.
-            pending = asyncio.ensure_future(self._new_session(key, app, token, client))
+            pending = asyncio.ensure_future(
+                self._new_session(key, app, token, client, record.resource)
+            )
             self._pending[key] = pending
             pending.add_done_callback(lambda done: self._settled(key, done))
         session = await asyncio.shield(pending)
@@ -136,9 +149,11 @@ class SessionGate:
         if not done.cancelled():
             done.exception()  # retrieved here: every waiter may have gone away
 
-    async def _new_session(self, key: str, app: App, token: str, client: ClientView) -> Session:
+    async def _new_session(
+        self, key: str, app: App, token: str, client: ClientView, resource: str | None
+    ) -> Session:
         try:
-            identity = await self.authenticator.authenticate(app.name, app.labels, token)
+            identity = await self.authenticator.authenticate(app.name, app.labels, token, resource)
             if identity.expires_at <= self.clocks.wall():
                 # Past exp, accepted only by the verification leeway: the session would have
                 # TTL 0 and the upstream an assertion expired at birth, so the session is over.
@@ -160,6 +175,7 @@ class SessionGate:
             app=app.name,
             client=client.address,
             user=identity.username,
+            username_claim=identity.username_claim,
             issuer=identity.issuer,
             config=identity.config,
         )

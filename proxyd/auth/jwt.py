@@ -2,9 +2,10 @@
 
 Rules (Teleport's CreateAppSessionWithJWT, go-jose's 60 s leeway, RFC 7519 §4.1, RFC 8725):
 signature with a key chosen by ``kid`` and an asymmetric algorithm that key allows; ``iss``
-exact; ``aud`` contains the audience; ``exp`` and ``iat`` required; ``exp``/``nbf``/``iat``
-checked with the leeway; ``iat`` no older than ``max_token_age``; the username claim a
-non-empty string.
+exact; ``aud`` contains a configured audience or the resource URL of the app (RFC 8707);
+``exp`` and ``iat`` required; ``exp``/``nbf``/``iat`` checked with the leeway; ``iat`` no older
+than ``max_token_age``; one of the username claims a non-empty string; and then the token's
+scopes hold the required ones (else 403 insufficient_scope, not 401: the token is valid).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import base64
 import binascii
 import json
 import math
+import re
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -23,7 +25,7 @@ from joserfc.errors import JoseError, SecurityWarning
 
 from proxyd.auth.keys import ASYMMETRIC_ALGORITHMS, KeySet, VerifyKey
 from proxyd.config import JwtSettings
-from proxyd.errors import InvalidToken
+from proxyd.errors import InsufficientScope, InvalidToken
 
 # RFC 9864 deprecates "EdDSA" in favour of "Ed25519"; IdPs still publish it and we accept it.
 warnings.filterwarnings("ignore", category=SecurityWarning, message=".*EdDSA.*")
@@ -58,6 +60,7 @@ class Identity:
     claims: Mapping[str, Any]
     config_version: int = 0  # the app auth config generation it was verified under
     dropped_claims: frozenset[str] = frozenset()  # too large to keep (see kept_claims)
+    username_claim: str = ""  # the claim the username came from (audit)
 
 
 def _b64json(part: str) -> Any:
@@ -125,13 +128,49 @@ def _numeric(claims: Mapping[str, Any], name: str) -> float | None:
     return float(value)
 
 
-def check_claims(claims: Mapping[str, Any], settings: JwtSettings, now: float) -> None:
+_SCOPE_TOKEN = re.compile(r"[\x21\x23-\x5B\x5D-\x7E]+")
+
+
+def token_scopes(claims: Mapping[str, Any]) -> tuple[str, ...]:
+    """The scopes a token grants: ``scope`` (RFC 8693 §4.2, RFC 9068: space-delimited) and
+    ``scp`` (a list at Okta, a space-delimited string at Entra), in order, without repeats.
+    Only RFC 6749 §3.3 scope tokens count: anything else can match no configured scope and
+    must never reach a header."""
+    found: list[str] = []
+    for name in ("scope", "scp"):
+        value = claims.get(name)
+        items = value.split(" ") if isinstance(value, str) else value
+        if isinstance(items, list):
+            found.extend(v for v in items if isinstance(v, str) and _SCOPE_TOKEN.fullmatch(v))
+    return tuple(dict.fromkeys(found))
+
+
+def accepted_audiences(settings: JwtSettings, resource: str | None) -> tuple[str, ...]:
+    if settings.resource_audience and resource is not None:
+        return (*settings.audience, resource)
+    return settings.audience
+
+
+def username_of(claims: Mapping[str, Any], settings: JwtSettings) -> tuple[str, str] | None:
+    """(claim name, username): the first of ``username_claim`` holding a non-empty string."""
+    for name in settings.username_claim:
+        value = claims.get(name)
+        if isinstance(value, str) and value.strip():
+            return name, value
+    return None
+
+
+def check_claims(
+    claims: Mapping[str, Any], settings: JwtSettings, now: float, resource: str | None = None
+) -> None:
+    """``resource``: the resource URL of the app the token is presented to (RFC 8707); with
+    ``resource_audience`` an ``aud`` holding it is accepted for that app, and that app only."""
     leeway = settings.leeway
     if claims.get("iss") != settings.issuer:
         raise InvalidToken("token issuer is not accepted", reason="wrong_issuer")
     aud = claims.get("aud")
     audiences = [aud] if isinstance(aud, str) else aud if isinstance(aud, list) else []
-    if settings.audience not in audiences:
+    if not any(a in audiences for a in accepted_audiences(settings, resource)):
         raise InvalidToken("token audience is not accepted", reason="wrong_audience")
     exp = _numeric(claims, "exp")
     if exp is None:
@@ -149,12 +188,21 @@ def check_claims(claims: Mapping[str, Any], settings: JwtSettings, now: float) -
     if now - iat > settings.max_token_age:
         # Teleport's jwtMaxIssuedAtAfter: sessions only start from recently issued tokens.
         raise InvalidToken("token was issued too long ago", reason="too_old")
-    username = claims.get(settings.username_claim)
-    if not isinstance(username, str) or not username.strip():
+    if username_of(claims, settings) is None:
+        names = " or ".join(repr(n) for n in settings.username_claim)
         raise InvalidToken(
-            f"token must have a non-empty string {settings.username_claim!r} claim",
+            f"token must have a non-empty string {names} claim",
             reason="missing_username_claim",
         )
+
+
+def check_scopes(claims: Mapping[str, Any], settings: JwtSettings) -> None:
+    """After every other check: a token lacking a required scope is valid, just not enough."""
+    if not settings.required_scopes:
+        return
+    granted = set(token_scopes(claims))
+    if not all(s in granted for s in settings.required_scopes):
+        raise InsufficientScope("token lacks a required scope", scope=settings.required_scopes)
 
 
 def kept_claims(claims: Mapping[str, Any]) -> tuple[dict[str, Any], frozenset[str]]:
@@ -177,15 +225,24 @@ def kept_claims(claims: Mapping[str, Any]) -> tuple[dict[str, Any], frozenset[st
 
 
 def verify(
-    token: UnverifiedToken, keyset: KeySet, settings: JwtSettings, config: str, now: float
+    token: UnverifiedToken,
+    keyset: KeySet,
+    settings: JwtSettings,
+    config: str,
+    now: float,
+    resource: str | None = None,
 ) -> Identity:
     verify_signature(token, keyset)
     claims = token.claims
     kept, dropped = kept_claims(claims)
-    check_claims(claims, settings, now)
+    check_claims(claims, settings, now, resource)
+    check_scopes(claims, settings)
+    found = username_of(claims, settings)
+    assert found is not None  # check_claims
     sub = claims.get("sub")
     return Identity(
-        username=claims[settings.username_claim],
+        username=found[1],
+        username_claim=found[0],
         issuer=settings.issuer,
         subject=sub if isinstance(sub, str) else None,
         config=config,

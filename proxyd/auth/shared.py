@@ -76,6 +76,7 @@ def encode_record(session: Session, fingerprint: str) -> bytes:
         "app": session.app,
         "expires_at": session.expires_at,
         "username": identity.username,
+        "username_claim": identity.username_claim,
         "issuer": identity.issuer,
         "subject": identity.subject,
         "config": identity.config,
@@ -106,6 +107,9 @@ def decode_record(plain: bytes) -> dict[str, Any] | None:
     if not all(isinstance(doc.get(name), str) for name in strings):
         return None
     if doc.get("subject") is not None and not isinstance(doc["subject"], str):
+        return None
+    # Absent in records written before username_claim was kept (same record version).
+    if not isinstance(doc.setdefault("username_claim", ""), str):
         return None
     numbers = ("expires_at", "token_expires_at", "issued_at")
     if any(_number(doc.get(name)) is None for name in numbers):
@@ -169,6 +173,7 @@ class SharedSessions:
             claims=doc["claims"],
             config_version=version,
             dropped_claims=frozenset(doc["dropped_claims"]),
+            username_claim=doc["username_claim"],
         )
         return Session(
             key=key, app=doc["app"], identity=identity, expires_at=float(doc["expires_at"])

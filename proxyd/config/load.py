@@ -382,6 +382,8 @@ def _parse_jwt(t: _Table) -> JwtSettings:
         t.problem(None, "exactly one of jwks_url or static_jwks is required")
     if settings.leeway > 300:
         t.problem("leeway", "at most 5m")
+    if not settings.audience and not settings.resource_audience and "audience" not in t.failed:
+        t.problem(None, "accepts no audience: set audience, or leave resource_audience = true")
     if settings.static_jwks is not None and "algorithms" not in t.failed:
         # Check the keys with the config's own algorithms, exactly as AppAuthStore will parse
         # them: keys without an "alg" are usable once `algorithms` is set, and a key set that

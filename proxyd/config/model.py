@@ -37,6 +37,7 @@ from proxyd.config.values import (
     log_level,
     non_negative_int,
     nonempty_str,
+    one_or_more,
     parse_duration,
     parse_http_url,
     parse_origin,
@@ -46,6 +47,7 @@ from proxyd.config.values import (
     positive_duration,
     positive_int,
     redis_key_prefix,
+    scope_list,
     state_backend,
     string,
     url_path,
@@ -90,7 +92,9 @@ class ServerSettings:
     listen_host: Annotated[str, Key("listen"), RESTART] = "127.0.0.1"
     listen_port: Annotated[int, Key("listen"), RESTART] = 8443
     # Its default (derived from listen) is given by the section's reader.
-    public_url: Annotated[str, Parse(base_url)] = "http://127.0.0.1:8443"
+    # Restart-only: the access middleware and the resource URLs built from it (the audience
+    # proxyd accepts, resource_metadata) are made once, at start.
+    public_url: Annotated[str, Parse(base_url), RESTART] = "http://127.0.0.1:8443"
     trusted_proxies: Annotated[
         tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...], Parse(list_of(cidr))
     ] = ()
@@ -199,13 +203,21 @@ class JwksSettings:
 @dataclass(frozen=True, slots=True)
 class JwtSettings:
     issuer: Annotated[str, Parse(nonempty_str, required=True, missing="")]
-    audience: Annotated[str, Parse(nonempty_str, required=True, missing="")]
-    jwks_url: Annotated[str | None, Parse(parse_http_url)]
-    static_jwks: Annotated[str | None, Parse(jwks_json)]
+    # `aud` must contain one of these, or (resource_audience) the resource URL of the app the
+    # request is for, exactly as its protected resource metadata names it (RFC 8707 §2, MCP
+    # authorization 2025-06-18+). A string or a list; at least one of the two (load.py).
+    audience: Annotated[tuple[str, ...], Parse(one_or_more(nonempty_str))] = ()
+    resource_audience: Annotated[bool, Parse(boolean)] = True
+    jwks_url: Annotated[str | None, Parse(parse_http_url)] = None
+    static_jwks: Annotated[str | None, Parse(jwks_json)] = None
     # algorithms before username_claim: fields are read (and their problems reported) in
     # this order.
     algorithms: Annotated[frozenset[str], Parse(jwt_algorithms)] = frozenset()
-    username_claim: Annotated[str, Parse(nonempty_str)] = "email"
+    # Tried in order: the first claim holding a non-empty string names the user.
+    username_claim: Annotated[tuple[str, ...], Parse(one_or_more(nonempty_str))] = ("email",)
+    # The token's `scope` (space-delimited) or `scp` (list) must hold all of them; else 403
+    # insufficient_scope (RFC 6750 §3.1). Advertised as scopes_supported (RFC 9728).
+    required_scopes: Annotated[tuple[str, ...], Parse(scope_list)] = ()
     max_token_age: Annotated[float, Parse(positive_duration)] = 1800.0
     leeway: Annotated[float, Parse(parse_duration)] = 60.0
 

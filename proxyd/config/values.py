@@ -203,6 +203,37 @@ def nonempty_str(value: object) -> str:
     return text
 
 
+def one_or_more(parse: Callable[[object], T]) -> Callable[[object], tuple[T, ...]]:
+    """A string or a list of them (``audience = "a"`` or ``["a", "b"]``); order kept, repeats
+    dropped. An empty list is refused: leave the key out instead."""
+    parse_list = list_of(parse)
+
+    def parse_one_or_more(value: object) -> tuple[T, ...]:
+        if isinstance(value, str):
+            return (parse(value),)
+        if not isinstance(value, list) or not value:
+            raise ValueError("expected a string or a non-empty list of strings")
+        return tuple(dict.fromkeys(parse_list(value)))
+
+    return parse_one_or_more
+
+
+_SCOPE_RE = re.compile(r"^[\x21\x23-\x5B\x5D-\x7E]+$")
+
+
+def scope_token(value: object) -> str:
+    """One OAuth scope token (RFC 6749 §3.3: printable ASCII without space, '"' and '\\')."""
+    text = string(value)
+    if not _SCOPE_RE.match(text):
+        raise ValueError("not an OAuth scope token (no spaces, quotes or backslashes)")
+    return text
+
+
+def scope_list(value: object) -> tuple[str, ...]:
+    """A list of scope tokens, order kept, repeats dropped."""
+    return tuple(dict.fromkeys(list_of(scope_token)(value)))
+
+
 def boolean(value: object) -> bool:
     if not isinstance(value, bool):
         raise ValueError("expected true or false")

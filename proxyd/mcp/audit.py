@@ -76,6 +76,7 @@ class AuditContext:
         self._started = started
         self._fields: dict[str, Any] = {
             "user": session.identity.username,
+            "username_claim": session.identity.username_claim,
             "issuer": session.identity.issuer,
             "app": app.name,
             "client": client.address,

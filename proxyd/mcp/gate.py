@@ -13,7 +13,7 @@ from multidict import CIMultiDict
 from proxyd.auth.session import Session
 from proxyd.body import RequestBody
 from proxyd.config import ServerSettings
-from proxyd.errors import Forbidden, ProxydError
+from proxyd.errors import Forbidden, InsufficientScope, ProxydError
 from proxyd.mcp.audit import AuditContext
 from proxyd.mcp.era import (
     check_framing,
@@ -39,6 +39,9 @@ class McpGate:
     def app_access(self, app: App, session: Session) -> Access:
         access = self.policy.access(session.key, session.identity, app.name, app.labels)
         if not access.app_allowed:
+            scope = access.step_up_scope(None)
+            if scope is not None:
+                raise InsufficientScope("this app needs a scope the token lacks", scope=scope)
             raise Forbidden("access to this app is denied by proxyd policy", reason="app_denied")
         return access
 
@@ -56,6 +59,12 @@ class McpGate:
             # No id, so no answer to give (JSON-RPC §4.1): accepted, dropped, audited.
             audit.exchange("POST", exchange, 202, None, allowed=False)
             return web.Response(status=202)
+        scope = access.step_up_scope(name) if isinstance(name, str) else None
+        if scope is not None:
+            # A role granting by scope would allow it: 403 insufficient_scope, so the client
+            # authorizes again with that scope (MCP 2025-11-25 step-up) and retries.
+            audit.exchange("POST", exchange, 403, None, allowed=False)
+            raise InsufficientScope(f"tool {name!r} needs a scope the token lacks", scope=scope)
         audit.exchange("POST", exchange, 200, None, allowed=False)
         # Teleport's answer: HTTP 200, JSON-RPC -32602 with the same id, a clear message.
         return web.json_response(

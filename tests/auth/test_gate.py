@@ -18,13 +18,19 @@ import aiohttp
 import pytest
 from aiocache import SimpleMemoryCache
 
-from proxyd.access import AccessRecord
+from proxyd.access import AccessRecord, resource_url
 from proxyd.auth.appauth import AppAuthStore, Authenticator
 from proxyd.auth.gate import SessionGate
 from proxyd.auth.jwks import JwksCache
 from proxyd.auth.session import Session, SessionStore
 from proxyd.config import Settings, parse_settings
-from proxyd.errors import InvalidToken, MalformedToken, RateLimited, Unauthenticated
+from proxyd.errors import (
+    InsufficientScope,
+    InvalidToken,
+    MalformedToken,
+    RateLimited,
+    Unauthenticated,
+)
 from proxyd.mcp.audit import Auditor
 from proxyd.metrics import Metrics
 from proxyd.netaddr import ClientView
@@ -35,6 +41,8 @@ from tests.kit.issuer import TestIssuer
 
 CLIENT = ClientView("198.51.100.7", "198.51.100.7", "http", "proxyd.test")
 APP = App("a", {"env": "test"}, ("http://127.0.0.1:1/mcp",))
+APP_B = App("b", {"env": "test"}, ("http://127.0.0.1:1/mcp",))
+PUBLIC_URL = "https://mcp.example.com"
 
 
 @dataclass
@@ -55,7 +63,8 @@ class Rig:
         )
 
     async def session(self, token: str | None, app: App = APP) -> tuple[Session, AccessRecord]:
-        record = AccessRecord()
+        # As the access middleware sets it for /mcp/apps/{app}.
+        record = AccessRecord(resource=resource_url(PUBLIC_URL, app.name))
         header = None if token is None else f"Bearer {token}"
         return await self.gate.session_for(app, header, CLIENT, record), record
 
@@ -196,3 +205,83 @@ async def test_guessed_tokens_are_turned_away_by_the_limiter_before_any_crypto(r
         "proxyd_auth_total", {"outcome": "failure", "reason": "bad_signature"}
     )
     assert failures == 3  # the two over the limit cost no signature check
+
+
+# --- issue 12: resource audiences, scopes, username claims -----------------------------------
+
+
+def jwt_changed(rig: Rig, **changes: Any) -> None:
+    config = rig.store.snapshot.configs[0]
+    rig.store.swap((replace(config, jwt=replace(config.jwt, **changes)),))
+
+
+async def test_a_token_for_one_apps_resource_is_refused_on_another_app(rig: Rig) -> None:
+    """One config selects both apps; the token names app a's resource URL (RFC 8707)."""
+    token = rig.issuer.token(rig.clock.wall(), aud=resource_url(PUBLIC_URL, "a"))
+    session, record = await rig.session(token)
+    assert (session.username, record.session) == ("alice@example.com", "new")
+    with pytest.raises(InvalidToken) as refused:
+        await rig.session(token, APP_B)
+    assert refused.value.reason == "wrong_audience"
+    # The session of app a is untouched; app b's own resource URL works there.
+    assert (await rig.session(token))[1].session == "cached"
+    token_b = rig.issuer.token(rig.clock.wall(), aud=resource_url(PUBLIC_URL, "b"))
+    assert (await rig.session(token_b, APP_B))[0].username == "alice@example.com"
+
+
+async def test_resource_audience_off_refuses_the_resource_url(rig: Rig) -> None:
+    jwt_changed(rig, resource_audience=False)
+    token = rig.issuer.token(rig.clock.wall(), aud=resource_url(PUBLIC_URL, "a"))
+    with pytest.raises(InvalidToken) as refused:
+        await rig.session(token)
+    assert refused.value.reason == "wrong_audience"
+
+
+async def test_a_401_names_the_required_scopes(rig: Rig) -> None:
+    for header in (None, "Bearer not-a-jwt"):
+        with pytest.raises(Unauthenticated) as refused:
+            await rig.gate.session_for(APP, header, CLIENT, AccessRecord())
+        assert refused.value.scope == ()
+    jwt_changed(rig, required_scopes=("mcp", "tools.read"))
+    for header in (None, "Bearer not-a-jwt"):
+        with pytest.raises(Unauthenticated) as refused:
+            await rig.gate.session_for(APP, header, CLIENT, AccessRecord())
+        assert refused.value.scope == ("mcp", "tools.read")
+
+
+async def test_a_token_short_of_scope_is_403_and_opens_no_session(rig: Rig) -> None:
+    jwt_changed(rig, required_scopes=("mcp",))
+    now = rig.clock.wall()
+    with pytest.raises(InsufficientScope) as refused:
+        await rig.session(rig.issuer.token(now, scope="openid"))
+    assert (refused.value.status, refused.value.scope) == (403, ("mcp",))
+    assert refused.value.config == "idp"
+    assert rig.verified() == 0
+    session, _ = await rig.session(rig.issuer.token(now, scope="openid mcp"))
+    assert session.identity.claims["scope"] == "openid mcp"
+
+
+async def test_requiring_a_scope_verifies_live_sessions_again(rig: Rig) -> None:
+    token = rig.issuer.token(rig.clock.wall())  # no scope at all
+    await rig.session(token)
+    jwt_changed(rig, required_scopes=("mcp",))
+    with pytest.raises(InsufficientScope):
+        await rig.session(token)
+
+
+async def test_username_claim_list_and_the_claim_kept(rig: Rig) -> None:
+    jwt_changed(rig, username_claim=("email", "preferred_username", "sub"))
+    now = rig.clock.wall()
+    machine = rig.issuer.token(now, email=None, sub="ci-bot")
+    session, _ = await rig.session(machine)
+    assert (session.username, session.identity.username_claim) == ("ci-bot", "sub")
+    person, _ = await rig.session(rig.issuer.token(now))
+    assert person.identity.username_claim == "email"
+
+
+async def test_changing_username_claim_verifies_again(rig: Rig) -> None:
+    token = rig.issuer.token(rig.clock.wall(), preferred_username="alice")
+    assert (await rig.session(token))[0].username == "alice@example.com"
+    jwt_changed(rig, username_claim=("preferred_username",))
+    session, record = await rig.session(token)
+    assert (session.username, record.session) == ("alice", "new")

@@ -59,8 +59,10 @@ async def make_cache(http: aiohttp.ClientSession, clock: FakeClock) -> AsyncIter
 
 def jwt_settings(issuer: TestIssuer, **changes: Any) -> JwtSettings:
     base = JwtSettings(
-        issuer=issuer.issuer, audience=issuer.audience, jwks_url=issuer.url, static_jwks=None
+        issuer=issuer.issuer, audience=(issuer.audience,), jwks_url=issuer.url, static_jwks=None
     )
+    if isinstance(changes.get("audience"), str):
+        changes["audience"] = (changes["audience"],)
     return dataclasses.replace(base, **changes)
 
 

@@ -16,17 +16,18 @@ from proxyd.auth.jwt import (
     Identity,
     kept_claims,
     peek,
+    token_scopes,
     verify,
 )
 from proxyd.auth.keys import KeySet, KeySetError, RejectedKey, parse_jwks
 from proxyd.config import JwtSettings
-from proxyd.errors import InvalidToken
+from proxyd.errors import InsufficientScope, InvalidToken
 from tests.kit.issuer import AUDIENCE, ISSUER, TestIssuer, b64url, weak_rsa_key
 
 NOW = 1_700_000_000.0  # the fake "now" every token is minted and checked at
 
 SETTINGS = JwtSettings(
-    issuer=ISSUER, audience=AUDIENCE, jwks_url="https://idp.test/jwks.json", static_jwks=None
+    issuer=ISSUER, audience=(AUDIENCE,), jwks_url="https://idp.test/jwks.json", static_jwks=None
 )
 
 
@@ -82,7 +83,7 @@ def test_valid_token_accepted_for_es256_es384_rs256(idp: TestIssuer, kid: str) -
 
 
 def test_custom_username_claim(idp: TestIssuer) -> None:
-    cfg = settings(username_claim="preferred_username")
+    cfg = settings(username_claim=("preferred_username",))
     token = idp.token(NOW, preferred_username="alice", email=None)
     assert check(token, keyset_of(idp), cfg).username == "alice"
     assert reason(idp.token(NOW), keyset_of(idp), cfg) == "missing_username_claim"
@@ -481,3 +482,125 @@ def test_kept_claims_are_bounded() -> None:
     assert len(json.dumps(kept)) <= MAX_KEPT_CLAIMS_BYTES
     assert 0 < len(kept) < len(claims)
     assert kept["groups"] == ["admins"]  # one oversized claim does not starve the rest
+
+
+# --- RFC 8707 audiences, scopes, username claims (issue 12) ------------------------------------
+
+RESOURCE_A = "https://mcp.example.com/mcp/apps/a"
+RESOURCE_B = "https://mcp.example.com/mcp/apps/b"
+
+
+def check_for(raw: str, keys: KeySet, cfg: JwtSettings, resource: str | None) -> Identity:
+    return verify(peek(raw), keys, cfg, "test-idp", NOW, resource)
+
+
+def test_audience_list_any_of_them_accepted(idp: TestIssuer) -> None:
+    cfg = settings(audience=("first", "second"))
+    assert check(idp.token(NOW, aud="second"), keyset_of(idp), cfg).username
+    assert check(idp.token(NOW, aud=["x", "first"]), keyset_of(idp), cfg).username
+    assert reason(idp.token(NOW, aud=AUDIENCE), keyset_of(idp), cfg) == "wrong_audience"
+
+
+def test_resource_url_accepted_as_audience_for_its_app_only(idp: TestIssuer) -> None:
+    keys = keyset_of(idp)
+    for aud in (RESOURCE_A, [RESOURCE_A], ["other", RESOURCE_A]):
+        token = idp.token(NOW, aud=aud)
+        assert check_for(token, keys, SETTINGS, RESOURCE_A).username == "alice@example.com"
+        with pytest.raises(InvalidToken) as exc:
+            check_for(token, keys, SETTINGS, RESOURCE_B)  # app A's token on app B
+        assert exc.value.reason == "wrong_audience"
+        # Without a resource (no request context) only configured audiences count.
+        assert reason(token, keys) == "wrong_audience"
+
+
+def test_resource_audience_exact_match(idp: TestIssuer) -> None:
+    keys = keyset_of(idp)
+    for aud in (RESOURCE_A + "/", RESOURCE_A.upper(), "https://mcp.example.com/mcp/apps"):
+        with pytest.raises(InvalidToken):
+            check_for(idp.token(NOW, aud=aud), keys, SETTINGS, RESOURCE_A)
+
+
+def test_resource_audience_off_accepts_configured_audiences_only(idp: TestIssuer) -> None:
+    cfg = settings(resource_audience=False)
+    keys = keyset_of(idp)
+    with pytest.raises(InvalidToken) as exc:
+        check_for(idp.token(NOW, aud=RESOURCE_A), keys, cfg, RESOURCE_A)
+    assert exc.value.reason == "wrong_audience"
+    assert check_for(idp.token(NOW), keys, cfg, RESOURCE_A).username
+
+
+def test_no_configured_audience_accepts_the_resource_url_only(idp: TestIssuer) -> None:
+    cfg = settings(audience=())
+    keys = keyset_of(idp)
+    assert check_for(idp.token(NOW, aud=RESOURCE_A), keys, cfg, RESOURCE_A).username
+    with pytest.raises(InvalidToken):
+        check_for(idp.token(NOW), keys, cfg, RESOURCE_A)  # aud = "proxyd"
+
+
+def test_username_claims_tried_in_order(idp: TestIssuer) -> None:
+    cfg = settings(username_claim=("email", "preferred_username", "sub"))
+    keys = keyset_of(idp)
+    identity = check(idp.token(NOW), keys, cfg)
+    assert (identity.username, identity.username_claim) == ("alice@example.com", "email")
+    # Empty and non-string values are skipped, not accepted.
+    token = idp.token(NOW, email="", preferred_username=["x"], sub="svc-123")
+    identity = check(token, keys, cfg)
+    assert (identity.username, identity.username_claim) == ("svc-123", "sub")
+    token = idp.token(NOW, email=None, preferred_username="alice")
+    assert check(token, keys, cfg).username_claim == "preferred_username"
+    token = idp.token(NOW, email=None, sub=None)
+    assert reason(token, keys, cfg) == "missing_username_claim"
+
+
+def test_client_credentials_token_with_the_example_default(idp: TestIssuer) -> None:
+    """A machine client's token: no email, no preferred_username; sub is its client id."""
+    cfg = settings(username_claim=("email", "preferred_username", "sub"))
+    token = idp.token(NOW, email=None, sub="reporting-bot", client_id="reporting-bot")
+    identity = check(token, keyset_of(idp), cfg)
+    assert (identity.username, identity.username_claim) == ("reporting-bot", "sub")
+    # The code default stays `email`: such a token is refused without the list.
+    assert reason(token, keyset_of(idp)) == "missing_username_claim"
+
+
+@pytest.mark.parametrize(
+    "claims",
+    [
+        {"scope": "mcp tools.read"},
+        {"scope": "openid  mcp tools.read "},  # repeated and trailing spaces
+        {"scp": ["tools.read", "mcp"]},  # Okta
+        {"scp": "mcp tools.read"},  # Entra
+        {"scope": "mcp", "scp": ["tools.read"]},
+    ],
+)
+def test_required_scopes_held(idp: TestIssuer, claims: dict[str, Any]) -> None:
+    cfg = settings(required_scopes=("mcp", "tools.read"))
+    assert check(idp.token(NOW, **claims), keyset_of(idp), cfg).username
+
+
+@pytest.mark.parametrize(
+    "claims",
+    [
+        {},
+        {"scope": "mcp"},
+        {"scope": "mcp tools.readx"},
+        {"scope": "MCP TOOLS.READ"},  # scopes are case-sensitive (RFC 6749 §3.3)
+        {"scope": 42},
+        {"scp": [["mcp"], "tools.read"]},
+    ],
+)
+def test_missing_scope_is_insufficient_scope(idp: TestIssuer, claims: dict[str, Any]) -> None:
+    cfg = settings(required_scopes=("mcp", "tools.read"))
+    with pytest.raises(InsufficientScope) as exc:
+        check(idp.token(NOW, **claims), keyset_of(idp), cfg)
+    assert exc.value.status == 403
+    assert exc.value.scope == ("mcp", "tools.read")
+
+
+def test_invalid_token_is_401_before_scopes(idp: TestIssuer) -> None:
+    cfg = settings(required_scopes=("mcp",))
+    assert reason(idp.token(NOW, aud="other"), keyset_of(idp), cfg) == "wrong_audience"
+
+
+def test_token_scopes_ignores_what_is_no_scope_token() -> None:
+    claims = {"scope": 'a b\r\nSet-Cookie:x "q" c\\d a', "scp": ["e", 5, "f g"]}
+    assert token_scopes(claims) == ("a", "e")

@@ -77,7 +77,10 @@ def test_good_document_parses_with_defaults() -> None:
     assert settings.apps[0].servers == ("http://10.0.0.1/mcp",)
     [config] = settings.app_auth_configs
     assert config.source == "main"
-    assert config.jwt.username_claim == "email"
+    assert config.jwt.username_claim == ("email",)
+    assert config.jwt.audience == ("proxyd",)
+    assert config.jwt.resource_audience is True
+    assert config.jwt.required_scopes == ()
     assert config.jwt.max_token_age == 1800.0
     assert config.jwt.leeway == 60.0
     assert config.app_labels.matches({"env": "prod"})
@@ -351,6 +354,15 @@ def test_single_value_problems(section: str, key: str, value: object, message: s
         ({"algorithms": ["RS256", 5]}, "jwt.algorithms[1]", "expected a string"),
         ({"algorithms": ["HS512"]}, "jwt.algorithms", "not allowed: HS512"),
         ({"jwks_url": "file:///etc/jwks.json"}, "jwt.jwks_url", "not an http(s) URL"),
+        ({"audience": []}, "jwt.audience", "a string or a non-empty list"),
+        ({"audience": ["a", ""]}, "jwt.audience[1]", "must not be empty"),
+        ({"audience": 5}, "jwt.audience", "a string or a non-empty list"),
+        ({"resource_audience": "yes"}, "jwt.resource_audience", "expected true or false"),
+        ({"username_claim": ["email", 5]}, "jwt.username_claim[1]", "expected a string"),
+        ({"username_claim": []}, "jwt.username_claim", "a string or a non-empty list"),
+        ({"required_scopes": "mcp"}, "jwt.required_scopes", "expected a list"),
+        ({"required_scopes": ["mcp", "a b"]}, "jwt.required_scopes[1]", "not an OAuth scope"),
+        ({"required_scopes": ['x"y']}, "jwt.required_scopes[0]", "not an OAuth scope"),
     ],
 )
 def test_jwt_problems(jwt: dict[str, Any], path: str, message: str) -> None:
@@ -485,18 +497,66 @@ def test_config_dir_loads_one_config_per_file(tmp_path: Path) -> None:
     assert settings.app_auth_config_dir == str(tmp_path)
 
 
+@pytest.mark.parametrize(
+    ("jwt", "audience", "resource_audience"),
+    [
+        ({"audience": ["a", "b", "a"]}, ("a", "b"), True),
+        ({"audience": "a", "resource_audience": False}, ("a",), False),
+        ({"audience": None}, (), True),  # only the resource URL is accepted
+    ],
+)
+def test_jwt_audiences(
+    jwt: dict[str, Any], audience: tuple[str, ...], resource_audience: bool
+) -> None:
+    doc = good_doc()
+    config = auth_config(**jwt)
+    if jwt.get("audience", "") is None:
+        del config["jwt"]["audience"]
+    doc["app_auth_configs"] = [config]
+    settings = parse_settings(doc)
+    assert settings.app_auth_configs[0].jwt.audience == audience
+    assert settings.app_auth_configs[0].jwt.resource_audience is resource_audience
+
+
+def test_a_config_accepting_no_audience_is_refused() -> None:
+    doc = good_doc()
+    config = auth_config(resource_audience=False)
+    del config["jwt"]["audience"]
+    doc["app_auth_configs"] = [config]
+    assert problems_of(doc) == [
+        "app_auth_configs[0].jwt: accepts no audience: set audience, or leave "
+        "resource_audience = true"
+    ]
+
+
+def test_username_claims_and_required_scopes_read() -> None:
+    doc = good_doc()
+    doc["app_auth_configs"] = [
+        auth_config(
+            username_claim=["email", "preferred_username", "sub"],
+            required_scopes=["mcp", "tools.read", "mcp"],
+        )
+    ]
+    jwt = parse_settings(doc).app_auth_configs[0].jwt
+    assert jwt.username_claim == ("email", "preferred_username", "sub")
+    assert jwt.required_scopes == ("mcp", "tools.read")
+
+
 def test_config_dir_file_problems_name_the_file_and_key(tmp_path: Path) -> None:
     (tmp_path / "good.toml").write_text(CORP.format(name="good"))
     (tmp_path / "bad.toml").write_text(
         'name = "bad"\napp_labels = { env = "prod" }\ntypo = 1\n'
-        '[jwt]\nissuer = "https://i"\njwks_url = "ftp://i/jwks"\n'
+        '[jwt]\nissuer = "https://i"\njwks_url = "ftp://i/jwks"\nresource_audience = false\n'
     )
     (tmp_path / "syntax.toml").write_text("name = [")
     configs, problems = load_app_auth_dir(str(tmp_path))
     assert [c.name for c in configs] == ["good"]
     bad, syntax = tmp_path / "bad.toml", tmp_path / "syntax.toml"
     assert f"{bad}: typo: unknown key" in problems
-    assert f"{bad}: jwt.audience: required" in problems
+    assert (
+        f"{bad}: jwt: accepts no audience: set audience, or leave resource_audience = true"
+        in problems
+    )
     assert f"{bad}: jwt.jwks_url: not an http(s) URL" in problems
     assert any(p.startswith(f"{syntax}: ") for p in problems)
     assert len(problems) == 4, problems

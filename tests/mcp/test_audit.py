@@ -149,6 +149,7 @@ async def test_legacy_session_events(
     [verified] = audit.events("app_auth.verify.success")
     assert verified["user"] == USER and verified["app"] == "a"
     assert verified["config"] == "test-idp" and verified["client"] == "127.0.0.1"
+    assert verified["username_claim"] == "email"  # which claim named the user (issue 12)
     [start] = audit.events("mcp.session.start")
     # tools/list is not recorded (it succeeded); the denied add is, with allowed=false.
     assert audit.requests() == [
@@ -171,6 +172,7 @@ async def test_legacy_session_events(
             assert field in event, (event["event"], field)
         assert event["user"] == USER and event["app"] == "a" and event["client"] == "127.0.0.1"
         assert event["issuer"] == issuer.issuer
+        assert event["username_claim"] == "email"
         assert isinstance(event["latency_ms"], float | int) and event["latency_ms"] >= 0
     # One proxyd session throughout (a hash, not the token); one MCP session after initialize.
     assert len({e["session"] for e in everything}) == 1

@@ -870,6 +870,72 @@ def test_cached_decision_does_not_outlive_the_identity_it_was_made_for() -> None
     assert not policy.access("k", identity("u-123", version=2), "a", LABELS_A).app_allowed
 
 
+@pytest.mark.parametrize(
+    ("matchers", "claims", "expected"),
+    [
+        ({"scope": "tools.write"}, {"scope": "mcp tools.write"}, True),
+        ({"scope": "tools.write"}, {"scope": "tools.write"}, True),
+        ({"scope": "tools.write"}, {"scope": "mcp tools.writer"}, False),
+        ({"scope": "tools.write"}, {"scope": "mcp"}, False),
+        ({"scope": "tools.write"}, {}, False),
+        ({"scope": "tools.write"}, {"scp": ["mcp", "tools.write"]}, True),  # Okta
+        ({"scope": "tools.write"}, {"scp": "mcp tools.write"}, True),  # Entra
+        ({"scope": ["a", "tools.write"]}, {"scope": "b a"}, True),
+        ({"scope": "^tools\\..*$"}, {"scope": "mcp tools.read"}, True),
+        ({"scope": "mcp tools.write"}, {"scope": "mcp tools.write"}, False),  # one token each
+    ],
+)
+def test_scope_claim_matches_as_a_set_of_tokens(
+    matchers: dict[str, Any], claims: dict[str, Any], expected: bool
+) -> None:
+    r = Role.of(role_settings(claims=matchers))
+    assert r.applies_to(identity("nobody", **claims)) is expected
+
+
+def scope_roles() -> list[RoleSettings]:
+    return [
+        role_settings("readers", claims={"scope": "mcp"}, apps={"env": "test"}, allow=("echo",)),
+        role_settings(
+            "writers", claims={"scope": "tools.write"}, apps={"env": "test"}, allow=("add",)
+        ),
+        role_settings("no-whoami", users=("*",), deny=("whoami",)),
+    ]
+
+
+def test_step_up_names_the_scope_that_would_allow_the_tool() -> None:
+    policy = Policy(scope_roles())
+    reader = policy.access("k", identity(scope="openid mcp"), "a", LABELS_A)
+    assert reader.tool_allowed("echo") and not reader.tool_allowed("add")
+    # The token's scopes and the one missing: authorizing again loses nothing.
+    assert reader.step_up_scope("add") == ("openid", "mcp", "tools.write")
+    assert reader.step_up_scope("whoami") is None  # denied whatever the scope
+    assert reader.step_up_scope("unknown") is None  # no role allows it
+    writer = policy.access("k2", identity(scope="openid mcp tools.write"), "a", LABELS_A)
+    assert writer.tool_allowed("add") and writer.step_up_scope("add") is None
+
+
+def test_step_up_for_an_app_no_role_grants_yet() -> None:
+    policy = Policy(scope_roles())
+    access = policy.access("k", identity(), "a", LABELS_A)
+    assert not access.app_allowed
+    assert access.step_up_scope(None) == ("mcp",)  # the first role (config order)
+    elsewhere = policy.access("k", identity(), "z", {"env": "prod"})
+    assert elsewhere.step_up_scope(None) is None  # no scope role grants that app
+
+
+def test_no_step_up_without_scope_roles_or_for_patterns() -> None:
+    plain = Policy([role_settings(users=(ALICE,), apps={"env": "test"}, allow=("echo",))])
+    assert plain.access("k", identity(), "a", LABELS_A).step_up_scope("add") is None
+    pattern = Policy(
+        [role_settings(claims={"scope": "^tools\\..*$"}, apps={"env": "test"}, allow=("*",))]
+    )
+    # A pattern names no scope a client could ask for.
+    assert pattern.access("k", identity(), "a", LABELS_A).step_up_scope("add") is None
+    # Nor does a value no token can hold (and that must never reach a header).
+    odd = Policy([role_settings(claims={"scope": 'a"\r\nb'}, apps={"env": "test"}, allow=("*",))])
+    assert odd.access("k", identity(), "a", LABELS_A).step_up_scope("add") is None
+
+
 # --------------------------------------------------------------------------------------------
 # Configuration of roles
 
@@ -1017,3 +1083,42 @@ async def test_denied_tool_call_sent_as_a_notification_is_202_and_dropped(env: E
     assert resp.status == 202
     assert await resp.read() == b""
     assert [c.name for c in env.up.calls] == []
+
+
+# --------------------------------------------------------------------------------------------
+# Roles granting by scope, and step-up authorization (issue 12 §2)
+
+
+async def test_step_up_write_tool_needs_a_scope_tools_list_does_not(env: Env) -> None:
+    """A token without the write scope lists tools, is refused the write tool with 403
+    insufficient_scope naming the scopes to ask for, and with them the call goes through."""
+    doc = env.doc(
+        [
+            role("readers", claims={"scope": "mcp"}, allow=["echo"]),
+            role("writers", claims={"scope": "tools.write"}, allow=["add"]),
+        ]
+    )
+    doc["app_auth_configs"][0]["jwt"]["required_scopes"] = ["mcp"]
+    proxy = await env.make_proxy(doc)
+    reader = env.token(scope="mcp")
+    async with mcp_client(url(proxy), reader, mode=LEGACY) as c:
+        assert [t.name for t in (await c.list_tools()).tools] == ["echo"]
+    resp = await proxy.post("/mcp/apps/a", json=call("add", 5), headers=headers(reader))
+    assert resp.status == 403
+    body = await resp.json()
+    assert body["error"]["data"] == {"status": 403, "reason": "insufficient_scope"}
+    metadata = "http://127.0.0.1:0"  # base_config's public_url (from its listen address)
+    assert resp.headers["WWW-Authenticate"] == (
+        'Bearer error="insufficient_scope", scope="mcp tools.write", '
+        f'resource_metadata="{metadata}/.well-known/oauth-protected-resource/mcp/apps/a", '
+        "error_description=\"tool 'add' needs a scope the token lacks\""
+    )
+    # A tool no scope would allow is still proxyd's JSON-RPC denial.
+    resp = await proxy.post("/mcp/apps/a", json=call("whoami", 6), headers=headers(reader))
+    assert resp.status == 200 and (await resp.json())["error"]["code"] == DENIED_CODE
+    assert env.up.calls == []
+    writer = env.token(scope="mcp tools.write")
+    async with mcp_client(url(proxy), writer, mode=LEGACY) as c:
+        assert {t.name for t in (await c.list_tools()).tools} == {"echo", "add"}
+        assert text_of(await c.call_tool("add", {"a": 2, "b": 3})) == "5"
+    assert [c.name for c in env.up.calls] == ["add"]
