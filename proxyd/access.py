@@ -28,9 +28,6 @@ class AccessRecord:
     session: str | None = None  # "cached" | "new"
     reason: str | None = None
     outcome: Outcome | None = None
-    # The resource URL of the request's app (RFC 8707/9728), as its metadata names it: a token
-    # whose aud holds it is for this app.
-    resource: str | None = None
 
 
 _RECORD_KEY = web.RequestKey("proxyd_access", AccessRecord)
@@ -38,11 +35,6 @@ _RECORD_KEY = web.RequestKey("proxyd_access", AccessRecord)
 
 def access_record(request: web.Request) -> AccessRecord:
     return request[_RECORD_KEY]
-
-
-def resource_url(public_url: str, app: str) -> str:
-    """An app's resource identifier: the ``resource`` of its protected resource metadata."""
-    return f"{public_url}/mcp/apps/{app}"
 
 
 def resource_metadata_url(public_url: str, request: web.Request) -> str | None:
@@ -77,9 +69,6 @@ def access_middleware(public_url: str, metrics: Metrics | None = None) -> Middle
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         started = time.perf_counter()
         record = AccessRecord()
-        app = request.match_info.get("app")
-        if app is not None:
-            record.resource = resource_url(public_url, app)
         request[_RECORD_KEY] = record
         status = 0
         try:

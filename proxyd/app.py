@@ -229,7 +229,9 @@ class Runtime:
         )
         keys = list(settings.sessions.mcp_keys) or self._ephemeral_key()
         pinning = SessionPinning(SessionIdCodec(keys), registry)
-        authenticator = Authenticator(core.store, r.jwks, core.clocks.wall)
+        authenticator = Authenticator(
+            core.store, r.jwks, core.clocks.wall, settings.server.public_url
+        )
         forwarder = Forwarder(r.upstreams, settings.upstream, core.metrics)
         handler = McpHandler(
             settings,

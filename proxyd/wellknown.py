@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from proxyd.access import resource_url
-from proxyd.auth.appauth import AppAuthStore
+from proxyd.auth.appauth import AppAuthStore, resource_url
 from proxyd.auth.assertion import AssertionSigner
 from proxyd.errors import NotFound
 from proxyd.registry import Registry

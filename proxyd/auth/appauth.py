@@ -179,15 +179,30 @@ class AppAuthStore:
         return changes
 
 
+def resource_url(public_url: str, app: str) -> str:
+    """An app's resource identifier: the ``resource`` of its protected resource metadata
+    (RFC 9728), which RFC 8707 clients ask tokens for."""
+    return f"{public_url}/mcp/apps/{app}"
+
+
 class Authenticator:
-    """Verifies a bearer token for an app against the matching app auth configs, in name order."""
+    """Verifies a bearer token for an app against the matching app auth configs, in name order.
+
+    ``public_url``: where the apps' resource URLs live; a config with ``resource_audience``
+    accepts a token whose ``aud`` holds the app's (RFC 8707). None accepts configured
+    audiences only."""
 
     def __init__(
-        self, store: AppAuthStore, jwks: JwksCache, wall_clock: Callable[[], float]
+        self,
+        store: AppAuthStore,
+        jwks: JwksCache,
+        wall_clock: Callable[[], float],
+        public_url: str | None = None,
     ) -> None:
         self._store = store
         self._jwks = jwks
         self._now = wall_clock
+        self._public_url = public_url
 
     @property
     def store(self) -> AppAuthStore:
@@ -196,8 +211,9 @@ class Authenticator:
     async def authenticate(
         self, app: str, labels: Mapping[str, str], raw: str, resource: str | None = None
     ) -> Identity:
-        """``resource``: the app's resource URL (``{public_url}/mcp/apps/{app}``), accepted as
-        an audience by configs with ``resource_audience``; None accepts configured ones only."""
+        """``resource``: the app's resource URL, when not the one ``public_url`` gives."""
+        if resource is None and self._public_url is not None:
+            resource = resource_url(self._public_url, app)
         snapshot = self._store.snapshot
         configs = snapshot.for_labels(labels)
         if not configs:

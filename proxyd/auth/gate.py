@@ -124,9 +124,7 @@ class SessionGate:
         if pending is None:
             # Single flight: a client opening its GET stream and POSTs at once with a new
             # token pays one verification and one limiter token, not one per request.
-            pending = asyncio.ensure_future(
-                self._new_session(key, app, token, client, record.resource)
-            )
+            pending = asyncio.ensure_future(self._new_session(key, app, token, client))
             self._pending[key] = pending
             pending.add_done_callback(lambda done: self._settled(key, done))
         session = await asyncio.shield(pending)
@@ -149,11 +147,9 @@ class SessionGate:
         if not done.cancelled():
             done.exception()  # retrieved here: every waiter may have gone away
 
-    async def _new_session(
-        self, key: str, app: App, token: str, client: ClientView, resource: str | None
-    ) -> Session:
+    async def _new_session(self, key: str, app: App, token: str, client: ClientView) -> Session:
         try:
-            identity = await self.authenticator.authenticate(app.name, app.labels, token, resource)
+            identity = await self.authenticator.authenticate(app.name, app.labels, token)
             if identity.expires_at <= self.clocks.wall():
                 # Past exp, accepted only by the verification leeway: the session would have
                 # TTL 0 and the upstream an assertion expired at birth, so the session is over.

@@ -18,8 +18,8 @@ import aiohttp
 import pytest
 from aiocache import SimpleMemoryCache
 
-from proxyd.access import AccessRecord, resource_url
-from proxyd.auth.appauth import AppAuthStore, Authenticator
+from proxyd.access import AccessRecord
+from proxyd.auth.appauth import AppAuthStore, Authenticator, resource_url
 from proxyd.auth.gate import SessionGate
 from proxyd.auth.jwks import JwksCache
 from proxyd.auth.session import Session, SessionStore
@@ -63,8 +63,7 @@ class Rig:
         )
 
     async def session(self, token: str | None, app: App = APP) -> tuple[Session, AccessRecord]:
-        # As the access middleware sets it for /mcp/apps/{app}.
-        record = AccessRecord(resource=resource_url(PUBLIC_URL, app.name))
+        record = AccessRecord()
         header = None if token is None else f"Bearer {token}"
         return await self.gate.session_for(app, header, CLIENT, record), record
 
@@ -108,7 +107,7 @@ async def rig(clock: FakeClock) -> AsyncIterator[Rig]:
         sessions = SessionStore(SimpleMemoryCache(timeout=None), clock.wall, 12 * 3600)
         gate = SessionGate(
             sessions,
-            Authenticator(store, jwks, clock.wall),
+            Authenticator(store, jwks, clock.wall, PUBLIC_URL),
             limits,
             metrics,
             Auditor(settings.audit),
