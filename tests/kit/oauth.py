@@ -15,6 +15,7 @@ soon as a client follows the authorization redirects with a cookie jar.
         asrv.client_id, asrv.client_secret   # a confidential client_credentials client
         await asrv.client_credentials_token(resource, "mcp:tools")   # {"access_token": ...}
         await asrv.metadata()      # the RFC 8414 document
+        await asrv.register_client({...})   # RFC 7591 registration (pre-registering a client)
 
     browser = HeadlessBrowser("http://127.0.0.1:1/callback")
     OAuthClientProvider(..., redirect_handler=browser.redirect, callback_handler=browser.callback)
@@ -100,6 +101,16 @@ class AuthorizationServer:
             )
             if response.status_code != 200:
                 raise NodeKitError(f"token request: {response.status_code} {response.text}")
+            answer: dict[str, Any] = response.json()
+            return answer
+
+    async def register_client(self, metadata: dict[str, Any]) -> dict[str, Any]:
+        """RFC 7591 registration at /reg, as an operator pre-registering a client would do it;
+        the registration response (client_id, client_secret, the registered ``scope``...)."""
+        async with httpx2.AsyncClient() as http:
+            response = await http.post(f"{self.issuer}/reg", json=metadata)
+            if response.status_code != 201:
+                raise NodeKitError(f"registration: {response.status_code} {response.text}")
             answer: dict[str, Any] = response.json()
             return answer
 
