@@ -91,9 +91,13 @@ class CorsPolicy:
     async def on_prepare(self, request: web.Request, response: web.StreamResponse) -> None:
         """Every answer's CORS headers, just before its head is sent."""
         origin = request.headers.get("Origin")
-        if origin is None:
-            return  # not a browser's cross-origin request: the hot path stops here
         path = request.path
+        if origin is None:
+            # Not a browser's cross-origin request: the hot path stops here. The public
+            # documents say "*" even so: a shared cache may hand this answer to a browser.
+            if path.startswith(PUBLIC_PATHS):
+                response.headers["Access-Control-Allow-Origin"] = "*"
+            return
         if path.startswith(MCP_PREFIX):
             # A preflight's answer is complete as it is (a refused one has no CORS headers).
             if is_preflight(request) or not self.allows(origin):

@@ -323,6 +323,9 @@ async def test_well_known_answers_any_origin(
     resp = await client.options(path)
     assert resp.status == 204
     assert resp.headers["Allow"] == "GET, OPTIONS"
+    # Without an Origin too: a shared cache may hand this answer to a browser later.
+    resp = await client.get(path)
+    assert cors_headers(resp.headers) == {"access-control-allow-origin": "*"}
 
 
 # --------------------------------------------------------------------------------------------
