@@ -213,6 +213,15 @@ async def node_upstream(
         str(port),
         "--exit-on-eof",  # it also exits if this process dies without stopping it
     ]
+    async with listening(argv, "upstream.mjs") as (port, _):
+        yield NodeUpstream(port, stateless, json_response)
+
+
+@asynccontextmanager
+async def listening(argv: list[str], name: str) -> AsyncIterator[tuple[int, IO[bytes]]]:
+    """A Node server started from ``argv`` (run in tests/node) until it prints ``LISTENING
+    <port>``: its port and its stderr (a file, read for diagnostics); stopped and awaited on
+    exit. Its stdin is a pipe: ``--exit-on-eof`` servers end if this process dies."""
     with tempfile.TemporaryFile() as stderr:
         process = await asyncio.create_subprocess_exec(
             *argv,
@@ -226,12 +235,11 @@ async def node_upstream(
             try:
                 line = await asyncio.wait_for(process.stdout.readline(), START_GUARD)
             except TimeoutError:
-                raise NodeKitError("upstream.mjs did not print LISTENING in time") from None
+                raise NodeKitError(f"{name} did not print LISTENING in time") from None
             words = line.decode("utf-8", "replace").split()
             if len(words) != 2 or words[0] != "LISTENING" or not words[1].isdigit():
-                await _stop(process)
-                raise NodeKitError(f"upstream.mjs did not start: {line!r} {_tail(stderr)}")
-            yield NodeUpstream(int(words[1]), stateless, json_response)
+                raise NodeKitError(f"{name} did not start: {line!r} {_tail(stderr)}")
+            yield int(words[1]), stderr
         finally:
             await _stop(process)
 

@@ -28,12 +28,10 @@ registration, consent, errors) is in ``asrv.log()``.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import json
 import os
 import secrets
-import tempfile
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -47,10 +45,9 @@ from mcp.shared.auth import AuthorizationCodeResult
 from tests.kit.nodekit import (
     NODE_DIR,
     NODE_MODULES,
-    START_GUARD,
     NodeKitError,
-    _stop,
     _tail,
+    listening,
     require_node,
 )
 
@@ -154,26 +151,8 @@ async def authorization_server(
         client_secret,
         "--exit-on-eof",  # it also exits if this process dies without stopping it
     ]
-    with tempfile.TemporaryFile() as stderr:
-        process = await asyncio.create_subprocess_exec(
-            *argv,
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=stderr,
-            cwd=NODE_DIR,
-        )
-        try:
-            assert process.stdout is not None
-            try:
-                line = await asyncio.wait_for(process.stdout.readline(), START_GUARD)
-            except TimeoutError:
-                raise NodeKitError("as.mjs did not print LISTENING in time") from None
-            words = line.decode("utf-8", "replace").split()
-            if len(words) != 2 or words[0] != "LISTENING" or not words[1].isdigit():
-                raise NodeKitError(f"as.mjs did not start: {line!r} {_tail(stderr)}")
-            yield AuthorizationServer(int(words[1]), client_id, client_secret, list(scopes), stderr)
-        finally:
-            await _stop(process)
+    async with listening(argv, "as.mjs") as (port, stderr):
+        yield AuthorizationServer(port, client_id, client_secret, list(scopes), stderr)
 
 
 @dataclass
