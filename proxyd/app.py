@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import random
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -32,6 +32,7 @@ from proxyd.config import (
     Settings,
     in_force,
     load_settings,
+    upstream_credentials,
 )
 from proxyd.cors import CorsPolicy
 from proxyd.forward import Forwarder
@@ -210,7 +211,13 @@ class Runtime:
                 self.limiters[key] = SharedLimiter(settings, kind, state, local)
         return self.limiters[key]
 
-    def install(self, settings: Settings) -> None:
+    def install(
+        self, settings: Settings, credentials: Mapping[str, tuple[str, str]] | None = None
+    ) -> None:
+        """Build the configuration's objects and swap them in. ``credentials``: the headers of
+        ``[apps.upstream_auth]`` (read now when not given: a rotated secret needs no restart)."""
+        if credentials is None:
+            credentials = upstream_credentials(settings.apps)
         core, r = self.core, self.resources
         r.upstreams.reconfigure(
             settings.upstream.keepalive_timeout, settings.upstream.max_idle_connections
@@ -220,7 +227,7 @@ class Runtime:
         r.sessions.reconfigure(settings.sessions.max_ttl)
         if r.shared_sessions is not None and settings.sessions.mcp_keys:
             r.shared_sessions.set_keys(settings.sessions.mcp_keys)
-        registry = Registry(settings.apps, core.rng, core.health)
+        registry = Registry(settings.apps, core.rng, core.health, credentials)
         signer = AssertionSigner(r.identity_key, settings.server.public_url, settings.identity.ttl)
         limits = Limits(
             self.limiter("unauthenticated", settings.limits.unauthenticated),
@@ -262,6 +269,8 @@ class Runtime:
         notifier.reloading()
         try:
             new = load_settings(path, load_dir=False)
+            # Read before anything changes: a secret that cannot be read keeps the old ones.
+            credentials = upstream_credentials(new.apps)
         except ConfigError as exc:
             log.error(
                 "config_reload_failed",
@@ -282,7 +291,7 @@ class Runtime:
                 detail="these settings keep their old values until proxyd restarts",
             )
         set_level(new.log.level)
-        self.install(in_force(new, boot))
+        self.install(in_force(new, boot), credentials)
         self.core.watcher.set_main(new.main_app_auth_configs)
         checker = self.resources.checker
         await checker.stop()

@@ -73,7 +73,7 @@ class McpHandler:
         refusal = self.mcp.enforce_tools(exchange, access, audit)
         if refusal is not None:
             return refusal
-        headers = self.upstream_headers(request, session, client, exchange)
+        headers = self.upstream_headers(request, session, client, exchange, app)
         tools_filter = self.mcp.tools_filter(exchange, access, headers)
         try:
             response = await self.router.send(
@@ -126,7 +126,12 @@ class McpHandler:
         return view
 
     def upstream_headers(
-        self, request: web.Request, session: Session, client: ClientView, exchange: Exchange
+        self,
+        request: web.Request,
+        session: Session,
+        client: ClientView,
+        exchange: Exchange,
+        app: App | None = None,
     ) -> CIMultiDict[str]:
         identity_header = self.settings.identity.header
         assertion = self.signer.assertion_for(session, self.clocks.wall())
@@ -141,6 +146,11 @@ class McpHandler:
             headers[SESSION_HEADER] = exchange.pin.upstream_id
         elif exchange.modern:
             headers.popall(SESSION_HEADER, None)  # the stateless era has no sessions
+        if app is not None and app.upstream_auth is not None:
+            # [apps.upstream_auth], read at install: replaces any line of that name the
+            # client sent (its own Authorization is already gone, request_headers).
+            name, value = app.upstream_auth
+            headers[name] = value
         return headers
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Collection, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from proxyd.config import AppSettings
 from proxyd.errors import ServiceUnavailable
@@ -21,11 +21,23 @@ class App:
     name: str
     labels: Mapping[str, str]
     servers: tuple[str, ...]
+    # [apps.upstream_auth]: the header (name, value) every request to its servers carries.
+    # Never shown: a secret must not reach a repr, a log line or an error body.
+    upstream_auth: tuple[str, str] | None = field(default=None, repr=False, compare=False)
 
 
 class Registry:
-    def __init__(self, apps: Iterable[AppSettings], rng: random.Random, health: HealthBook) -> None:
-        self._apps = {a.name: App(a.name, dict(a.labels), a.servers) for a in apps}
+    def __init__(
+        self,
+        apps: Iterable[AppSettings],
+        rng: random.Random,
+        health: HealthBook,
+        credentials: Mapping[str, tuple[str, str]] | None = None,
+    ) -> None:
+        creds = credentials or {}
+        self._apps = {
+            a.name: App(a.name, dict(a.labels), a.servers, creds.get(a.name)) for a in apps
+        }
         self._rng = rng
         self.health = health
 

@@ -36,8 +36,10 @@ from proxyd.config.model import (
     SessionSettings,
     Settings,
     StateSettings,
+    UpstreamAuthSettings,
     UpstreamSettings,
 )
+from proxyd.config.secrets import upstream_credentials
 from proxyd.config.values import (
     DEFAULT_MAX_HEADER_SIZE,
     MAX_WORKERS,
@@ -72,6 +74,7 @@ __all__ = [
     "SessionSettings",
     "Settings",
     "StateSettings",
+    "UpstreamAuthSettings",
     "UpstreamSettings",
     "in_force",
     "load_app_auth_dir",
@@ -91,4 +94,5 @@ __all__ = [
     "read_section",
     "redact_url",
     "settings_from_text",
+    "upstream_credentials",
 ]

@@ -37,8 +37,10 @@ from proxyd.config.model import (
     SessionSettings,
     Settings,
     StateSettings,
+    UpstreamAuthSettings,
     UpstreamSettings,
 )
+from proxyd.config.secrets import SecretError, read_secret
 from proxyd.config.values import (
     ItemErrors,
     config_name,
@@ -285,6 +287,11 @@ def _parse_apps(root: _Table) -> tuple[AppSettings, ...]:
             labels: dict[str, str] = t.get("labels", label_table, {})
             servers = t.require("servers", list_of(parse_http_url), _NO_STRS)
             health = _parse_health(t.table("health_check"))
+            upstream_auth = None
+            if "upstream_auth" in t.data:
+                auth_table = t.table("upstream_auth")
+                if isinstance(t.data["upstream_auth"], Mapping):
+                    upstream_auth = _parse_upstream_auth(auth_table, name)
         # Only an empty list: when items were invalid, `servers` is the () default and the
         # item problems are already reported (claiming "none given" would be wrong).
         if t.data.get("servers") == []:
@@ -292,8 +299,57 @@ def _parse_apps(root: _Table) -> tuple[AppSettings, ...]:
         if name and name in names:
             t.problem("name", f"duplicate app name {name!r}")
         names.add(name)
-        apps.append(AppSettings(name=name, labels=labels, servers=servers, health_check=health))
+        apps.append(
+            AppSettings(
+                name=name,
+                labels=labels,
+                servers=servers,
+                health_check=health,
+                upstream_auth=upstream_auth,
+            )
+        )
     return tuple(apps)
+
+
+# Lines of an upstream request proxyd itself writes (framing, hop-by-hop, forwarding, MCP).
+_PROXYD_HEADERS = frozenset(
+    {
+        "connection",
+        "content-length",
+        "content-type",
+        "keep-alive",
+        "mcp-session-id",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "x-forwarded-host",
+        "x-forwarded-proto",
+    }
+)
+
+
+def _parse_upstream_auth(t: _Table, app: str) -> UpstreamAuthSettings | None:
+    """``[apps.upstream_auth]``; its secret is read now, so a missing or empty one is a
+    problem of this file (check-config, start, reload), named by key, never shown."""
+    before = len(t.problems)
+    auth = read_section(t, UpstreamAuthSettings)
+    if auth.type == "header" and "header" not in t.data:
+        t.problem("header", 'required with type = "header"')
+    if auth.header is not None and auth.header.lower() in _PROXYD_HEADERS:
+        t.problem("header", f"{auth.header} is set by proxyd or the HTTP framing")
+    if auth.type == "bearer" and "header" in t.data:
+        t.problem("header", 'only used with type = "header" (bearer uses Authorization)')
+    if ("credential" in t.data) == ("secret_file" in t.data):
+        t.problem(None, "exactly one of credential or secret_file is required")
+    if len(t.problems) > before:
+        return None
+    try:
+        read_secret(auth)
+    except SecretError as exc:
+        t.problem(exc.key, f"app {app!r}: {exc}")
+    return auth
 
 
 def _parse_health(t: _Table) -> HealthCheckSettings:
@@ -497,6 +553,13 @@ def parse_settings(
         roles = _parse_roles(root)
         audit = read_section(root.table("audit"), AuditSettings)
         state = _parse_state(root.table("state"))
+    for index, app in enumerate(apps):
+        auth = app.upstream_auth
+        if auth is not None and auth.header and auth.header.lower() == identity.header.lower():
+            problems.append(
+                f"apps[{index}].upstream_auth.header: {auth.header} is identity.header "
+                "(the identity assertion would be replaced)"
+            )
     written = data.get("sessions")
     keys_written = isinstance(written, Mapping) and bool(written.get("mcp_keys"))
     # (Keys written but invalid are reported by their own parser already.)

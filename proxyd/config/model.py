@@ -24,6 +24,7 @@ from proxyd.config.values import (
     base_url,
     boolean,
     cidr,
+    credential_name,
     frozenset_of,
     header_name,
     health_check_type,
@@ -50,6 +51,7 @@ from proxyd.config.values import (
     scope_list,
     state_backend,
     string,
+    upstream_auth_type,
     url_path,
 )
 from proxyd.labels import LabelSelector
@@ -250,11 +252,26 @@ class HealthCheckSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class UpstreamAuthSettings:
+    """``[apps.upstream_auth]``: a secret proxyd sends to the app's servers (issue 13). Only
+    where it lives is configured; the secret itself is read by ``config.secrets`` at start and
+    on every reload, and is never part of the settings (nor of a log line or an error)."""
+
+    # "bearer": Authorization: Bearer <secret>; "header": <header>: <secret>.
+    type: Annotated[str, Parse(upstream_auth_type)] = "bearer"
+    header: Annotated[str | None, Parse(header_name)] = None
+    # A systemd credential (LoadCredential=): $CREDENTIALS_DIRECTORY/<credential>.
+    credential: Annotated[str | None, Parse(credential_name)] = None
+    secret_file: Annotated[str | None, Parse(nonempty_str)] = None
+
+
+@dataclass(frozen=True, slots=True)
 class AppSettings:
     name: str
     labels: Mapping[str, str]
     servers: tuple[str, ...]
     health_check: HealthCheckSettings = field(default_factory=HealthCheckSettings)
+    upstream_auth: UpstreamAuthSettings | None = None
 
 
 @dataclass(frozen=True, slots=True)

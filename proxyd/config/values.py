@@ -379,6 +379,21 @@ def aes_key(value: object) -> bytes:
     return key
 
 
+def upstream_auth_type(value: object) -> str:
+    text = string(value)
+    if text not in ("bearer", "header"):
+        raise ValueError("one of bearer, header")
+    return text
+
+
+def credential_name(value: object) -> str:
+    """A systemd credential's name: one file name inside $CREDENTIALS_DIRECTORY."""
+    text = nonempty_str(value)
+    if "/" in text or "\0" in text or text in (".", ".."):
+        raise ValueError("a credential name is a file name (no '/')")
+    return text
+
+
 def health_check_type(value: object) -> str:
     text = string(value)
     if text not in ("tcp", "http", "none"):

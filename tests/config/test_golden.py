@@ -68,6 +68,7 @@ def test_the_golden_files_cover_every_section() -> None:
         "jwks.",
         "apps[0].",
         "apps[0].health_check.",
+        "apps[0].upstream_auth.",
         "app_auth_configs[0].",
         "app_auth_configs[1].jwt.",
         "app_auth.",
