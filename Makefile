@@ -51,6 +51,8 @@ install:
 	sed -e "s|/usr/local/lib/proxyd|$(APPDIR)|g" -e "s|/etc/proxyd|$(CONFDIR)|g" \
 	  systemd/proxyd.service > $(DESTDIR)$(UNITDIR)/proxyd.service
 	chmod 0644 $(DESTDIR)$(UNITDIR)/proxyd.service
+	@# Socket activation (port 443 without capabilities): installed, enabled only by hand.
+	install -m 0644 systemd/proxyd.socket $(DESTDIR)$(UNITDIR)/proxyd.socket
 	install -d -m 0755 $(DESTDIR)$(CONFDIR) $(DESTDIR)$(CONFDIR)/app_auth.d
 	@if [ -e $(DESTDIR)$(CONFDIR)/proxyd.toml ]; then \
 	  echo "keeping existing $(DESTDIR)$(CONFDIR)/proxyd.toml"; \
@@ -81,13 +83,15 @@ bench: $(STAMP)
 	$(BIN)/python bench/run.py
 	$(BIN)/python bench/micro.py
 
-## verify-unit: systemd-analyze verify of the unit as `make install` writes it
+## verify-unit: systemd-analyze verify of the units (the service as `make install` writes it,
+## and the socket unit)
 verify-unit:
 	rm -rf build/unit-root
 	$(MAKE) --no-print-directory install PREFIX=$(CURDIR)/build/unit-root/usr \
 	  CONFDIR=$(CURDIR)/build/unit-root/etc/proxyd UNITDIR=$(CURDIR)/build/unit-root/systemd \
 	  CREATE_USER=no
-	systemd-analyze verify build/unit-root/systemd/proxyd.service
+	systemd-analyze verify build/unit-root/systemd/proxyd.service \
+	  build/unit-root/systemd/proxyd.socket
 
 clean:
 	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache .pytest_cache

@@ -49,7 +49,9 @@ from proxyd.ratelimit import Limiter, Limits, SharedLimiter
 from proxyd.registry import Registry
 from proxyd.router import UpstreamRouter
 from proxyd.state import RedisState
+from proxyd.tls import ServerTLS, TLSError
 from proxyd.upstream import UpstreamClient
+from proxyd.upstream.tls import app_profiles, insecure_apps
 from proxyd.watcher import AuthConfigWatcher
 from proxyd.wellknown import WellKnown
 
@@ -163,6 +165,9 @@ class Runtime:
         self._serving: tuple[McpHandler, WellKnown] | None = None
         self.ephemeral_mcp_key = mcp_key
         self.limiters: dict[tuple[str, RateLimitSettings], Limiter | SharedLimiter] = {}
+        # The listeners' TLS (proxyd/tls.py), set by the process that binds them: re-read on
+        # each reload.
+        self.listener_tls: list[ServerTLS] = []
 
     @property
     def resources(self) -> Resources:
@@ -222,6 +227,29 @@ class Runtime:
         r.upstreams.reconfigure(
             settings.upstream.keepalive_timeout, settings.upstream.max_idle_connections
         )
+        # [apps.tls] and [app_auth_configs.jwt.tls] (issue 13 §2): contexts built anew on start
+        # and on each reload (a rotated CA or client certificate is read again).
+        tls_profiles = app_profiles(settings.apps)
+        r.upstreams.set_tls(tls_profiles)
+        core.health.set_tls(tls_profiles)
+        store = core.store
+
+        def jwks_ca_file(url: str) -> str:
+            for config in store.snapshot.configs:
+                if config.jwt.jwks_url == url and config.jwt.tls.ca_file:
+                    return config.jwt.tls.ca_file
+            return ""
+
+        r.jwks.set_tls(jwks_ca_file)
+        insecure = insecure_apps(settings.apps)
+        core.metrics.set_insecure_apps(insecure)
+        for name in insecure:
+            log.warning(
+                "upstream_tls_insecure",
+                app=name,
+                message="insecure_skip_verify = true: the app's server certificates are NOT "
+                "verified (anyone on the path can impersonate them)",
+            )
         r.auditor.reconfigure(settings.audit)
         core.health.reconfigure(settings.apps)
         r.sessions.reconfigure(settings.sessions.max_ttl)
@@ -277,6 +305,22 @@ class Runtime:
                 path=path,
                 problems=exc.problems,
                 kept="the configuration in force",
+            )
+            metrics.reloads.labels("sighup", "failed").inc()
+            notifier.ready("reload failed: previous configuration in force")
+            return False
+        try:
+            # Every pair is loaded aside first: a bad one changes nothing, on no listener.
+            for tls in self.listener_tls:
+                tls.verify()
+            for tls in self.listener_tls:
+                tls.reload()
+        except TLSError as exc:
+            log.error(
+                "config_reload_failed",
+                path=path,
+                problems=[str(exc)],
+                kept="the configuration and certificates in force",
             )
             metrics.reloads.labels("sighup", "failed").inc()
             notifier.ready("reload failed: previous configuration in force")

@@ -174,6 +174,14 @@ class UpstreamConnectTimeout(ConnectFailed):
     reason = "upstream_connect_timeout"
 
 
+class UpstreamTlsFailed(ConnectFailed):
+    """The TLS handshake with the app server failed (its certificate did not verify, or it
+    refused ours): never a fallback to anything less verified (issue 13 §2)."""
+
+    status = 502
+    reason = "upstream_tls"
+
+
 class ServiceUnavailable(ProxydError):
     status = 503
     reason = "unavailable"

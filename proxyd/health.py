@@ -9,14 +9,17 @@ Envoy outlier detection); one success resets it. Every change of state is logged
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import aiohttp
 from yarl import URL
 
 from proxyd.config import AppSettings, HealthCheckSettings
 from proxyd.log import get_logger
+from proxyd.upstream.tls import TlsProfile
+from proxyd.upstream.wire import Origin
 
 log = get_logger("proxyd.health")
 
@@ -57,6 +60,7 @@ class HealthBook:
             for server in app.servers
         }
         self.changed = asyncio.Event()  # set on every change (tests and metrics wait on it)
+        self._tls: dict[str, TlsProfile] = {}
 
     def reconfigure(self, apps: Iterable[AppSettings]) -> None:
         """A reload: keep the state of servers that stay, start new ones healthy, drop the rest."""
@@ -70,6 +74,18 @@ class HealthBook:
                     state.settings = app.health_check
                 servers[(app.name, server)] = state
         self._servers = servers
+
+    def set_tls(self, profiles: Mapping[str, TlsProfile]) -> None:
+        """[apps.tls] by origin key, for the active checks (install, on start and reload)."""
+        self._tls = dict(profiles)
+
+    def tls(self, server: str) -> TlsProfile | None:
+        if not self._tls:
+            return None
+        try:
+            return self._tls.get(Origin.parse(server).key)
+        except ValueError:
+            return None
 
     def get(self, app: str, server: str) -> ServerHealth | None:
         return self._servers.get((app, server))
@@ -158,9 +174,13 @@ class HealthBook:
 
 
 async def probe(
-    http: aiohttp.ClientSession, server: str, settings: HealthCheckSettings
+    http: aiohttp.ClientSession,
+    server: str,
+    settings: HealthCheckSettings,
+    tls: TlsProfile | None = None,
 ) -> str | None:
-    """One active check: None when healthy, else the reason."""
+    """One active check: None when healthy, else the reason. ``tls``: the app's [apps.tls]
+    for an https server (else aiohttp's default verification)."""
     url = URL(server)
     try:
         if settings.type == "tcp":
@@ -177,14 +197,22 @@ async def probe(
         # percent-encoded as part of the path ("/health%3Fdeep=1", a 404).
         path, _, query = settings.path.partition("?")
         target = url.with_path(path).with_query(query or None)
+        extra: dict[str, Any] = {}
+        if tls is not None and url.scheme == "https":
+            extra["ssl"] = tls.context
+            if tls.server_name:
+                extra["server_hostname"] = tls.server_name
         async with http.request(
-            settings.method, target, timeout=timeout, allow_redirects=False
+            settings.method, target, timeout=timeout, allow_redirects=False, **extra
         ) as resp:
             if resp.status in settings.expected_statuses:
                 return None
             return f"http_{resp.status}"
     except TimeoutError:
         return "timeout"
+    except aiohttp.ClientSSLError:
+        # Logged by the book with the change of state it causes (not on every check).
+        return "upstream_tls"
     except (OSError, aiohttp.ClientError) as exc:
         return type(exc).__name__
 
@@ -206,7 +234,8 @@ class HealthChecker:
 
     async def _run(self, state: ServerHealth) -> None:
         while True:
-            reason = await probe(self._http, state.server, state.settings)
+            tls = self._book.tls(state.server)
+            reason = await probe(self._http, state.server, state.settings, tls)
             self._book.active_result(state, reason is None, reason or "check_passed")
             await asyncio.sleep(state.settings.interval)
 

@@ -28,10 +28,11 @@ import math
 import socket
 import ssl
 import time
+from asyncio import sslproto
 from collections.abc import Callable
 from email.utils import formatdate
 from http import HTTPStatus
-from typing import Any
+from typing import Any, cast
 
 from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
@@ -316,6 +317,101 @@ class GuardedHandler(RequestHandler):
         self.force_close()
 
 
+_PLAIN_HTTP_BODY = error_body(
+    -32600,
+    "this port speaks TLS: use https://",
+    400,
+    "plain_http_on_tls_port",
+)
+_PLAIN_HTTP_ANSWER = (
+    "HTTP/1.1 400 Bad Request\r\n"
+    "Content-Type: application/json\r\n"
+    f"Content-Length: {len(_PLAIN_HTTP_BODY)}\r\n"
+    "Connection: close\r\n\r\n"
+).encode() + _PLAIN_HTTP_BODY
+_TLS_HANDSHAKE_RECORD = 0x16  # the first byte of every TLS ClientHello
+
+
+class TLSFront(asyncio.Protocol):
+    """A TLS listener's connection until its first bytes: a TLS ClientHello goes on to TLS
+    (asyncio's SSLProtocol, then the GuardedHandler inside it); anything else is a client
+    speaking plain HTTP to the TLS port, answered with a clear 400 instead of a handshake
+    failure that the client sees as a reset or a hang. A connection that sends nothing is
+    closed after server.header_timeout, as a head would be."""
+
+    def __init__(
+        self,
+        context: ssl.SSLContext,
+        app_protocol: Callable[[], asyncio.BaseProtocol],
+        timeout: float,
+    ) -> None:
+        self._context = context
+        self._app_protocol = app_protocol
+        self._timeout = timeout
+        self._transport: asyncio.Transport | None = None
+        self._timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not subclasses of asyncio.Transport, only alike.
+        self._transport = cast(asyncio.Transport, transport)
+        self._timer = asyncio.get_running_loop().call_later(self._timeout, self._timed_out)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._cancel()
+        self._transport = None
+
+    def data_received(self, data: bytes) -> None:
+        transport = self._transport
+        if transport is None or not data:
+            return
+        self._cancel()
+        if data[0] != _TLS_HANDSHAKE_RECORD:
+            log.info(
+                "request_rejected",
+                status=400,
+                reason="plain_http_on_tls_port",
+                client=_peer(transport.get_extra_info("peername")),
+            )
+            transport.write(_PLAIN_HTTP_ANSWER)
+            transport.close()
+            self._transport = None
+            return
+        self._transport = None
+        loop = asyncio.get_running_loop()
+        handshake = loop.create_future()
+        # A failed handshake (no client certificate under mTLS...) is the client's problem:
+        # retrieved here, not reported as a future exception nobody read.
+        handshake.add_done_callback(lambda f: f.cancelled() or f.exception())
+        tls = sslproto.SSLProtocol(
+            loop,
+            self._app_protocol(),
+            self._context,
+            handshake,
+            server_side=True,
+            ssl_handshake_timeout=max(1, math.ceil(self._timeout)),
+        )
+        transport.set_protocol(tls)
+        tls.connection_made(transport)
+        view = memoryview(data)
+        while view:
+            buffer = tls.get_buffer(len(view))
+            n = min(len(buffer), len(view))
+            buffer[:n] = view[:n]
+            tls.buffer_updated(n)
+            view = view[n:]
+
+    def _cancel(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _timed_out(self) -> None:
+        self._timer = None
+        if self._transport is not None:
+            self._transport.close()
+            self._transport = None
+
+
 def _netloc(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
@@ -331,7 +427,7 @@ class ListenerSite(web.BaseSite):
     ``host``/``port``, to a unix socket ``path``, or an already bound ``sock`` (inherited, as
     with systemd socket activation)."""
 
-    __slots__ = ("_host", "_listener", "_path", "_port", "_reuse_port", "_sock")
+    __slots__ = ("_host", "_listener", "_path", "_port", "_reuse_port", "_sock", "_tls")
 
     def __init__(
         self,
@@ -346,7 +442,9 @@ class ListenerSite(web.BaseSite):
         ssl_context: ssl.SSLContext | None = None,
         backlog: int = 128,
     ) -> None:
-        super().__init__(runner, ssl_context=ssl_context, backlog=backlog)
+        # TLS is TLSFront's (a plain-HTTP request gets a 400), not the event loop's.
+        super().__init__(runner, backlog=backlog)
+        self._tls = ssl_context
         if [port is not None, path is not None, sock is not None].count(True) != 1:
             raise ValueError("a listener takes exactly one of port, path or sock")
         self._listener = listener
@@ -355,7 +453,7 @@ class ListenerSite(web.BaseSite):
 
     @property
     def name(self) -> str:
-        scheme = "https" if self._ssl_context else "http"
+        scheme = "https" if self._tls else "http"
         if self._path is not None:
             return f"{scheme}://unix:{self._path}:"
         if self._sock is not None:
@@ -372,7 +470,14 @@ class ListenerSite(web.BaseSite):
         # (aiohttp's own sites use them the same way; stop() closes _server).
         server = self._runner.server
         assert server is not None  # BaseSite refuses a runner that was not set up
-        factory = self._listener.protocol_factory(server)
+        guarded = self._listener.protocol_factory(server)
+        factory: Callable[[], asyncio.BaseProtocol] = guarded
+        if self._tls is not None:
+            context, listener = self._tls, self._listener
+
+            def factory() -> asyncio.BaseProtocol:
+                return TLSFront(context, guarded, listener.settings().header_timeout)
+
         if self._path is not None:
             self._server = await loop.create_unix_server(
                 factory, self._path, ssl=self._ssl_context, backlog=self._backlog

@@ -101,6 +101,20 @@ class Metrics:
             registry=r,
         )
 
+        # [apps.tls] insecure_skip_verify (issue 13 §2): set on start and on each reload.
+        self.upstream_tls_insecure = Gauge(
+            "proxyd_upstream_tls_insecure",
+            "1 for each app whose servers' TLS certificates are not verified "
+            "([apps.tls] insecure_skip_verify = true).",
+            ["app"],
+            registry=r,
+        )
+
+    def set_insecure_apps(self, apps: Iterable[str]) -> None:
+        self.upstream_tls_insecure.clear()
+        for app in apps:
+            self.upstream_tls_insecure.labels(app=app).set(1)
+
     def collect_with(self, collect: Callable[[], Iterable[Metric]]) -> None:
         self.registry.register(_FunctionCollector(collect))
 

@@ -17,14 +17,17 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import re
+import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import aiohttp
 
 from proxyd.auth.keys import ASYMMETRIC_ALGORITHMS, KeySet, KeySetError, RejectedKey, parse_jwks
 from proxyd.config import JwksSettings
 from proxyd.log import get_logger
+from proxyd.upstream.tls import client_context
 
 log = get_logger("proxyd.jwks")
 
@@ -77,6 +80,28 @@ class JwksCache:
         self._clock = clock
         self._entries: dict[str, _Entry] = {}
         self.fetches = 0  # observable by tests and metrics
+        # [app_auth_configs.jwt.tls] ca_file of a JWKS URL ("" : the system's CAs), looked up
+        # on each fetch: the config directory's watcher may swap the configs at any time.
+        self._ca_file_for: Callable[[str], str] = lambda url: ""
+        self._contexts: dict[str, ssl.SSLContext] = {}
+
+    def set_tls(self, ca_file_for: Callable[[str], str]) -> None:
+        """Set on start and on each reload (which also re-reads the CA files)."""
+        self._ca_file_for = ca_file_for
+        self._contexts = {}
+
+    def _ssl(self, url: str) -> ssl.SSLContext | None:
+        ca_file = self._ca_file_for(url)
+        if not ca_file or not url.startswith("https://"):
+            return None
+        context = self._contexts.get(ca_file)
+        if context is None:
+            try:
+                context = client_context(ca_file)
+            except ValueError as exc:  # checked by the config; the file may be gone since
+                raise _FetchFailed(f"upstream_tls: ca_file {ca_file}: {exc}") from None
+            self._contexts[ca_file] = context
+        return context
 
     async def keys(self, url: str, algorithms: frozenset[str], kid: str | None) -> KeySet:
         """The key set to verify a token with ``kid``; may refetch; raises JwksUnavailable."""
@@ -193,9 +218,15 @@ class JwksCache:
     async def _download(self, url: str) -> tuple[bytes, str | None]:
         timeout = aiohttp.ClientTimeout(total=self._settings.fetch_timeout)
         limit = self._settings.max_size
+        context = self._ssl(url)
+        extra: dict[str, Any] = {} if context is None else {"ssl": context}
         try:
             async with self._http.get(
-                url, timeout=timeout, allow_redirects=False, headers={"Accept": "application/json"}
+                url,
+                timeout=timeout,
+                allow_redirects=False,
+                headers={"Accept": "application/json"},
+                **extra,
             ) as resp:
                 if resp.status != 200:
                     raise _FetchFailed(f"HTTP {resp.status}")
@@ -209,6 +240,8 @@ class JwksCache:
                 return bytes(body), resp.headers.get("Cache-Control")
         except TimeoutError:
             raise _FetchFailed(f"timed out after {self._settings.fetch_timeout:g}s") from None
+        except aiohttp.ClientSSLError as exc:
+            raise _FetchFailed(f"upstream_tls: {exc}") from None
         except aiohttp.ClientError as exc:
             raise _FetchFailed(f"{type(exc).__name__}: {exc}") from None
 

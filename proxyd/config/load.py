@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import sys
 import tomllib
 import typing
 from collections.abc import Callable, Iterator, Mapping
@@ -26,8 +27,10 @@ from proxyd.config.model import (
     IdentitySettings,
     JwksSettings,
     JwtSettings,
+    JwtTlsSettings,
     Key,
     LimitSettings,
+    ListenerTlsSettings,
     LogSettings,
     Parse,
     RateLimitSettings,
@@ -39,6 +42,7 @@ from proxyd.config.model import (
     StateSettings,
     UpstreamAuthSettings,
     UpstreamSettings,
+    UpstreamTlsSettings,
 )
 from proxyd.config.secrets import SecretError, read_secret
 from proxyd.config.values import (
@@ -55,6 +59,7 @@ from proxyd.config.values import (
     user_entry,
 )
 from proxyd.labels import LabelSelector
+from proxyd.upstream.tls import TlsConfigError, client_context
 
 if TYPE_CHECKING:
     from _typeshed import DataclassInstance
@@ -223,12 +228,14 @@ def read_section(t: _Table, cls: type[D], base: D | None = None, **given: Any) -
 def _parse_server(t: _Table) -> ServerSettings:
     d = ServerSettings()
     host, port = t.get("listen", parse_hostport, (d.listen_host, d.listen_port))
+    tls = _parse_listener_tls(t)
     server = read_section(
         t,
         ServerSettings,
         listen_host=host,
         listen_port=port,
-        public_url=f"http://{_netloc(host, port)}",
+        public_url=f"{'https' if tls else 'http'}://{_netloc(host, port)}",
+        tls=tls,
     )
     if server.max_header_size < 1024:
         t.problem("max_header_size", "must be at least 1KiB")
@@ -242,7 +249,30 @@ def _netloc(host: str, port: int) -> str:
 def _parse_admin(t: _Table) -> AdminSettings:
     d = AdminSettings()
     host, port = t.get("listen", parse_hostport, (d.listen_host, d.listen_port))
-    return read_section(t, AdminSettings, listen_host=host, listen_port=port)
+    tls = _parse_listener_tls(t)
+    return read_section(t, AdminSettings, listen_host=host, listen_port=port, tls=tls)
+
+
+def _parse_listener_tls(parent: _Table) -> ListenerTlsSettings | None:
+    """``[server.tls]`` / ``[admin.tls]``: absent is plain HTTP. The files are checked here,
+    so check-config, the start and a reload all refuse a pair that does not load (proxyd/tls.py);
+    the warnings (expiry near, a key others can read) go to stderr."""
+    if "tls" not in parent.data:
+        parent.mark("tls")
+        return None
+    t = parent.table("tls")
+    tls = read_section(t, ListenerTlsSettings)
+    if tls.cert_file and tls.key_file and not t.failed:
+        from proxyd import tls as tls_files  # (cryptography: only when used)
+
+        errors, warnings = tls_files.check_files(
+            tls_files.TLSFiles(tls.cert_file, tls.key_file, tls.min_version, tls.client_ca_file)
+        )
+        for message in errors:
+            t.problem(None, message)
+        for message in warnings:
+            print(f"warning: {t.path}: {message}", file=sys.stderr)
+    return tls
 
 
 def _parse_limits(t: _Table) -> LimitSettings:
@@ -287,6 +317,7 @@ def _parse_apps(root: _Table) -> tuple[AppSettings, ...]:
             labels: dict[str, str] = t.get("labels", label_table, {})
             servers = t.require("servers", list_of(parse_http_url), _NO_STRS)
             health = _parse_health(t.table("health_check"))
+            tls = _parse_upstream_tls(t.table("tls"))
             upstream_auth = None
             if "upstream_auth" in t.data:
                 auth_table = t.table("upstream_auth")
@@ -306,9 +337,42 @@ def _parse_apps(root: _Table) -> tuple[AppSettings, ...]:
                 servers=servers,
                 health_check=health,
                 upstream_auth=upstream_auth,
+                tls=tls,
             )
         )
+    _check_shared_servers(root, apps)
     return tuple(apps)
+
+
+def _parse_upstream_tls(t: _Table) -> UpstreamTlsSettings:
+    """``[apps.tls]``: the files must exist and load (check-config catches a bad PEM)."""
+    before = len(t.problems)
+    tls = read_section(t, UpstreamTlsSettings)
+    if len(t.problems) == before:
+        _check_tls_files(t, tls.ca_file, tls.cert_file, tls.key_file, tls.insecure_skip_verify)
+    return tls
+
+
+def _check_tls_files(
+    t: _Table, ca_file: str, cert_file: str = "", key_file: str = "", insecure: bool = False
+) -> None:
+    try:
+        client_context(ca_file, cert_file, key_file, insecure)
+    except TlsConfigError as exc:
+        t.problem(exc.key, str(exc))
+
+
+def _check_shared_servers(root: _Table, apps: list[AppSettings]) -> None:
+    # Connections are pooled per server: one server in two apps needs one TLS setting.
+    seen: dict[str, AppSettings] = {}
+    for index, app in enumerate(apps):
+        for server in app.servers:
+            other = seen.setdefault(server, app)
+            if other is not app and other.tls != app.tls and server.startswith("https://"):
+                root.problem(
+                    f"apps[{index}].tls",
+                    f"server {server} is also in app {other.name!r} with other TLS settings",
+                )
 
 
 # Lines of an upstream request proxyd itself writes (framing, hop-by-hop, forwarding, MCP).
@@ -432,7 +496,13 @@ def _parse_main_app_auth_configs(root: _Table) -> tuple[AppAuthConfig, ...]:
 
 
 def _parse_jwt(t: _Table) -> JwtSettings:
-    settings = read_section(t, JwtSettings)
+    tt = t.table("tls")
+    with tt.closed():
+        before = len(tt.problems)
+        jwt_tls = read_section(tt, JwtTlsSettings)
+        if len(tt.problems) == before and jwt_tls.ca_file:
+            _check_tls_files(tt, jwt_tls.ca_file)
+    settings = read_section(t, JwtSettings, tls=jwt_tls)
     has_url, has_static = "jwks_url" in t.data, "static_jwks" in t.data
     if has_url == has_static:
         t.problem(None, "exactly one of jwks_url or static_jwks is required")

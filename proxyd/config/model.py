@@ -51,6 +51,7 @@ from proxyd.config.values import (
     scope_list,
     state_backend,
     string,
+    tls_min_version,
     upstream_auth_type,
     url_path,
 )
@@ -89,6 +90,17 @@ RESTART = RestartOnly()
 
 
 @dataclass(frozen=True, slots=True)
+class ListenerTlsSettings:
+    """``[server.tls]`` / ``[admin.tls]``: TLS on proxyd's own listener (issue 13 §1). The
+    files are re-read on SIGHUP (proxyd/tls.py); the paths themselves are restart-only."""
+
+    cert_file: Annotated[str, Parse(nonempty_str, required=True, missing="")]
+    key_file: Annotated[str, Parse(nonempty_str, required=True, missing="")]
+    min_version: Annotated[str, Parse(tls_min_version)] = "1.2"
+    client_ca_file: Annotated[str, Parse(string)] = ""  # "": no client certificates (no mTLS)
+
+
+@dataclass(frozen=True, slots=True)
 class ServerSettings:
     # Read by the section's reader: one "host:port" key for two fields.
     listen_host: Annotated[str, Key("listen"), RESTART] = "127.0.0.1"
@@ -122,6 +134,8 @@ class ServerSettings:
     # Open client connections per process; above it new ones are closed at accept. Each
     # open stream holds two descriptors (client and upstream): 20000 fits LimitNOFILE=65536.
     max_connections: Annotated[int, Parse(positive_int)] = 20_000
+    # [server.tls]: read by load.py's _parse_server; None is plain HTTP.
+    tls: Annotated[ListenerTlsSettings | None, RESTART] = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,6 +144,8 @@ class AdminSettings:
     listen_host: Annotated[str, Key("listen")] = "127.0.0.1"
     listen_port: Annotated[int, Key("listen")] = 9090
     enabled: Annotated[bool, Parse(boolean)] = True
+    # [admin.tls]: read by load.py's _parse_admin; None is plain HTTP.
+    tls: Annotated[ListenerTlsSettings | None, RESTART] = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,6 +219,13 @@ class JwksSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class JwtTlsSettings:
+    """``[app_auth_configs.jwt.tls]``: how the JWKS at ``jwks_url`` is verified."""
+
+    ca_file: Annotated[str, Parse(string)] = ""  # "": the system trust store
+
+
+@dataclass(frozen=True, slots=True)
 class JwtSettings:
     issuer: Annotated[str, Parse(nonempty_str, required=True, missing="")]
     # `aud` must contain one of these, or (resource_audience) the resource URL of the app the
@@ -222,6 +245,8 @@ class JwtSettings:
     required_scopes: Annotated[tuple[str, ...], Parse(scope_list)] = ()
     max_token_age: Annotated[float, Parse(positive_duration)] = 1800.0
     leeway: Annotated[float, Parse(parse_duration)] = 60.0
+    # [app_auth_configs.jwt.tls]: read by load.py's _parse_jwt (issue 13 §2).
+    tls: JwtTlsSettings = field(default_factory=JwtTlsSettings)
 
 
 @dataclass(frozen=True, slots=True)
@@ -266,12 +291,26 @@ class UpstreamAuthSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class UpstreamTlsSettings:
+    """``[apps.tls]``: how proxyd verifies (and authenticates to) the app's https servers;
+    used by the pooled upstream client and the health checks (issue 13 §2)."""
+
+    ca_file: Annotated[str, Parse(string)] = ""  # "": the system trust store
+    cert_file: Annotated[str, Parse(string)] = ""  # client certificate (mTLS)
+    key_file: Annotated[str, Parse(string)] = ""  # "": the key is in cert_file
+    server_name: Annotated[str, Parse(string)] = ""  # SNI and verified name; "": the URL's host
+    # No verification at all: allowed, warned at start and reload, shown in a metric.
+    insecure_skip_verify: Annotated[bool, Parse(boolean)] = False
+
+
+@dataclass(frozen=True, slots=True)
 class AppSettings:
     name: str
     labels: Mapping[str, str]
     servers: tuple[str, ...]
     health_check: HealthCheckSettings = field(default_factory=HealthCheckSettings)
     upstream_auth: UpstreamAuthSettings | None = None
+    tls: UpstreamTlsSettings = field(default_factory=UpstreamTlsSettings)
 
 
 @dataclass(frozen=True, slots=True)

@@ -486,3 +486,11 @@ def frozenset_of(parse: Callable[[object], T]) -> Callable[[object], frozenset[T
         return frozenset(parse_list(value))
 
     return parse_set
+
+
+def tls_min_version(value: object) -> str:
+    """``server.tls.min_version`` / ``admin.tls.min_version``."""
+    text = string(value)
+    if text not in ("1.2", "1.3"):
+        raise ValueError('one of "1.2", "1.3"')
+    return text

@@ -16,15 +16,25 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from aiohttp import web
+from prometheus_client.core import Metric
 
 from proxyd.app import RUNTIME, Runtime, create_app
-from proxyd.config import ConfigError, Settings, read_config, settings_from_text
+from proxyd.config import (
+    ConfigError,
+    ListenerTlsSettings,
+    Settings,
+    read_config,
+    settings_from_text,
+)
 from proxyd.listener import Listener, ListenerSite
 from proxyd.log import configure, get_logger
+from proxyd.metrics import gauge
+from proxyd.process.activation import describe, inherited_sockets
 from proxyd.process.admin import admin_app
 from proxyd.process.loop import exit_code, run_loop
 from proxyd.process.notify import Notifier
 from proxyd.process.reloader import Reloader
+from proxyd.tls import ServerTLS, TLSFiles
 
 log = get_logger("proxyd")
 
@@ -86,6 +96,12 @@ async def serve(
     if settings.path is not None:
         loop.add_signal_handler(signal.SIGHUP, reloader.on_hup)
     runners: list[web.AppRunner] = []
+    # Sockets systemd (or the supervisor) handed over take precedence over `listen`.
+    inherited = inherited_sockets()
+    mcp_tls = listener_tls("mcp", settings.server.tls)
+    admin_tls = listener_tls("admin", settings.admin.tls) if role is None else None
+    runtime.listener_tls = [t for t in (mcp_tls, admin_tls) if t is not None]
+    runtime.core.metrics.collect_with(lambda: [expiry_metric(runtime.listener_tls)])
     try:
         runner = web.AppRunner(
             app,
@@ -98,15 +114,25 @@ async def serve(
         s = settings.server
         # Header timeout, connection cap, keep-alive timeout and 431s (proxyd/listener.py),
         # read from the settings in force: a reload applies them to the next connections.
-        await ListenerSite(
-            runner,
-            Listener(lambda: runtime.settings.server, runtime.core.metrics),
-            host=s.listen_host,
-            port=s.listen_port,
-            # The kernel spreads new connections over the workers' sockets (one accept
-            # queue each, no thundering herd); only processes of the same user may join.
-            reuse_port=role is not None,
-        ).start()
+        mcp_listener = Listener(lambda: runtime.settings.server, runtime.core.metrics)
+        mcp_context = mcp_tls.context if mcp_tls is not None else None
+        if "mcp" in inherited:
+            listening = describe(inherited["mcp"])
+            await ListenerSite(
+                runner, mcp_listener, sock=inherited["mcp"], ssl_context=mcp_context
+            ).start()
+        else:
+            listening = f"{s.listen_host}:{s.listen_port}"
+            await ListenerSite(
+                runner,
+                mcp_listener,
+                host=s.listen_host,
+                port=s.listen_port,
+                # The kernel spreads new connections over the workers' sockets (one accept
+                # queue each, no thundering herd); only processes of the same user may join.
+                reuse_port=role is not None,
+                ssl_context=mcp_context,
+            ).start()
         if s.max_connections * 2 > fd_limit:
             # Each open stream holds two descriptors: accept() would fail (EMFILE) before the
             # cap refuses anything, and the upstream side of open streams with it.
@@ -128,22 +154,30 @@ async def serve(
             admin = web.AppRunner(admin_app_of(runtime, lambda: draining), access_log=None)
             runners.append(admin)
             await admin.setup()
-            await ListenerSite(
-                admin,
-                admin_listener,
-                host=settings.admin.listen_host,
-                port=settings.admin.listen_port,
-            ).start()
+            admin_context = admin_tls.context if admin_tls is not None else None
+            if "admin" in inherited:
+                await ListenerSite(
+                    admin, admin_listener, sock=inherited["admin"], ssl_context=admin_context
+                ).start()
+            else:
+                await ListenerSite(
+                    admin,
+                    admin_listener,
+                    host=settings.admin.listen_host,
+                    port=settings.admin.listen_port,
+                    ssl_context=admin_context,
+                ).start()
         log.info(
             "proxyd_started",
-            listen=f"{s.listen_host}:{s.listen_port}",
+            listen=listening,
+            tls=mcp_tls is not None,
             public_url=s.public_url,
             apps=[a.name for a in settings.apps],
             app_auth_configs=[c.name for c in runtime.core.store.snapshot.configs],
             loop=type(loop).__module__.split(".")[0],
             fd_limit=fd_limit,
         )
-        notifier.ready(f"serving {len(settings.apps)} apps on {s.listen_host}:{s.listen_port}")
+        notifier.ready(f"serving {len(settings.apps)} apps on {listening}")
         if on_ready is not None:
             on_ready()
         await stop.wait()
@@ -161,6 +195,24 @@ async def serve(
         if settings.path is not None:
             loop.remove_signal_handler(signal.SIGHUP)
     log.info("proxyd_stopped")
+
+
+def listener_tls(name: str, tls: ListenerTlsSettings | None) -> ServerTLS | None:
+    """A listener's TLS context from its [server.tls] / [admin.tls] (None: plain HTTP)."""
+    if tls is None:
+        return None
+    return ServerTLS(
+        name, TLSFiles(tls.cert_file, tls.key_file, tls.min_version, tls.client_ca_file)
+    )
+
+
+def expiry_metric(tls: list[ServerTLS]) -> Metric:
+    return gauge(
+        "proxyd_tls_certificate_expiry_seconds",
+        "When the certificate a listener serves expires (its notAfter, Unix seconds).",
+        ["listener"],
+        (([t.name], t.not_after) for t in tls),
+    )
 
 
 async def _cleanup(runner: web.AppRunner, grace: float) -> None:

@@ -34,12 +34,16 @@ from aiohttp import web
 
 from proxyd.auth.assertion import load_or_create_key
 from proxyd.config import ConfigError, Settings, read_config, settings_from_text
+from proxyd.listener import Listener, ListenerSite
 from proxyd.log import get_logger
+from proxyd.process.activation import WORKER_VAR, describe, inherited_sockets
 from proxyd.process.admin import admin_app, merged_metrics
 from proxyd.process.boot import MAX_BOOT_MESSAGE
 from proxyd.process.loop import run_loop
 from proxyd.process.notify import Notifier
 from proxyd.process.reloader import Reloader
+from proxyd.process.single import listener_tls
+from proxyd.tls import ServerTLS, TLSError
 
 log = get_logger("proxyd.supervisor")
 
@@ -132,6 +136,10 @@ class Supervisor:
     # audit file, ...) stay in force after a reload, so a replacement worker must get them
     # too, not the reloaded ones (it bound a reloaded port alone, split from its siblings).
     boot_text: str = field(init=False, default="")
+    # Sockets systemd handed over (proxyd/process/activation.py): the MCP one goes to every
+    # worker, the admin one is the supervisor's.
+    inherited: dict[str, socket.socket] = field(default_factory=dict)
+    admin_tls: ServerTLS | None = None
 
     def __post_init__(self) -> None:
         self.boot_text = self.text
@@ -144,6 +152,8 @@ class Supervisor:
         """0 after a clean stop, 1 when the workers could not be started."""
         loop = asyncio.get_running_loop()
         s = self.settings
+        self.inherited = inherited_sockets()
+        self.admin_tls = listener_tls("admin", s.admin.tls)
         # Before any worker runs: one creates the identity key, the others would race it.
         load_or_create_key(s.identity.key_file, s.server.state_dir)
         if not s.sessions.mcp_keys:
@@ -182,7 +192,10 @@ class Supervisor:
                         "supervisor_started",
                         workers=len(self.workers),
                         pids=[w.pid for w in self.workers],
-                        listen=f"{s.server.listen_host}:{s.server.listen_port}",
+                        listen=describe(self.inherited["mcp"])
+                        if "mcp" in self.inherited
+                        else f"{s.server.listen_host}:{s.server.listen_port}",
+                        tls=s.server.tls is not None,
                     )
                     self.notifier.ready(self._status())
                     await self._stop.wait()
@@ -277,6 +290,13 @@ class Supervisor:
             ours.send(json.dumps(boot).encode())
             ours.setblocking(False)
             env = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"}
+            passed = [theirs.fileno()]
+            if "mcp" in self.inherited:
+                # One socket accepted on by every worker (not SO_REUSEPORT: it is not ours
+                # to bind again).
+                mcp_fd = self.inherited["mcp"].fileno()
+                passed.append(mcp_fd)
+                env[WORKER_VAR] = f"mcp={mcp_fd}"
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(worker.admin_socket)  # a dead worker's socket file
             worker.process = await asyncio.create_subprocess_exec(
@@ -294,7 +314,7 @@ class Supervisor:
                 worker.admin_socket,
                 "--supervisor-pid",
                 str(os.getpid()),
-                pass_fds=(theirs.fileno(),),
+                pass_fds=tuple(passed),
                 stdin=asyncio.subprocess.DEVNULL,
                 env=env,
             )
@@ -383,6 +403,12 @@ class Supervisor:
             )
             self.notifier.ready("reload failed: previous configuration in force")
             return
+        if self.admin_tls is not None:
+            try:
+                self.admin_tls.reload()  # a bad pair keeps the one in force (and the reload
+            except TLSError as exc:  # goes on for the workers: their listeners are theirs)
+                self.reload_failures += 1
+                log.error("tls_reload_failed", listener="admin", error=str(exc))
         self.text = text
         self.generation += 1
         if new.server.workers != self.settings.server.workers:
@@ -450,7 +476,19 @@ class Supervisor:
             return None
         runner = web.AppRunner(self.admin_app(), access_log=None)
         await runner.setup()
-        await web.TCPSite(runner, admin.listen_host, admin.listen_port).start()
+        listener = Listener(lambda: self.settings.server, capped=False)
+        context = self.admin_tls.context if self.admin_tls is not None else None
+        if "admin" in self.inherited:
+            site = ListenerSite(runner, listener, sock=self.inherited["admin"], ssl_context=context)
+        else:
+            site = ListenerSite(
+                runner,
+                listener,
+                host=admin.listen_host,
+                port=admin.listen_port,
+                ssl_context=context,
+            )
+        await site.start()
         return runner
 
     def admin_app(self) -> web.Application:

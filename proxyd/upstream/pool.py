@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+from collections.abc import Mapping
 
-from proxyd.errors import ConnectFailed, UpstreamConnectTimeout
+from proxyd.errors import ConnectFailed, UpstreamConnectTimeout, UpstreamTlsFailed
+from proxyd.log import get_logger
 from proxyd.upstream.connection import CLOSED, Connection
+from proxyd.upstream.tls import TlsProfile
 from proxyd.upstream.wire import Origin
+
+log = get_logger("proxyd.upstream")
 
 
 class UpstreamClient:
@@ -24,6 +29,7 @@ class UpstreamClient:
         self.keepalive_timeout = keepalive_timeout
         self.max_idle = max_idle
         self._ssl = ssl_context
+        self._profiles: Mapping[str, TlsProfile] = {}  # origin key → [apps.tls] (issue 13 §2)
         self._origins: dict[str, Origin] = {}
         self._idle: dict[str, list[Connection]] = {}
         self._all: set[Connection] = set()
@@ -36,6 +42,16 @@ class UpstreamClient:
         going idle from now on (the pools and open connections stay)."""
         self.keepalive_timeout = keepalive_timeout
         self.max_idle = max_idle
+
+    def set_tls(self, profiles: Mapping[str, TlsProfile]) -> None:
+        """The ``[apps.tls]`` of this configuration, by origin key. Idle connections to an
+        origin whose TLS settings changed are closed: none made under the old ones is reused."""
+        old, self._profiles = self._profiles, dict(profiles)
+        for key, idle in self._idle.items():
+            if old.get(key) is not self._profiles.get(key):
+                for conn in idle:
+                    conn.close()
+                idle.clear()
 
     def origin(self, target: str) -> Origin:
         origin = self._origins.get(target)
@@ -70,7 +86,12 @@ class UpstreamClient:
         """A new connection; ConnectFailed when none could be made (nothing was sent)."""
         if self._closing:
             raise ConnectFailed(f"upstream {origin.label} is unreachable: shutting down")
-        tls = self._tls() if origin.tls else None
+        tls: ssl.SSLContext | None = None
+        server_name: str | None = None
+        if origin.tls:
+            profile = self._profiles.get(origin.key)
+            tls = profile.context if profile is not None else self._tls()
+            server_name = (profile.server_name if profile is not None else None) or origin.host
         try:
             async with asyncio.timeout(connect_timeout) as deadline:
                 _, conn = await self.loop.create_connection(
@@ -78,13 +99,20 @@ class UpstreamClient:
                     origin.host,
                     origin.port,
                     ssl=tls,
-                    server_hostname=origin.host if tls is not None else None,
+                    server_hostname=server_name,
                 )
         except TimeoutError:
             if deadline.expired():
                 raise UpstreamConnectTimeout(f"upstream {origin.label} timed out") from None
             raise ConnectFailed(f"upstream {origin.label} is unreachable") from None
-        except OSError:  # refused, unreachable, DNS (gaierror), TLS verification (SSLError)
+        except ssl.SSLError as exc:
+            # Verification failed, or the server refused us: a 502, never a retry with less.
+            reason = getattr(exc, "verify_message", None) or exc.reason or str(exc)
+            log.warning("upstream_tls_failed", server=origin.label, reason=reason)
+            raise UpstreamTlsFailed(
+                f"upstream {origin.label}: TLS handshake failed ({reason})"
+            ) from None
+        except OSError:  # refused, unreachable, DNS (gaierror)
             raise ConnectFailed(f"upstream {origin.label} is unreachable") from None
         if conn.state is CLOSED:
             raise ConnectFailed(f"upstream {origin.label} closed the connection at once")
