@@ -21,6 +21,8 @@ it is installed. Jobs:
   session). The streams stay open after the job answers; ``idle_status`` reports how many are
   still open and how many the server closed; ``idle_close`` closes them all.
 
+A job with ``"tls": true`` speaks https (certificate not verified); the ``idle_*`` jobs do not.
+
 Every result carries ``statuses`` so the caller can insist on 200.
 """
 
@@ -32,6 +34,7 @@ import importlib
 import json
 import resource
 import socket
+import ssl
 import sys
 import time
 from collections import Counter
@@ -134,17 +137,30 @@ async def read_body(reader: asyncio.StreamReader, response: Response) -> bytes:
     return b"".join(parts)
 
 
+def _client_tls(job: Job) -> ssl.SSLContext | None:
+    """TLS for ``"tls": true`` jobs: the bench's throwaway self-signed certificate is not
+    verified (it exists to make the proxy terminate TLS, not to prove an identity)."""
+    if not job.get("tls"):
+        return None
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    ctx.set_alpn_protocols(["http/1.1"])
+    return ctx
+
+
 class Connection:
-    def __init__(self, host: str, port: int) -> None:
+    def __init__(self, host: str, port: int, tls: ssl.SSLContext | None = None) -> None:
         self.host = host
         self.port = port
+        self.tls = tls
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
 
     async def open(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         if self.reader is None or self.writer is None:
             self.reader, self.writer = await asyncio.open_connection(
-                self.host, self.port, limit=_READ_SIZE
+                self.host, self.port, limit=_READ_SIZE, ssl=self.tls
             )
         return self.reader, self.writer
 
@@ -188,7 +204,7 @@ def percentiles(values: list[int]) -> dict[str, float]:
 
 
 async def job_once(job: Job) -> Result:
-    conn = Connection(job["host"], job["port"])
+    conn = Connection(job["host"], job["port"], _client_tls(job))
     try:
         started = time.perf_counter_ns()
         response, body = await conn.exchange(build_request(job, job.get("method", "POST")))
@@ -211,7 +227,7 @@ async def job_post(job: Job) -> Result:
     bad_body: list[str] = []
 
     async def worker(deadline: float) -> None:
-        conn = Connection(job["host"], job["port"])
+        conn = Connection(job["host"], job["port"], _client_tls(job))
         clock = time.perf_counter_ns
         try:
             while clock() < deadline:
@@ -239,7 +255,7 @@ async def job_post(job: Job) -> Result:
 
 async def one_stream(job: Job) -> tuple[int, float | None, list[int], str]:
     """One SSE stream on a fresh connection: status, first event (µs), per-event delays (µs)."""
-    conn = Connection(job["host"], job["port"])
+    conn = Connection(job["host"], job["port"], _client_tls(job))
     delays: list[int] = []
     first: float | None = None
     try:
@@ -285,7 +301,7 @@ async def job_sse(job: Job) -> Result:
 
 async def job_big(job: Job) -> Result:
     raw = build_request(job, "GET")
-    conn = Connection(job["host"], job["port"])
+    conn = Connection(job["host"], job["port"], _client_tls(job))
     statuses: Counter[int] = Counter()
     total = 0
     elapsed_ns = 0

@@ -103,6 +103,8 @@ class NginxPlan:
     max_connections: int  # client + upstream connections the one worker must hold
     access_log: bool
     nofile_limit: int | None = None  # the hard RLIMIT_NOFILE nginx inherits (None: unknown)
+    # A second listener terminating TLS (same routes, same worker): (port, cert, key).
+    tls: tuple[int, Path, Path] | None = None
 
 
 def config(workdir: Path, plan: NginxPlan) -> str:
@@ -129,6 +131,15 @@ def config(workdir: Path, plan: NginxPlan) -> str:
         for path, to in plan.routes.items()
     )
     connections = plan.max_connections + 512
+    tls = ""
+    if plan.tls is not None:
+        tls_port, cert, key = plan.tls
+        tls = (
+            f"\n        listen {HOST}:{tls_port} ssl backlog=4096;"
+            f"\n        ssl_certificate {cert};"
+            f"\n        ssl_certificate_key {key};"
+            "\n        ssl_session_cache shared:bench:1m;"
+        )
     nofile = connections + 512
     if plan.nofile_limit is not None:
         nofile = min(nofile, plan.nofile_limit)  # nginx cannot go past the hard limit
@@ -160,7 +171,7 @@ http {{
 {pools}
 
     server {{
-        listen {HOST}:{plan.port} backlog=4096;
+        listen {HOST}:{plan.port} backlog=4096;{tls}
         proxy_http_version 1.1;
         proxy_set_header Connection "";
         proxy_set_header Host $http_host;

@@ -258,6 +258,99 @@ def render(rows: Sequence[Row]) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
+# TLS rows (issue 13): nginx and proxyd both terminating TLS, next to their plain-http numbers
+
+
+@dataclass(slots=True)
+class TlsRow:
+    label: str
+    nginx: float | None  # nginx_tls
+    proxyd: float | None  # proxyd_tls
+    nginx_plain: float | None  # the same metric over plain http (nginx / proxyd targets)
+    proxyd_plain: float | None
+    fmt: str = "{:.3f}"
+
+    def ratio(self) -> float | None:
+        if self.nginx is None or self.proxyd is None or self.nginx == 0:
+            return None
+        return self.proxyd / self.nginx
+
+    @staticmethod
+    def _minus(a: float | None, b: float | None) -> float | None:
+        return None if a is None or b is None else a - b
+
+    def proxyd_tls_cost(self) -> float | None:
+        """proxyd over TLS minus proxyd over plain http (what TLS adds to proxyd)."""
+        return self._minus(self.proxyd, self.proxyd_plain)
+
+    def nginx_tls_cost(self) -> float | None:
+        return self._minus(self.nginx, self.nginx_plain)
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "metric": self.label,
+            "nginx_tls": self.nginx,
+            "proxyd_tls": self.proxyd,
+            "proxyd_tls_div_nginx_tls": self.ratio(),
+            "proxyd_tls_minus_nginx_tls": self._minus(self.proxyd, self.nginx),
+            "nginx_plain": self.nginx_plain,
+            "proxyd_plain": self.proxyd_plain,
+            "nginx_tls_minus_plain": self.nginx_tls_cost(),
+            "proxyd_tls_minus_plain": self.proxyd_tls_cost(),
+        }
+
+
+def tls_rows(summary: dict[str, dict[str, Any]], concurrency: int) -> list[TlsRow]:
+    """POST at ``concurrency`` and the 10 MiB body through nginx_tls and proxyd_tls."""
+    post = summary.get(f"post_c{concurrency}", {})
+    big = summary.get("big", {})
+    if "nginx_tls" not in post and "proxyd_tls" not in post:
+        return []
+
+    def row(label: str, scenario: Mapping[str, Any], key: str, fmt: str) -> TlsRow:
+        return TlsRow(
+            label,
+            _get(scenario, "nginx_tls", key),
+            _get(scenario, "proxyd_tls", key),
+            _get(scenario, "nginx", key),
+            _get(scenario, "proxyd", key),
+            fmt,
+        )
+
+    c = concurrency
+    return [
+        row(f"POST c={c} TLS requests/s", post, "rps", "{:.0f}"),
+        row(f"POST c={c} TLS p99 ms", post, "p99_ms", "{:.3f}"),
+        row(f"POST c={c} TLS CPU µs/req", post, "proxy_cpu_us_per_req", "{:.0f}"),
+        row("10 MiB body TLS MB/s", big, "mb_per_s", "{:.0f}"),
+        row("10 MiB body TLS proxy CPU ms", big, "proxy_cpu_ms_per_10mib", "{:.1f}"),
+    ]
+
+
+def render_tls(rows: Sequence[TlsRow]) -> str:
+    def cell(value: float | None, fmt: str) -> str:
+        return "—" if value is None else fmt.format(value)
+
+    def signed(fmt: str) -> str:
+        return fmt.replace("{:", "{:+")
+
+    width = max(len(r.label) for r in rows)
+    head = (
+        f"{'':<{width}}  {'nginx TLS':>9}  {'proxyd TLS':>10}  {'÷nginx(TLS)':>11}  "
+        f"{'proxyd TLS-plain':>16}  {'nginx TLS-plain':>15}"
+    )
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(
+            f"{r.label:<{width}}  {cell(r.nginx, r.fmt):>9}  {cell(r.proxyd, r.fmt):>10}  "
+            f"{cell(r.ratio(), '{:.2f}'):>11}  "
+            f"{cell(r.proxyd_tls_cost(), signed(r.fmt)):>16}  "
+            f"{cell(r.nginx_tls_cost(), signed(r.fmt)):>15}"
+        )
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
 # Targets (issue 6)
 
 

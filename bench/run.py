@@ -17,6 +17,10 @@ the order rotates every round) over several rounds:
   CLOCK_MONOTONIC stamp);
 - a 10 MiB response body: MB/s;
 
+plus, unless --no-tls, nginx and proxyd both terminating TLS (a self-signed certificate made
+per run by bench/tlscert.py): the POST at c=16 and the 10 MiB body over https (keep-alive
+connections, so the handshake is amortized), printed as a separate TLS table;
+
 and last, once per proxy, N idle SSE GET streams (MCP 2025 GET streams on an established MCP
 session) held open through ONE process: its RSS, and the p99 of a small POST at c=4 meanwhile.
 
@@ -49,6 +53,7 @@ from typing import Any
 
 import peer_nginx
 import report
+import tlscert
 from procs import (
     HOST,
     START_DEADLINE,
@@ -122,6 +127,7 @@ IDLE_INIT_HEADERS = {
 }
 IDLE_HEADERS = {"Accept": "text/event-stream", "MCP-Protocol-Version": "2025-11-25"}
 IDLE_POST_CONCURRENCY = 4
+TLS_CONCURRENCY = 16  # the TLS targets (nginx_tls, proxyd_tls) run the POST at this level only
 IDLE_OPEN_CONCURRENCY = 64  # streams being opened at once (the accept backlogs stay short)
 PORT_HEADROOM = 3000  # ephemeral ports left for everything else on the machine
 # Descriptors a proxy process needs besides its streams: listeners, logs, the audit file, and
@@ -155,6 +161,7 @@ class Plan:
     idle_heartbeat_s: int
     proxyd_workers: int  # 0: no multi-process proxyd target
     output: Path
+    tls: bool = True  # also nginx_tls and proxyd_tls: POST c=16 and the 10 MiB body over https
 
 
 def _env_int(name: str, default: int) -> int:
@@ -240,6 +247,11 @@ def parse_args(argv: Sequence[str] | None) -> Plan:
         "number of CPUs when there are 2 or more; 0 skips it); against nginx's one worker "
         "it shows what the extra processes buy, not a like-for-like ratio",
     )
+    parser.add_argument(
+        "--no-tls",
+        action="store_true",
+        help="skip the TLS targets (nginx and proxyd terminating TLS: POST c=16, 10 MiB body)",
+    )
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="JSON results file")
     args = parser.parse_args(argv)
     quick = bool(args.quick)
@@ -275,6 +287,7 @@ def parse_args(argv: Sequence[str] | None) -> Plan:
         if args.proxyd_workers is not None
         else (n if (n := len(os.sched_getaffinity(0))) >= 2 else 0),
         output=args.output,
+        tls=not args.no_tls,
     )
     if plan.rounds < 1 or plan.duration < 1 or plan.sse_events < 1 or plan.big_repeat < 1:
         parser.error("rounds, duration, sse-events and big-repeat must be positive")
@@ -334,14 +347,33 @@ class ProxydPorts:
 
 
 def proxyd_config(
-    ports: ProxydPorts, workdir: Path, issuer: DevIssuer, plan: Plan, workers: int = 1
+    ports: ProxydPorts,
+    workdir: Path,
+    issuer: DevIssuer,
+    plan: Plan,
+    workers: int = 1,
+    tls: tuple[Path, Path] | None = None,
 ) -> str:
+    scheme = "https" if tls else "http"
+    audit = "audit-w.jsonl" if workers > 1 else "audit.jsonl"
+    if tls:
+        audit = "audit-tls.jsonl"
     lines = [
         "[server]",
         f"listen = {toml_str(f'{HOST}:{ports.listen}')}",
-        f"public_url = {toml_str(f'http://{HOST}:{ports.listen}')}",
+        f"public_url = {toml_str(f'{scheme}://{HOST}:{ports.listen}')}",
         f"state_dir = {toml_str(str(workdir / 'state'))}",
         f"workers = {workers}",
+        *(
+            [
+                "",
+                "[server.tls]",  # terminate TLS on the MCP listener, as nginx_tls does
+                f"cert_file = {toml_str(str(tls[0]))}",
+                f"key_file = {toml_str(str(tls[1]))}",
+            ]
+            if tls
+            else []
+        ),
         "",
         "[admin]",
         f"listen = {toml_str(f'{HOST}:{ports.admin}')}",
@@ -366,7 +398,7 @@ def proxyd_config(
         'max_ttl = "12h"',
         "",
         "[audit]",  # on: one tools/call record per POST, to a file and to the log
-        f"file = {toml_str(str(workdir / ('audit.jsonl' if workers == 1 else 'audit-w.jsonl')))}",
+        f"file = {toml_str(str(workdir / audit))}",
     ]
     servers = {
         app: [f"http://{HOST}:{ports.upstream}{DIRECT_PATHS[scenario]}"]
@@ -411,12 +443,14 @@ class Target:
     paths: Mapping[str, str]  # scenario → request path
     headers: Mapping[str, str]  # added to every request (credentials)
     proxy_pids: tuple[int, ...] = ()  # the proxy's processes charged per request; () = direct
+    tls: bool = False  # https (the proxy terminates TLS with the run's self-signed certificate)
 
     def job(
         self, kind: str, scenario: str, headers: Mapping[str, str], **extra: Any
     ) -> dict[str, Any]:
         return {
             "kind": kind,
+            "tls": self.tls,
             "host": HOST,
             "port": self.port,
             "path": self.paths[scenario],
@@ -534,7 +568,8 @@ class WrkLoad:
         return path
 
     def post(self, target: Target, concurrency: int, duration: float) -> PostRun:
-        url = f"http://{HOST}:{target.port}{target.paths['post']}"
+        scheme = "https" if target.tls else "http"  # wrk: keep-alive, one handshake per conn
+        url = f"{scheme}://{HOST}:{target.port}{target.paths['post']}"
         argv = [
             self.wrk,
             "-t1",
@@ -891,6 +926,8 @@ def _run(
 
     upstream_port, proxyd_port, admin_port = free_port(), free_port(), free_port()
     second_port, nginx_port = free_port(), free_port()
+    nginx_tls_port, proxyd_tls_port = free_port(), free_port()
+    cert = tlscert.self_signed(workdir / "tls", HOST) if plan.tls else None
     issuer = DevIssuer(audience="proxyd-bench")
     config = workdir / "proxyd.toml"
     ports = ProxydPorts(
@@ -923,6 +960,17 @@ def _run(
         multi = children.start(
             "proxyd-workers", [sys.executable, "-m", "proxyd", "run", "-c", str(multi_config)]
         )
+    proxyd_tls = None
+    if cert is not None:
+        # A third proxyd, the same configuration with [server.tls]: the plain one stays as is.
+        tls_ports = ProxydPorts(proxyd_tls_port, free_port(), upstream_port, second_port, ())
+        tls_config = workdir / "proxyd-tls.toml"
+        tls_config.write_text(
+            proxyd_config(tls_ports, workdir, issuer, plan, tls=cert), encoding="utf-8"
+        )
+        proxyd_tls = children.start(
+            "proxyd-tls", [sys.executable, "-m", "proxyd", "run", "-c", str(tls_config)]
+        )
     nginx_child = None
     if nginx:
         conf = workdir / "nginx.conf"
@@ -944,6 +992,7 @@ def _run(
                     max_connections=2 * (idle.streams if idle else 0) + 1024,
                     access_log=plan.access_logs,
                     nofile_limit=idle.nofile[1] if idle else None,
+                    tls=(nginx_tls_port, *cert) if cert is not None else None,
                 ),
             ),
             encoding="utf-8",
@@ -960,6 +1009,8 @@ def _run(
             host, port = idle.servers(p)[0].split(":")
             wait_accepting(idle_upstream, int(port), deadline, host)
     wait_accepting(proxyd, proxyd_port, deadline)
+    if proxyd_tls is not None:
+        wait_accepting(proxyd_tls, proxyd_tls_port, deadline)
     multi_pids: tuple[int, ...] = ()
     if multi is not None:
         wait_accepting(multi, multi_port, deadline)
@@ -972,6 +1023,8 @@ def _run(
     upstream_pids = [c.pid for c in upstreams]
     if layout.pinned:
         pin(descendants(proxyd.pid), layout.proxy)
+        if proxyd_tls is not None:
+            pin(descendants(proxyd_tls.pid), layout.proxy)
         pin(multi_pids, layout.proxy)
         pin(nginx_pids, layout.proxy)
         pin([*upstream_pids, second.pid], layout.upstream)
@@ -1011,6 +1064,15 @@ def _run(
     if multi_pids:
         targets.append(
             Target("proxyd_workers", multi_port, {"post": proxyd_paths["post"]}, bearer, multi_pids)
+        )
+    # TLS: the same POST and 10 MiB body, both proxies terminating TLS (the upstream hop stays
+    # plain http, as for the other targets). POST at c=16 only.
+    tls_paths = {k: proxyd_paths[k] for k in ("post", "big")}
+    if nginx_pids and cert is not None:
+        targets.append(Target("nginx_tls", nginx_tls_port, tls_paths, bearer, nginx_pids, True))
+    if proxyd_tls is not None:
+        targets.append(
+            Target("proxyd_tls", proxyd_tls_port, tls_paths, bearer, (proxyd_tls.pid,), True)
         )
     # Preflight: each proxyd app's first request verifies the token and creates the session,
     # so every measured request below rides a cached session. Exactly 200 or we stop.
@@ -1057,11 +1119,21 @@ def _run(
         log(f"round {round_no + 1}/{plan.rounds}: {' then '.join(t.name for t in order)}")
         for c in plan.concurrency:
             for target in order:
+                if target.tls and c != TLS_CONCURRENCY:
+                    continue
                 record(
                     f"post_c{c}",
                     target,
                     measure_post(load, target, upstream_pids, c, plan.duration),
                 )
+        if TLS_CONCURRENCY not in plan.concurrency:
+            for target in order:
+                if target.tls:
+                    record(
+                        f"post_c{TLS_CONCURRENCY}",
+                        target,
+                        measure_post(load, target, upstream_pids, TLS_CONCURRENCY, plan.duration),
+                    )
         for target in order:
             if "sse" in target.paths:
                 record("sse", target, measure_sse(worker, target, plan))
@@ -1074,6 +1146,7 @@ def _run(
             proxyd,
             *([nginx_child] if nginx_child else []),
             *([multi] if multi else []),
+            *([proxyd_tls] if proxyd_tls else []),
         ):
             child.check_alive()
 
@@ -1099,6 +1172,7 @@ def _run(
     summary = report.summarize(raw)
     rows = report.table_rows(summary, plan.concurrency, idle_results, plan.proxyd_workers)
     checks = report.checks(summary, plan.concurrency, idle_results, plan.idle_streams)
+    tls_rows = report.tls_rows(summary, TLS_CONCURRENCY) if plan.tls else []
     audit_lines = _count_lines(workdir / "audit.jsonl")
     if audit_lines == 0:
         raise BenchError("proxyd wrote no audit record: audit is not on, the numbers would lie")
@@ -1129,6 +1203,8 @@ def _run(
                 "ephemeral_ports": list(idle.port_range) if idle else None,
                 "rlimit_nofile": list(idle.nofile) if idle else None,
                 "proxyd_workers": plan.proxyd_workers,
+                "tls": plan.tls,
+                "tls_concurrency": TLS_CONCURRENCY if plan.tls else None,
             },
             "proxyd_log_lines": _count_lines(proxyd.log),
             "proxyd_audit_lines": audit_lines,
@@ -1139,8 +1215,13 @@ def _run(
         "idle": idle_results,
         "table": [r.as_json() for r in rows],
         "targets": [c.as_json() for c in checks],
+        # nginx_tls / proxyd_tls (their raw numbers are in summary and rounds too)
+        "tls": [r.as_json() for r in tls_rows],
         "rounds": raw,
-        "_rendered": report.render(rows) + "\n\n" + report.render_checks(checks),
+        "_rendered": report.render(rows)
+        + ("\n\n" + report.render_tls(tls_rows) if tls_rows else "")
+        + "\n\n"
+        + report.render_checks(checks),
     }
 
 

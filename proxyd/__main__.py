@@ -40,6 +40,8 @@ def _check(path: str) -> int:
         for problem in exc.problems:
             print(f"  {problem}", file=sys.stderr)
         return 2
+    for key, message in settings.warnings:
+        print(f"warning: {key}: {message}", file=sys.stderr)
     print(
         f"{path}: ok ({len(settings.apps)} apps, {len(settings.app_auth_configs)} app auth configs)"
     )

@@ -168,6 +168,9 @@ class Runtime:
         # The listeners' TLS (proxyd/tls.py), set by the process that binds them: re-read on
         # each reload.
         self.listener_tls: list[ServerTLS] = []
+        # A reload logs the file's warnings (config_warning); a worker leaves it to its
+        # supervisor, so they are logged once.
+        self.logs_config_warnings = True
 
     @property
     def resources(self) -> Resources:
@@ -325,6 +328,9 @@ class Runtime:
             metrics.reloads.labels("sighup", "failed").inc()
             notifier.ready("reload failed: previous configuration in force")
             return False
+        if self.logs_config_warnings:
+            for key, message in new.warnings:
+                log.warning("config_warning", key=key, message=message, path=path)
         # Compared with what the process started with: that is what is in force for these keys.
         boot = self.boot_settings
         later = [key for key, value in RESTART_ONLY.items() if value(boot) != value(new)]

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import sys
 import tomllib
 import typing
 from collections.abc import Callable, Iterator, Mapping
@@ -86,10 +85,18 @@ class ConfigError(Exception):
 class _Table:
     """A view of one TOML table that records problems and which keys were read."""
 
-    def __init__(self, data: Mapping[str, Any], path: str, problems: list[str]) -> None:
+    def __init__(
+        self,
+        data: Mapping[str, Any],
+        path: str,
+        problems: list[str],
+        warnings: list[tuple[str, str]] | None = None,
+    ) -> None:
         self.data = data
         self.path = path
         self.problems = problems
+        # (key path, message): worth a look, not a refusal. Shared by a table's children.
+        self.warnings: list[tuple[str, str]] = [] if warnings is None else warnings
         self._seen: set[str] = set()
         # Keys whose value was reported as invalid (a later check may depend on one).
         self.failed: set[str] = set()
@@ -131,7 +138,7 @@ class _Table:
         if not isinstance(value, Mapping):
             self.problem(key, "expected a table")
             value = {}
-        return _Table(value, self._key(key), self.problems)
+        return _Table(value, self._key(key), self.problems, self.warnings)
 
     def tables(self, key: str) -> Iterator[_Table]:
         self._seen.add(key)
@@ -144,7 +151,7 @@ class _Table:
             if not isinstance(item, Mapping):
                 self.problems.append(f"{where}: expected a table")
                 continue
-            yield _Table(item, where, self.problems)
+            yield _Table(item, where, self.problems, self.warnings)
 
     def mark(self, *keys: str) -> None:
         self._seen.update(keys)
@@ -256,7 +263,7 @@ def _parse_admin(t: _Table) -> AdminSettings:
 def _parse_listener_tls(parent: _Table) -> ListenerTlsSettings | None:
     """``[server.tls]`` / ``[admin.tls]``: absent is plain HTTP. The files are checked here,
     so check-config, the start and a reload all refuse a pair that does not load (proxyd/tls.py);
-    the warnings (expiry near, a key others can read) go to stderr."""
+    the warnings (expiry near, a key others can read) go to ``Settings.warnings``."""
     if "tls" not in parent.data:
         parent.mark("tls")
         return None
@@ -271,7 +278,7 @@ def _parse_listener_tls(parent: _Table) -> ListenerTlsSettings | None:
         for message in errors:
             t.problem(None, message)
         for message in warnings:
-            print(f"warning: {t.path}: {message}", file=sys.stderr)
+            t.warnings.append((t.path, message))
     return tls
 
 
@@ -665,6 +672,7 @@ def parse_settings(
         audit=audit,
         state=state,
         path=path,
+        warnings=tuple(root.warnings),
     )
 
 

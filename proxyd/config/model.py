@@ -377,3 +377,6 @@ class Settings:
     # The Redis connection, its fallbacks and key names are built once, at start.
     state: Annotated[StateSettings, RESTART] = field(default_factory=StateSettings)
     path: str | None = None
+    # What the file is worth a look for but does not refuse: (key path, message), e.g. a
+    # certificate that expires soon. check-config prints them, `run` logs them (start, reload).
+    warnings: tuple[tuple[str, str], ...] = field(default=(), compare=False)

@@ -84,6 +84,7 @@ async def serve(
     draining = False
     app = create_app(settings, mcp_key=role.mcp_key if role is not None else None)
     runtime = app[RUNTIME]
+    runtime.logs_config_warnings = role is None  # a supervisor logs them once for its workers
 
     async def reload_file() -> bool:
         assert settings.path is not None
@@ -241,6 +242,12 @@ def admin_app_of(runtime: Runtime, draining: Callable[[], bool]) -> web.Applicat
     return admin_app(ready=lambda: runtime.ready and not draining(), metrics=metrics)
 
 
+def log_config_warnings(settings: Settings) -> None:
+    """What check-config prints as ``warning:``, as one structured line each."""
+    for key, message in settings.warnings:
+        log.warning("config_warning", key=key, message=message, path=settings.path)
+
+
 def run(path: str) -> int:
     """``proxyd run -c FILE``: serve (or supervise the workers) until stopped; the exit code."""
     try:
@@ -253,6 +260,7 @@ def run(path: str) -> int:
             print(f"{path}: {problem}", file=sys.stderr)
         return 2
     configure(settings.log.level, settings.log.format)
+    log_config_warnings(settings)  # once, here: not again in each worker
     if settings.server.workers > 1:
         from proxyd.process.supervisor import supervise  # its own process: only then
 

@@ -409,6 +409,8 @@ class Supervisor:
             except TLSError as exc:  # goes on for the workers: their listeners are theirs)
                 self.reload_failures += 1
                 log.error("tls_reload_failed", listener="admin", error=str(exc))
+        for key, message in new.warnings:  # logged here once, not by each worker
+            log.warning("config_warning", key=key, message=message, path=self.path)
         self.text = text
         self.generation += 1
         if new.server.workers != self.settings.server.workers:
