@@ -84,29 +84,26 @@ class ToolsListFilter:
             if self.strict:
                 raise FilterError("tools/list answer is not a JSON-RPC response")
             return message
-        if not _has(message, "result"):
-            if self.strict and not _has(message, "error") and not _has(message, "method"):
+        result_key = strictjson.key_of(message, "result")
+        if result_key is None:
+            answered = strictjson.key_of(message, "error") is not None
+            if self.strict and not answered and strictjson.key_of(message, "method") is None:
                 raise FilterError("tools/list answer has neither result nor error")
             return message  # a request, a notification or an error: nothing listed
-        result = strictjson.member(message, "result")
-        tools = strictjson.member(result, "tools") if isinstance(result, dict) else None
-        if tools is None:
+        result = message[result_key]
+        tools_key = strictjson.key_of(result, "tools") if isinstance(result, dict) else None
+        if tools_key is None:
             if self.strict:
                 raise FilterError("tools/list answer has no tools array")
-            if isinstance(result, dict) and _has(result, "tools"):
-                raise FilterError("answer has a tools member that is not an array")
             return message
+        tools = result[tools_key]
         if not isinstance(tools, list):
             raise FilterError("answer has a tools member that is not an array")
         kept = [t for t in tools if self._allowed(t)]
         if len(kept) == len(tools):
             return message
         self.removed += len(tools) - len(kept)
-        assert isinstance(result, dict)
-        return {
-            **message,
-            _key(message, "result"): {**result, _key(result, "tools"): kept},
-        }
+        return {**message, result_key: {**result, tools_key: kept}}
 
     def _allowed(self, tool: Any) -> bool:
         if not isinstance(tool, dict):
@@ -140,16 +137,6 @@ class ToolsListFilter:
 
     def sse(self) -> SseFilter:
         return SseFilter(self)
-
-
-def _has(obj: dict[str, Any], name: str) -> bool:
-    return name in obj or any(strictjson.canonical(key) == name for key in obj)
-
-
-def _key(obj: dict[str, Any], name: str) -> str:
-    if name in obj:
-        return name
-    return next(key for key in obj if strictjson.canonical(key) == name)
 
 
 def _unmarked(line: bytes) -> bytes:

@@ -87,7 +87,7 @@ class McpGate:
         message = exchange.message
         is_request = message is not None and exchange.kind == "request"
         request_id = message.get("id") if message is not None and is_request else None
-        strict = exchange.method == "tools/list" and exchange.kind == "request"
+        strict = is_request and exchange.method == "tools/list"
         # An answer proxyd must read: ask for it uncompressed (RFC 9110 §12.5.3: no
         # Accept-Encoding at all would mean "any coding").
         headers["Accept-Encoding"] = "identity"

@@ -112,16 +112,22 @@ def loads(data: bytes) -> Any:
     return value
 
 
-def member(obj: dict[str, Any], name: str) -> Any:
-    """``obj[name]``, also when spelled so that a lenient reader takes it for ``name`` (see
-    ``canonical``); None if absent. Only for objects read by ``loads``, which leaves at most
-    one such member for a name in PROTOCOL_NAMES."""
+def key_of(obj: Mapping[str, Any], name: str) -> str | None:
+    """The key under which ``obj`` holds ``name``, also when spelled so that a lenient reader
+    takes it for ``name`` (see ``canonical``); None if absent. Only for objects read by
+    ``loads``, which leaves at most one such member for a name in PROTOCOL_NAMES."""
     if name in obj:
-        return obj[name]
-    for key, value in obj.items():
+        return name
+    for key in obj:
         if not _plain(key) and canonical(key) == name:
-            return value
+            return key
     return None
+
+
+def member(obj: Mapping[str, Any], name: str) -> Any:
+    """``obj``'s member ``name`` as ``key_of`` finds it; None if absent."""
+    key = key_of(obj, name)
+    return None if key is None else obj[key]
 
 
 def misspelled(obj: Mapping[str, Any]) -> str | None:
