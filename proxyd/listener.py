@@ -53,6 +53,9 @@ _TOO_MANY_HEADERS = "Too many headers received"
 # Under a flood the metric counts every refusal; the log says so once a minute.
 _REFUSED_LOG_INTERVAL = 60.0
 CLOSE_REASONS = ("header_timeout", "headers_too_large")
+# At a drain, how long a new connection that has sent nothing yet may take to send a request.
+_DRAIN_SILENT_WAIT = 1.0
+_ACCEPT_TURNS = 2
 
 # GuardedHandler reads (never writes) two private attributes of aiohttp's RequestHandler:
 # ``_waiter``, the future start() awaits for the next message (aiohttp's _process_keepalive
@@ -139,7 +142,15 @@ class Listener:
 class GuardedHandler(RequestHandler):
     """aiohttp's connection protocol with the head timeout, the cap and 431s (module doc)."""
 
-    __slots__ = ("_admitted", "_discarding", "_head_bytes", "_head_timer", "_listener")
+    __slots__ = (
+        "_admitted",
+        "_discarding",
+        "_drain_first",
+        "_first_head",
+        "_head_bytes",
+        "_head_timer",
+        "_listener",
+    )
 
     def __init__(self, manager: web.Server, *, listener: Listener, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
@@ -148,6 +159,9 @@ class GuardedHandler(RequestHandler):
         self._head_timer: asyncio.TimerHandle | None = None
         self._head_bytes = 0  # of the head in progress, in the reads that did not complete it
         self._discarding = False  # answered 431 mid-head: the rest is read and dropped
+        # A drain began before this connection's first request arrived (see close()).
+        self._drain_first = False
+        self._first_head: asyncio.Future[None] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         if not self._listener.admit():
@@ -166,6 +180,7 @@ class GuardedHandler(RequestHandler):
         self._admitted = False
         self._listener.release()
         self._cancel_head_timer()
+        self._first_head_settled()
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
@@ -179,6 +194,9 @@ class GuardedHandler(RequestHandler):
                 # A whole head was parsed (or failed to parse, which answers and closes):
                 # the request is being handled, only the body and upstream timeouts apply.
                 self._cancel_head_timer()
+                if self._drain_first:
+                    super().close()  # this request is answered, then the connection closes
+                    self._first_head_settled()
                 return
             self._head_bytes += len(data)
             if self._head_bytes > self._head_limit():
@@ -196,6 +214,59 @@ class GuardedHandler(RequestHandler):
             # the usual case, a head in one write, a timer per request.)
             self._arm_head_timer()
             self._head_bytes = len(data)
+
+    def close(self) -> None:
+        # A drain (aiohttp's Server.pre_shutdown) closes every connection waiting for a
+        # message. One still waiting for its first request was accepted moments ago: its
+        # client has sent, or is sending, a request it expects answered, and a close now reads
+        # to it as a reset it cannot safely retry (a POST). Across a restart with an inherited
+        # socket (issue 13) that was the only request ever lost. So such a connection is kept
+        # until its first head (bounded in shutdown()), answered, and then closed.
+        if self._admitted and self._request_count == 0 and not self._discarding:
+            self._drain_first = True
+            return
+        super().close()
+
+    async def shutdown(self, timeout: float | None = 15.0) -> None:  # noqa: ASYNC109 (aiohttp's signature)
+        if self._drain_first and self._request_count == 0 and self.transport is not None:
+            await self._await_first_request(timeout)
+        await super().shutdown(timeout)
+
+    async def _await_first_request(self, limit: float | None) -> None:
+        """Wait for the first head (the head timer bounds it: a connection that sends nothing
+        is closed after server.header_timeout as always, and one silent for longer than
+        _DRAIN_SILENT_WAIT is a preconnect, not a request in flight), then for its answer."""
+        loop = asyncio.get_running_loop()
+        self._first_head = loop.create_future()
+        silent = None
+        if self._head_bytes == 0:
+            silent = loop.call_later(_DRAIN_SILENT_WAIT, self._silent_at_drain)
+        started = loop.time()
+        try:
+            await asyncio.wait_for(asyncio.shield(self._first_head), limit)
+        except TimeoutError:
+            return
+        finally:
+            if silent is not None:
+                silent.cancel()
+            self._first_head = None
+        task = self._task_handler
+        if self._request_count == 0 or task is None or task.done():
+            return
+        # super().shutdown() waits only for a request it sees in progress, and the handler
+        # task may not have picked this one up yet: wait for the task itself (close() above
+        # makes it end after this one request).
+        left = None if limit is None else max(0.0, limit - (loop.time() - started))
+        await asyncio.wait({task}, timeout=left)
+
+    def _silent_at_drain(self) -> None:
+        if self._request_count == 0 and self._head_bytes == 0:
+            self._first_head_settled()
+
+    def _first_head_settled(self) -> None:
+        waiter = self._first_head
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     def handle_error(
         self,
@@ -307,6 +378,7 @@ class GuardedHandler(RequestHandler):
 
     def _head_timed_out(self) -> None:
         self._head_timer = None
+        self._first_head_settled()
         if self.transport is None:
             return
         if not self._discarding:  # (a 431 is counted as such)
@@ -462,6 +534,16 @@ class ListenerSite(web.BaseSite):
                 return f"{scheme}://unix:{address}:"
             return f"{scheme}://{_netloc(address[0], address[1])}"
         return f"{scheme}://{_netloc(self._host or '0.0.0.0', self._port or 0)}"  # noqa: S104
+
+    async def stop(self) -> None:
+        await super().stop()
+        # A connection the loop accepted before the close reaches connection_made a turn or
+        # two later (asyncio: the accept task, then the transport's call_soon; uvloop: one
+        # call_soon). aiohttp's cleanup yields one turn before its drain looks at the
+        # connections; without these, one accepted just before would be missed by the drain
+        # and answered by nobody when the process exits.
+        for _ in range(_ACCEPT_TURNS):
+            await asyncio.sleep(0)
 
     async def start(self) -> None:
         await super().start()

@@ -432,6 +432,64 @@ async def test_sigterm_lets_an_in_flight_request_finish_then_exits_0(
     assert not proxyd.find("config_reloaded", mark)
 
 
+async def test_sigterm_answers_a_new_connection_whose_first_request_is_still_arriving(
+    issuer: TestIssuer, launch: Launch, upstreams: Upstreams, tmp_path: Path
+) -> None:
+    """A connection accepted just before the drain, its head half sent: aiohttp's drain
+    closed it unanswered, a reset the client could not safely retry. proxyd answers that
+    first request, then closes the connection; an idle keep-alive connection is closed."""
+    _, url = await start_upstream(upstreams)
+    doc = proxyd_config(
+        issuer, tmp_path, {"a": [url]}, server={"shutdown_grace": "20s", "header_timeout": "20s"}
+    )
+    proxyd = await launch(write_config(tmp_path / "proxyd.toml", doc))
+    body = json.dumps(rpc("ping")).encode()
+    head = (
+        "POST /mcp/apps/a HTTP/1.1\r\n"
+        f"Host: 127.0.0.1:{proxyd.port}\r\n"
+        f"Authorization: Bearer {issuer.token(time.time())}\r\n"
+        "Content-Type: application/json\r\n"
+        "Accept: application/json, text/event-stream\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxyd.port)
+    idle_reader, idle_writer = await asyncio.open_connection("127.0.0.1", proxyd.port)
+    try:
+        # The idle connection has served a request: keep-alive, waiting for the next one.
+        idle_writer.write(head + body)
+        first = await asyncio.wait_for(idle_reader.readuntil(b"\r\n\r\n"), GUARD)
+        assert first.startswith(b"HTTP/1.1 200 ")
+        length = int(
+            next(
+                line.split(b":", 1)[1]
+                for line in first.split(b"\r\n")
+                if line.lower().startswith(b"content-length:")
+            )
+        )
+        await idle_reader.readexactly(length)
+
+        writer.write(head[:40])
+        await writer.drain()
+        mark = proxyd.mark()
+        proxyd.signal(signal.SIGTERM)
+        await proxyd.wait_for("proxyd_stopping", mark)
+        await until(lambda: connect_refused(proxyd.port), what="listener closed")
+        # The drain has begun: the idle keep-alive connection is closed at once.
+        assert await asyncio.wait_for(idle_reader.read(), GUARD) == b""
+        assert proxyd.proc.returncode is None
+
+        writer.write(head[40:] + body)
+        answer = await asyncio.wait_for(reader.read(), GUARD)  # to EOF: answered, then closed
+    finally:
+        writer.close()
+        idle_writer.close()
+    status_line, _, rest = answer.partition(b"\r\n")
+    assert status_line == b"HTTP/1.1 200 OK", answer[:200]
+    assert json.loads(rest.partition(b"\r\n\r\n")[2])["result"] is not None
+    assert await proxyd.exit_code() == 0
+    assert proxyd.find("proxyd_stopped")
+
+
 async def test_sigterm_cuts_a_stream_longer_than_the_grace_and_exits_0(
     issuer: TestIssuer, launch: Launch, upstreams: Upstreams, tmp_path: Path
 ) -> None:
