@@ -49,7 +49,9 @@ def main() -> int:
         }
     )
     policy = Policy(settings.roles)
-    identity = SimpleNamespace(username="alice@example.com", issuer="https://idp", claims={})
+    identity = SimpleNamespace(
+        username="alice@example.com", issuer="https://idp", claims={}, username_claim="email"
+    )
     access = policy.access("proxyd-jwt:abc", identity, "app", {})  # type: ignore[arg-type]
     results: dict[str, float] = {}
     results["policy decision, tools/call (cached)"] = per_call_us(

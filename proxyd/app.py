@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import aiohttp
-from aiocache import RedisCache, SimpleMemoryCache
+from aiocache import RedisCache
 from aiocache.serializers import JsonSerializer
 from aiohttp import web
 from joserfc.jwk import ECKey
@@ -129,10 +129,7 @@ async def open_resources(settings: Settings, core: Core, stack: AsyncExitStack) 
             settings.sessions.mcp_keys,
             core.clocks.wall,
         )
-    # timeout=None: aiocache's default 5 s timeout wraps every get in asyncio.wait_for,
-    # a task per lookup on the hot path, for an in-memory dict that cannot block.
-    cache = SimpleMemoryCache(timeout=None)
-    sessions = SessionStore(cache, core.clocks.wall, settings.sessions.max_ttl, shared_sessions)
+    sessions = SessionStore(core.clocks.wall, settings.sessions.max_ttl, shared_sessions)
     stack.push_async_callback(sessions.close)
     auditor = Auditor(settings.audit)
     stack.callback(auditor.close)

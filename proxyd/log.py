@@ -11,6 +11,8 @@ lives in one routing object that the cached processors consult.
 
 from __future__ import annotations
 
+import asyncio
+import atexit
 import datetime
 import json
 import logging
@@ -42,6 +44,74 @@ def _json(_: Any, __: str, event: MutableMapping[str, Any]) -> str:
     return _ENCODER.encode(event)
 
 
+# A write of at most this many bytes (PIPE_BUF on Linux) to a pipe is atomic: the workers of a
+# supervisor share one stdout, and their lines must never interleave mid-line.
+_WRITE_MAX = 4096
+
+
+class _Lines:
+    """Whole lines, written together once per event-loop turn (issue 15): the access line and
+    the audit record of each request were a write and a flush each, two system calls per
+    request; a turn of the loop finishes several requests. Each write holds whole lines and at
+    most _WRITE_MAX bytes (a longer line goes alone, as before). Outside a running loop a line
+    is written at once; what is pending at exit is written by atexit."""
+
+    __slots__ = ("pending", "scheduled", "size")
+
+    def __init__(self) -> None:
+        self.pending: list[str] = []
+        self.size = 0
+        self.scheduled = False
+
+    def add(self, line: str) -> None:
+        self.pending.append(line)
+        self.size += len(line)
+        if self.size >= _WRITE_MAX:
+            self.flush()
+            return
+        if not self.scheduled:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                self.flush()
+                return
+            loop.call_soon(self.flush)
+            self.scheduled = True
+
+    def flush(self) -> None:
+        self.scheduled = False
+        if not self.pending:
+            return
+        lines, self.pending, self.size = self.pending, [], 0
+        stream = _routing.stream
+        chunk: list[str] = []
+        size = 0
+        for line in lines:
+            if chunk and size + len(line) > _WRITE_MAX:
+                _write(stream, chunk)
+                chunk, size = [], 0
+            chunk.append(line)
+            size += len(line)
+        _write(stream, chunk)
+
+
+def _write(stream: TextIO, lines: list[str]) -> None:
+    # One write and a flush per chunk: the chunk leaves in one system call (the stream's
+    # buffer, 8 KiB, is larger than a chunk), never split across two.
+    stream.write(lines[0] if len(lines) == 1 else "".join(lines))
+    stream.flush()
+
+
+_lines = _Lines()
+atexit.register(_lines.flush)
+
+
+def flush() -> None:
+    """Write the lines still pending now (before a process exits or hands over its stdout,
+    and for tests that read the stream)."""
+    _lines.flush()
+
+
 class _Routing:
     def __init__(self) -> None:
         self.level = logging.INFO
@@ -50,12 +120,13 @@ class _Routing:
         # Keys on every line of this process, e.g. {"worker": 2} under a supervisor.
         self.context: dict[str, Any] = {}
 
-    # The file-like object structlog's PrintLogger writes to.
+    # The file-like object structlog's WriteLogger writes to: a whole line per call.
     def write(self, text: str) -> int:
-        return self.stream.write(text)
+        _lines.add(text)
+        return len(text)
 
     def flush(self) -> None:
-        self.stream.flush()
+        pass  # the line is written with the others of this loop turn (_Lines)
 
 
 _routing = _Routing()
@@ -149,8 +220,7 @@ def info(logger: Any, name: str, event: str, fields: dict[str, Any]) -> None:
             line.setdefault(key, value)
     for key in SECRET_KEYS.intersection(fields):
         line[key] = "[redacted]"
-    _routing.write(_ENCODER.encode(line) + "\n")
-    _routing.flush()
+    _lines.add(_ENCODER.encode(line) + "\n")
 
 
 def set_level(level: str) -> None:
@@ -159,6 +229,7 @@ def set_level(level: str) -> None:
 
 
 def configure(level: str = "info", fmt: str = "auto", stream: TextIO | None = None) -> None:
+    _lines.flush()  # what was logged before goes where it was meant to go
     out = stream or sys.stdout
     if fmt == "auto":
         fmt = "console" if out.isatty() else "json"

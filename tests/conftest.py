@@ -25,6 +25,7 @@ from proxyd.app import create_app
 from proxyd.config import Settings, parse_settings
 from proxyd.handler import Clocks
 from proxyd.log import configure
+from proxyd.log import flush as flush_logs
 from tests.kit.echo import Upstreams
 from tests.kit.issuer import MINTED, TestIssuer
 
@@ -55,12 +56,13 @@ class LogCapture:
     stream: io.StringIO = field(default_factory=io.StringIO)
 
     def lines(self) -> list[dict[str, Any]]:
-        return [json.loads(line) for line in self.stream.getvalue().splitlines() if line.strip()]
+        return [json.loads(line) for line in self.text().splitlines() if line.strip()]
 
     def events(self, name: str) -> list[dict[str, Any]]:
         return [line for line in self.lines() if line.get("event") == name]
 
     def text(self) -> str:
+        flush_logs()  # the lines of this loop turn (proxyd.log writes them once per turn)
         return self.stream.getvalue()
 
 

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import io
 import json
 import re
 from typing import Any
 
-from proxyd.log import AUDIT_LOGGER, _Stamp, configure, get_logger, info
+from proxyd.log import AUDIT_LOGGER, _Stamp, configure, flush, get_logger, info
 
 FIELDS: dict[str, Any] = {
     "method": "POST",
@@ -27,6 +28,7 @@ ISO = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{6})?Z$")
 
 
 def _lines(stream: io.StringIO) -> list[str]:
+    flush()
     return stream.getvalue().splitlines()
 
 
@@ -71,6 +73,7 @@ def test_console_format_goes_through_structlog() -> None:
     configure("debug", "console", stream)
     try:
         info(get_logger("proxyd.access"), "proxyd.access", "request", {"status": 200})
+        flush()
         text = stream.getvalue()
         assert "request" in text and "status" in text
         assert not text.startswith("{")
@@ -89,3 +92,55 @@ def test_timestamps_match_datetime_isoformat() -> None:
         # Same clock, same format; a microsecond of rounding either way at most.
         slack = datetime.timedelta(microseconds=1)
         assert before - slack <= moment <= after + slack
+
+
+class _Writes(io.StringIO):
+    """A stream that records each write that reached it with a flush behind it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes: list[str] = []
+        self._unflushed = ""
+
+    def write(self, text: str) -> int:
+        self._unflushed += text
+        return super().write(text)
+
+    def flush(self) -> None:
+        if self._unflushed:
+            self.writes.append(self._unflushed)
+            self._unflushed = ""
+
+
+async def test_lines_of_one_loop_turn_leave_in_whole_line_writes_of_at_most_4096_bytes() -> None:
+    stream = _Writes()
+    configure("debug", "json", stream)
+    try:
+        logger = get_logger("proxyd.access")
+        for i in range(40):  # ~100 bytes each: more than one write's worth
+            info(logger, "proxyd.access", "request", {"i": i})
+        get_logger("proxyd.test").info("structlog_line", n=1)
+        info(logger, "proxyd.access", "big", {"blob": "x" * 5000})
+        assert stream.writes == [] or all(w.endswith("\n") for w in stream.writes)
+        await asyncio.sleep(0)  # the turn ends: everything pending is written
+        assert stream._unflushed == ""
+        assert all(w.endswith("\n") for w in stream.writes)
+        lines = [json.loads(line) for w in stream.writes for line in w.splitlines()]
+        assert [line.get("i") for line in lines[:40]] == list(range(40))
+        assert lines[40]["event"] == "structlog_line" and lines[41]["event"] == "big"
+        big = [w for w in stream.writes if "x" * 5000 in w]
+        assert len(big) == 1 and big[0].count("\n") == 1  # a long line goes alone
+        assert all(len(w) <= 4096 for w in stream.writes if w not in big)
+        assert len(stream.writes) < 10  # batched: not a write per line
+    finally:
+        configure("debug", "json", io.StringIO())
+
+
+def test_outside_a_loop_a_line_is_written_at_once() -> None:
+    stream = _Writes()
+    configure("debug", "json", stream)
+    try:
+        info(get_logger("proxyd.access"), "proxyd.access", "request", {"status": 200})
+        assert len(stream.writes) == 1 and '"status": 200' in stream.writes[0]
+    finally:
+        configure("debug", "json", io.StringIO())

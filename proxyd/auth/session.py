@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
 from proxyd.auth.jwt import Identity
 
@@ -22,6 +22,8 @@ SESSION_PREFIX = "proxyd-jwt:"
 # Identity.config_version of a session another instance verified under a config that differs
 # here (or is unknown here): never equal to a local version, so the handler verifies again.
 FOREIGN_VERSION = -1
+# Sessions held before the first sweep of expired ones (SessionStore._keep).
+_FIRST_SWEEP = 1024
 
 
 def session_key(app: str, token: str) -> str:
@@ -63,30 +65,39 @@ class SharedTier(Protocol):
 
 
 class SessionStore:
-    """An aiocache cache of verified sessions; expiry is also checked against our own clock
-    so a session never outlives its token even if the cache's timer is late."""
+    """Verified sessions: a plain dict in this process (issue 15: aiocache's in-memory cache
+    cost ~6.6 µs per lookup on the hot path, a dict 0.05 µs), and the shared tier behind it.
+
+    Expiry is checked against our own clock on every lookup, so a session never outlives its
+    token. Sessions that expire and are never looked up again are swept when the dict has
+    doubled since the last sweep: amortized O(1) per new session, no timer per key (aiocache
+    armed one per set) and no task to own.
+    """
 
     def __init__(
         self,
-        cache: Any,
         clock: Callable[[], float],
         max_ttl: float,
         shared: SharedTier | None = None,
     ) -> None:
-        self._cache = cache
+        self._local: dict[str, Session] = {}
         self._clock = clock
         self.max_ttl = max_ttl
         self.shared = shared
+        self._sweep_at = _FIRST_SWEEP
 
     def reconfigure(self, max_ttl: float) -> None:
         self.max_ttl = max_ttl  # sessions created from now on; live ones keep their expiry
 
+    def __len__(self) -> int:
+        return len(self._local)
+
     async def get(self, key: str) -> Session | None:
-        session: Session | None = await self._cache.get(key)
+        session = self._local.get(key)
         if session is None:
             return None if self.shared is None else await self._from_shared(key)
         if session.expires_at <= self._clock():
-            await self._cache.delete(key)
+            del self._local[key]
             return None
         return session
 
@@ -98,12 +109,11 @@ class SessionStore:
         now = self._clock()
         # This instance's max_ttl holds here too, whatever the writer's was.
         session.expires_at = min(session.expires_at, now + self.max_ttl)
-        ttl = session.expires_at - now
-        if ttl <= 0:
+        if session.expires_at <= now:
             return None
         if session.identity.config_version != FOREIGN_VERSION:
             # Trusted under the same config here: from now on a local hit.
-            await self._cache.set(key, session, ttl=ttl)
+            self._keep(key, session)
         return session
 
     async def create(self, key: str, app: str, identity: Identity) -> Session:
@@ -111,16 +121,24 @@ class SessionStore:
         ttl = session_ttl(identity, now, self.max_ttl)
         session = Session(key=key, app=app, identity=identity, expires_at=now + ttl)
         if ttl > 0:
-            await self._cache.set(key, session, ttl=ttl)
+            self._keep(key, session)
             if self.shared is not None:
                 await self.shared.put(session)
         return session
 
     async def delete(self, key: str) -> None:
-        await self._cache.delete(key)
+        self._local.pop(key, None)
         if self.shared is not None:
             await self.shared.delete(key)
 
     async def close(self) -> None:
-        await self._cache.clear()
-        await self._cache.close()
+        self._local.clear()
+
+    def _keep(self, key: str, session: Session) -> None:
+        local = self._local
+        local[key] = session
+        if len(local) >= self._sweep_at:
+            now = self._clock()
+            for key in [k for k, s in local.items() if s.expires_at <= now]:
+                del local[key]
+            self._sweep_at = max(_FIRST_SWEEP, 2 * len(local))

@@ -16,7 +16,6 @@ from typing import Any
 
 import aiohttp
 import pytest
-from aiocache import SimpleMemoryCache
 
 from proxyd.access import AccessRecord
 from proxyd.auth.appauth import AppAuthStore, Authenticator, resource_url
@@ -104,7 +103,7 @@ async def rig(clock: FakeClock) -> AsyncIterator[Rig]:
             Limiter(settings.limits.per_user, clock.monotonic),
             metrics,
         )
-        sessions = SessionStore(SimpleMemoryCache(timeout=None), clock.wall, 12 * 3600)
+        sessions = SessionStore(clock.wall, 12 * 3600)
         gate = SessionGate(
             sessions,
             Authenticator(store, jwks, clock.wall, PUBLIC_URL),
