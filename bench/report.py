@@ -1,4 +1,4 @@
-"""Aggregation of the raw rounds, the table of ratios and the PASS/MISS targets of issue 6."""
+"""Aggregation of the raw rounds, the table of ratios and the PASS/MISS targets (issues 6, 15)."""
 
 from __future__ import annotations
 
@@ -393,28 +393,38 @@ def checks(
     idle_planned: int,
 ) -> list[Check]:
     out: list[Check] = []
+    # Issue 15: CPU per request within 4.5 x nginx's at c=16, 5 x at the other levels.
     for c in concurrency:
         s = summary[f"post_c{c}"]
+        factor = 4.5 if c == 16 else 5.0
         out.append(
             Check(
-                f"POST c={c}: proxyd CPU/req <= 2 x nginx's",
+                f"POST c={c}: proxyd CPU/req <= {factor:g} x nginx's",
                 _get(s, "proxyd", "proxy_cpu_us_per_req"),
-                _scaled(_get(s, "nginx", "proxy_cpu_us_per_req"), 2.0),
+                _scaled(_get(s, "nginx", "proxy_cpu_us_per_req"), factor),
                 "µs",
             )
         )
     top = 64 if 64 in concurrency else max(concurrency)
     s = summary[f"post_c{top}"]
-    out.append(
+    note = "" if top == 64 else "c=64 was not measured"
+    out += [
+        Check(
+            f"POST c={top}: p99 <= 4 x nginx's",
+            _get(s, "proxyd", "p99_ms"),
+            _scaled(_get(s, "nginx", "p99_ms"), 4.0),
+            "ms",
+            note=note,
+        ),
         Check(
             f"POST c={top}: requests/s >= 0.6 x nginx's",
             _get(s, "proxyd", "rps"),
             _scaled(_get(s, "nginx", "rps"), 0.6),
             "req/s",
             higher_is_better=True,
-            note="" if top == 64 else "c=64 was not measured",
-        )
-    )
+            note=note,
+        ),
+    ]
     s = summary["sse"]
     out += [
         Check(
@@ -465,6 +475,21 @@ def checks(
                 _get(idle, "proxyd", "rss_mib") if opened else None,
                 1024.0,
                 "MiB",
+                note=note,
+            ),
+            Check(
+                "idle SSE streams: open rate >= 0.6 x nginx's",
+                _get(idle, "proxyd", "open_rate") if opened else None,
+                _scaled(_get(idle, "nginx", "open_rate"), 0.6),
+                "/s",
+                higher_is_better=True,
+                note=note,
+            ),
+            Check(
+                "idle SSE streams: RSS per stream <= 1.2 x nginx's",
+                _get(idle, "proxyd", "rss_per_stream_kib") if opened else None,
+                _scaled(_get(idle, "nginx", "rss_per_stream_kib"), 1.2),
+                "KiB",
                 note=note,
             ),
             Check(
