@@ -6,6 +6,7 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
@@ -15,6 +16,9 @@ from proxyd.errors import ProxydError, error_response
 from proxyd.forward import Outcome
 from proxyd.log import get_logger, info, is_enabled
 from proxyd.metrics import Metrics
+
+if TYPE_CHECKING:
+    from proxyd.tracing import RequestTrace
 
 ACCESS_LOGGER = "proxyd.access"
 access_log = get_logger(ACCESS_LOGGER)
@@ -28,6 +32,7 @@ class AccessRecord:
     session: str | None = None  # "cached" | "new"
     reason: str | None = None
     outcome: Outcome | None = None
+    trace: RequestTrace | None = None  # [tracing] on (proxyd/tracing.py)
 
 
 _RECORD_KEY = web.RequestKey("proxyd_access", AccessRecord)
@@ -71,6 +76,7 @@ def access_middleware(public_url: str, metrics: Metrics | None = None) -> Middle
         record = AccessRecord()
         request[_RECORD_KEY] = record
         status = 0
+        response: web.StreamResponse | None = None
         try:
             try:
                 response = await handler(request)
@@ -101,6 +107,8 @@ def access_middleware(public_url: str, metrics: Metrics | None = None) -> Middle
             raise
         finally:
             elapsed = time.perf_counter() - started
+            if record.trace is not None:
+                record.trace.end(status, record, response)
             _log(request, record, status, elapsed)
             if metrics is not None and record.app is not None:
                 observe(record.app, request.method, status, elapsed)
@@ -133,4 +141,6 @@ def _log(request: web.Request, record: AccessRecord, status: int, elapsed: float
         fields["bytes_out"] = outcome.bytes_down
         if outcome.broken:
             fields["broken"] = outcome.broken
+    if record.trace is not None:
+        fields["trace_id"] = record.trace.trace_id
     info(access_log, ACCESS_LOGGER, "request", fields)

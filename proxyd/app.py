@@ -50,6 +50,7 @@ from proxyd.registry import Registry
 from proxyd.router import UpstreamRouter
 from proxyd.state import RedisState
 from proxyd.tls import ServerTLS, TLSError
+from proxyd.tracing import RequestTracer, Tracing
 from proxyd.upstream import UpstreamClient
 from proxyd.upstream.tls import app_profiles, insecure_apps
 from proxyd.watcher import AuthConfigWatcher
@@ -86,6 +87,7 @@ class Resources:
     checker: HealthChecker
     state: RedisState | None  # only with [state] backend = "redis"
     shared_sessions: SharedSessions | None  # likewise
+    tracing: Tracing | None = None  # only with [tracing] otlp_endpoint
 
 
 async def open_resources(settings: Settings, core: Core, stack: AsyncExitStack) -> Resources:
@@ -96,6 +98,11 @@ async def open_resources(settings: Settings, core: Core, stack: AsyncExitStack) 
     step failed (a bad identity.key_file left the ClientSession unclosed) and skipped every
     close after one that raised.
     """
+    tracing = None
+    if settings.tracing.enabled:
+        # First: closed last, so the spans of the requests that end during shutdown are sent.
+        tracing = Tracing(settings.tracing, core.metrics)
+        stack.push_async_callback(tracing.close)
     upstreams = UpstreamClient(
         keepalive_timeout=settings.upstream.keepalive_timeout,
         max_idle=settings.upstream.max_idle_connections,
@@ -137,7 +144,16 @@ async def open_resources(settings: Settings, core: Core, stack: AsyncExitStack) 
     checker = HealthChecker(core.health, http)
     stack.push_async_callback(checker.stop)
     return Resources(
-        http, upstreams, jwks, sessions, identity_key, auditor, checker, state, shared_sessions
+        http,
+        upstreams,
+        jwks,
+        sessions,
+        identity_key,
+        auditor,
+        checker,
+        state,
+        shared_sessions,
+        tracing,
     )
 
 
@@ -278,6 +294,7 @@ class Runtime:
             signer,
             r.auditor,
             core.clocks,
+            RequestTracer(r.tracing, settings) if r.tracing is not None else None,
         )
         well_known = WellKnown(settings.server.public_url, registry, core.store, signer)
         self.settings, self._serving = settings, (handler, well_known)

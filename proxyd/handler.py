@@ -30,6 +30,7 @@ from proxyd.mcp.pinning import SESSION_HEADER
 from proxyd.netaddr import ClientView, client_view
 from proxyd.registry import App, Registry
 from proxyd.router import UpstreamRouter
+from proxyd.tracing import RequestTrace, RequestTracer
 
 __all__ = ["Clocks", "McpHandler"]  # Clocks: also where tests have always imported it from
 
@@ -47,6 +48,7 @@ class McpHandler:
         signer: AssertionSigner,
         auditor: Auditor,
         clocks: Clocks,
+        tracer: RequestTracer | None = None,
     ) -> None:
         self.settings = settings
         self.registry = registry
@@ -56,10 +58,12 @@ class McpHandler:
         self.signer = signer
         self.auditor = auditor
         self.clocks = clocks
+        self.tracer = tracer  # None: tracing off, nothing made per request
         self._allowed_origins = allowed_origins(settings.server)  # CORS uses the same set
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         record = access_record(request)
+        trace = self.begin_trace(request, record)
         check_method(request)
         check_header_size(request, self.settings.server.max_header_size)
         app = self.find_app(request, record)
@@ -68,10 +72,14 @@ class McpHandler:
         authorization = request.headers.get("Authorization")
         session = await self.sessions.session_for(app, authorization, client, record)
         access = self.mcp.app_access(app, session)
-        audit = AuditContext(self.auditor, app, session, client, time.perf_counter())
+        audit = AuditContext(self.auditor, app, session, client, time.perf_counter(), trace)
         exchange = await self.mcp.exchange(request, app, session, audit)
+        if trace is not None:
+            trace.read(exchange)  # MCP's _meta may carry the trace context
         refusal = self.mcp.enforce_tools(exchange, access, audit)
         if refusal is not None:
+            if trace is not None:
+                trace.decision = "denied"
             return refusal
         headers = self.upstream_headers(request, session, client, exchange, app)
         tools_filter = self.mcp.tools_filter(exchange, access, headers)
@@ -93,6 +101,12 @@ class McpHandler:
 
     async def close(self) -> None:
         await self.sessions.close()
+
+    def begin_trace(self, request: web.Request, record: AccessRecord) -> RequestTrace | None:
+        # The only tracing cost of a request with tracing off is this test.
+        if self.tracer is None:
+            return None
+        return self.tracer.begin(request, record)
 
     def find_app(self, request: web.Request, record: AccessRecord) -> App:
         app = self.registry.get(request.match_info["app"])

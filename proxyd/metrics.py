@@ -110,6 +110,24 @@ class Metrics:
             registry=r,
         )
 
+        # [tracing] (issue 14 §1, proxyd/tracing.py): spans handed to the collector, and spans
+        # lost (the export queue full, an export that failed, the queue left at shutdown).
+        # Updated from the exporter's thread: prometheus-client's counters take a lock.
+        self.trace_spans_exported = Counter(
+            "proxyd_trace_spans_exported",
+            "Spans the OTLP collector accepted.",
+            registry=r,
+        )
+        self.trace_spans_dropped = Counter(
+            "proxyd_trace_spans_dropped",
+            "Spans lost before reaching the OTLP collector, by reason (queue_full, "
+            "export_failed, shutdown).",
+            ["reason"],
+            registry=r,
+        )
+        for reason in ("queue_full", "export_failed", "shutdown"):
+            self.trace_spans_dropped.labels(reason)  # at 0 from the start, for rate() and alerts
+
     def set_insecure_apps(self, apps: Iterable[str]) -> None:
         self.upstream_tls_insecure.clear()
         for app in apps:

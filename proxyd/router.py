@@ -19,6 +19,7 @@ from proxyd.log import get_logger
 from proxyd.mcp.exchange import Exchange
 from proxyd.mcp.pinning import SessionPinning
 from proxyd.registry import App, Registry
+from proxyd.tracing import upstream_attempt
 
 log = get_logger("proxyd.upstream")
 
@@ -58,35 +59,41 @@ class UpstreamRouter:
                 hook = self.pinning.response_hook(
                     app, session.identity, target, pin, exchange.client_id
                 )
-            try:
-                response = await self.forwarder.forward(
-                    request, target, headers, outcome, exchange.body, hook, tools_filter
-                )
-            except ConnectFailed as exc:
-                health.passive_failure(app.name, target, exc.reason)
-                if pin is not None:
-                    # The session's server is down: 404 (re-initialize), not 502 (issue 3 §3);
-                    # it used to be a 502 until passive checks ejected the server.
-                    raise self.pinning.unreachable(app, session.identity, pin, exc.reason) from None
-                tried.append(target)
-                retry = (
-                    pin is None and len(tried) < self.max_attempts and self._has_untried(app, tried)
-                )
-                if not retry:
+            with upstream_attempt(record, request.method, target, headers, outcome) as attempt:
+                try:
+                    response = await self.forwarder.forward(
+                        request, target, headers, outcome, exchange.body, hook, tools_filter
+                    )
+                except ConnectFailed as exc:
+                    health.passive_failure(app.name, target, exc.reason)
+                    if pin is not None:
+                        # The session's server is down: 404 (re-initialize), not 502 (issue 3
+                        # §3); it used to be a 502 until passive checks ejected the server.
+                        raise self.pinning.unreachable(
+                            app, session.identity, pin, exc.reason
+                        ) from None
+                    tried.append(target)
+                    retry = (
+                        pin is None
+                        and len(tried) < self.max_attempts
+                        and self._has_untried(app, tried)
+                    )
+                    if not retry:
+                        raise
+                    attempt.failover(exc.reason)
+                    log.warning("upstream_failover", app=app.name, server=target, reason=exc.reason)
+                    continue
+                except UpstreamError as exc:
+                    health.passive_failure(app.name, target, exc.reason)
                     raise
-                log.warning("upstream_failover", app=app.name, server=target, reason=exc.reason)
-                continue
-            except UpstreamError as exc:
-                health.passive_failure(app.name, target, exc.reason)
-                raise
-            if outcome.status >= 500 or outcome.broken in (
-                "upstream_reset",
-                "upstream_idle_timeout",
-            ):
-                health.passive_failure(app.name, target, outcome.broken or "http_5xx")
-            else:
-                health.passive_success(app.name, target)
-            return response
+                if outcome.status >= 500 or outcome.broken in (
+                    "upstream_reset",
+                    "upstream_idle_timeout",
+                ):
+                    health.passive_failure(app.name, target, outcome.broken or "http_5xx")
+                else:
+                    health.passive_success(app.name, target)
+                return response
 
     def _next_server(self, app: App, tried: list[str]) -> str:
         return self.registry.pick(app, exclude=tried)

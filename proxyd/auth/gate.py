@@ -23,6 +23,7 @@ from proxyd.metrics import Metrics
 from proxyd.netaddr import ClientView
 from proxyd.ratelimit import Limits
 from proxyd.registry import App
+from proxyd.tracing import step
 
 log = get_logger("proxyd.auth")
 
@@ -149,11 +150,13 @@ class SessionGate:
 
     async def _new_session(self, key: str, app: App, token: str, client: ClientView) -> Session:
         try:
-            identity = await self.authenticator.authenticate(app.name, app.labels, token)
-            if identity.expires_at <= self.clocks.wall():
-                # Past exp, accepted only by the verification leeway: the session would have
-                # TTL 0 and the upstream an assertion expired at birth, so the session is over.
-                raise InvalidToken("token has expired", reason="expired")
+            # A span of the request that started it, when traced (a cached session has none).
+            with step("proxyd.verify_token", {"proxyd.app": app.name}):
+                identity = await self.authenticator.authenticate(app.name, app.labels, token)
+                if identity.expires_at <= self.clocks.wall():
+                    # Past exp, accepted only by the verification leeway: the session would
+                    # have TTL 0 and the upstream an assertion expired at birth: it is over.
+                    raise InvalidToken("token has expired", reason="expired")
         except ProxydError as err:
             self.metrics.auth.labels("failure", err.reason).inc()
             log.info("auth_rejected", app=app.name, client=client.address, reason=err.reason)

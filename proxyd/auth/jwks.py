@@ -27,6 +27,7 @@ import aiohttp
 from proxyd.auth.keys import ASYMMETRIC_ALGORITHMS, KeySet, KeySetError, RejectedKey, parse_jwks
 from proxyd.config import JwksSettings
 from proxyd.log import get_logger
+from proxyd.tracing import step
 from proxyd.upstream.tls import client_context
 
 log = get_logger("proxyd.jwks")
@@ -40,7 +41,7 @@ class JwksUnavailable(Exception):
 
 
 class _FetchFailed(Exception):
-    pass
+    reason = "jwks_fetch_failed"  # the error.type of the fetch's span (proxyd/tracing.py)
 
 
 @dataclass
@@ -164,7 +165,9 @@ class JwksCache:
         entry.last_attempt = self._clock()
         self.fetches += 1
         try:
-            raw, cache_control = await self._download(url)
+            # A child span of the request whose verification needed it, when traced.
+            with step("proxyd.jwks.fetch", {"url.full": url}, client=True):
+                raw, cache_control = await self._download(url)
             try:
                 # Structural check: at least one key usable by SOME config. Not frozenset():
                 # keys without "alg" (Entra, …) are usable by configs that list `algorithms`,

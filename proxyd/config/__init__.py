@@ -37,6 +37,7 @@ from proxyd.config.model import (
     SessionSettings,
     Settings,
     StateSettings,
+    TracingSettings,
     UpstreamAuthSettings,
     UpstreamSettings,
 )
@@ -76,6 +77,7 @@ __all__ = [
     "SessionSettings",
     "Settings",
     "StateSettings",
+    "TracingSettings",
     "UpstreamAuthSettings",
     "UpstreamSettings",
     "in_force",

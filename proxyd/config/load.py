@@ -39,6 +39,7 @@ from proxyd.config.model import (
     SessionSettings,
     Settings,
     StateSettings,
+    TracingSettings,
     UpstreamAuthSettings,
     UpstreamSettings,
     UpstreamTlsSettings,
@@ -46,6 +47,7 @@ from proxyd.config.model import (
 from proxyd.config.secrets import SecretError, read_secret
 from proxyd.config.values import (
     ItemErrors,
+    SecretHeaders,
     config_name,
     label_selector,
     label_table,
@@ -54,6 +56,7 @@ from proxyd.config.values import (
     optional_selector,
     parse_hostport,
     parse_http_url,
+    secret_header,
     tool_entry,
     user_entry,
 )
@@ -538,6 +541,28 @@ def _check_static_jwks(t: _Table, text: str, algorithms: frozenset[str]) -> None
         t.problem("static_jwks", unusable)
 
 
+def _parse_tracing(t: _Table) -> TracingSettings:
+    raw = t.get("headers", _table, _NO_HEADERS)
+    pairs: list[tuple[str, str]] = []
+    for name, value in raw.items():
+        try:
+            pairs.append(secret_header(str(name), value))
+        except ValueError as exc:
+            # The header's name is in the message; its value (a secret) never is.
+            t.failed.add("headers")
+            t.problem("headers", str(exc))
+    return read_section(t, TracingSettings, headers=SecretHeaders(tuple(pairs)))
+
+
+_NO_HEADERS: Mapping[str, object] = {}
+
+
+def _table(value: object) -> Mapping[str, object]:
+    if not isinstance(value, Mapping):
+        raise ValueError('expected a table of header = "value"')
+    return value
+
+
 def _parse_app_auth_section(t: _Table) -> str | None:
     with t.closed():
         return t.get("config_dir", nonempty_str, None)
@@ -630,6 +655,7 @@ def parse_settings(
         roles = _parse_roles(root)
         audit = read_section(root.table("audit"), AuditSettings)
         state = _parse_state(root.table("state"))
+        tracing = _parse_tracing(root.table("tracing"))
     for index, app in enumerate(apps):
         auth = app.upstream_auth
         if auth is not None and auth.header and auth.header.lower() == identity.header.lower():
@@ -671,6 +697,7 @@ def parse_settings(
         roles=roles,
         audit=audit,
         state=state,
+        tracing=tracing,
         path=path,
         warnings=tuple(root.warnings),
     )

@@ -20,6 +20,7 @@ from typing import Annotated, Any
 
 from proxyd.config.values import (
     DEFAULT_MAX_HEADER_SIZE,
+    SecretHeaders,
     aes_key,
     base_url,
     boolean,
@@ -39,6 +40,7 @@ from proxyd.config.values import (
     non_negative_int,
     nonempty_str,
     one_or_more,
+    otlp_base_url,
     parse_duration,
     parse_http_url,
     parse_origin,
@@ -52,6 +54,7 @@ from proxyd.config.values import (
     state_backend,
     string,
     tls_min_version,
+    unit_ratio,
     upstream_auth_type,
     url_path,
 )
@@ -358,6 +361,32 @@ class StateSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class TracingSettings:
+    """``[tracing]``: OpenTelemetry traces over OTLP/HTTP (issue 14 §1), off without an endpoint.
+
+    The exporter (endpoint, headers, sampler, service name) is built once, at start
+    (proxyd/tracing.py): those keys are restart-only. Who is trusted and whether the user is
+    recorded apply from the next request after a reload.
+    """
+
+    otlp_endpoint: Annotated[str, Parse(otlp_base_url), RESTART] = ""  # "": tracing off
+    # ParentBased(TraceIdRatioBased): a continued trace keeps its parent's decision.
+    sample_ratio: Annotated[float, Parse(unit_ratio), RESTART] = 1.0
+    service_name: Annotated[str, Parse(nonempty_str), RESTART] = "proxyd"
+    # Sent with every export (a hosted collector's API key): a secret. Read by load.py's
+    # _parse_tracing (each entry's problem named by its header); shown by name only.
+    headers: Annotated[SecretHeaders, RESTART] = field(default_factory=SecretHeaders)
+    # enduser.id on the server span: off, a trace backend is often wider open than the audit.
+    include_user: Annotated[bool, Parse(boolean)] = False
+    # Continue any client's traceparent, not only one from server.trusted_proxies.
+    trust_client_context: Annotated[bool, Parse(boolean)] = False
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.otlp_endpoint)
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     server: ServerSettings = field(default_factory=ServerSettings)
     # Restart-only as a whole: the admin listener is bound once, at start.
@@ -376,6 +405,7 @@ class Settings:
     audit: AuditSettings = field(default_factory=AuditSettings)
     # The Redis connection, its fallbacks and key names are built once, at start.
     state: Annotated[StateSettings, RESTART] = field(default_factory=StateSettings)
+    tracing: TracingSettings = field(default_factory=TracingSettings)
     path: str | None = None
     # What the file is worth a look for but does not refuse: (key path, message), e.g. a
     # certificate that expires soon. check-config prints them, `run` logs them (start, reload).

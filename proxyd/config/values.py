@@ -494,3 +494,98 @@ def tls_min_version(value: object) -> str:
     if text not in ("1.2", "1.3"):
         raise ValueError('one of "1.2", "1.3"')
     return text
+
+
+# ---------------------------------------------------------------------------------------------
+# [tracing] (issue 14 §1)
+
+
+def otlp_base_url(value: object) -> str:
+    """``tracing.otlp_endpoint``: the OTLP/HTTP base URL (spans go to ``<it>/v1/traces``), kept
+    without a trailing slash; "" leaves tracing off."""
+    if value == "":
+        return ""
+    if not isinstance(value, str):
+        raise ValueError('expected an http(s) URL such as "http://127.0.0.1:4318"')
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(
+            'expected an http:// or https:// URL (OTLP/HTTP) such as "http://127.0.0.1:4318"'
+        )
+    try:
+        parts.port  # noqa: B018 - ValueError when not a number in 0-65535
+    except ValueError:
+        raise ValueError("not a valid port") from None
+    if parts.username or parts.password:
+        raise ValueError("credentials in URLs are not allowed (they would reach logs); use headers")
+    if parts.query or parts.fragment:
+        raise ValueError("the base URL takes no query or fragment")
+    base = value.rstrip("/")
+    if base.endswith("/v1/traces"):
+        raise ValueError("give the collector's base URL: proxyd appends /v1/traces")
+    return base
+
+
+def unit_ratio(value: object) -> float:
+    """A probability: a number from 0 to 1 (``tracing.sample_ratio``)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
+        raise ValueError("expected a number from 0 to 1")
+    if not 0 <= value <= 1:
+        raise ValueError("expected a number from 0 to 1")
+    return float(value)
+
+
+class SecretHeaders:
+    """Headers holding a secret (``tracing.headers``: a hosted collector's API key). Compared by
+    value (a change is a restart-only change like any other), shown by name only: a settings
+    repr, a log line or an error never carries a value."""
+
+    __slots__ = ("_items",)
+
+    def __init__(self, items: tuple[tuple[str, str], ...] = ()) -> None:
+        self._items = items
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, SecretHeaders) and self._items == other._items
+
+    def __hash__(self) -> int:
+        return hash(self._items)
+
+    def __repr__(self) -> str:
+        return f"SecretHeaders({', '.join(name for name, _ in self._items)})"
+
+    def __bool__(self) -> bool:
+        return bool(self._items)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(name for name, _ in self._items)
+
+    def reveal(self) -> dict[str, str]:
+        """The values, for the exporter alone."""
+        return dict(self._items)
+
+
+# What the OTLP exporter writes itself: a configured one would break the request.
+_EXPORTER_HEADERS = frozenset(
+    {"content-type", "content-length", "content-encoding", "transfer-encoding", "host"}
+)
+_HEADER_VALUE_RE = re.compile(r"^[\x21-\x7e]([\x20-\x7e]*[\x21-\x7e])?$")
+
+
+def secret_header(name: str, value: object) -> tuple[str, str]:
+    """One ``tracing.headers`` entry; a message names the header, never quotes the value."""
+    if not _HEADER_NAME_RE.match(name):
+        raise ValueError(f"{name!r} is not a valid HTTP header name")
+    if name.lower() in _EXPORTER_HEADERS:
+        raise ValueError(f"{name} is set by the exporter itself")
+    if not isinstance(value, str):
+        raise ValueError(f"{name}: the value must be a string")
+    if len(value) > 8192 or not _HEADER_VALUE_RE.match(value):
+        # RFC 9110 §5.5: visible ASCII, inner spaces; no CR/LF (header injection), no
+        # leading or trailing whitespace. The value is a secret: never quoted.
+        raise ValueError(
+            f"{name}: the value must be 1 to 8192 visible ASCII characters (inner spaces "
+            "allowed); the value is not shown"
+        )
+    return name, value

@@ -70,10 +70,17 @@ class AuditContext:
     """The audit fields of one request, and the events it produces."""
 
     def __init__(
-        self, auditor: Auditor, app: Any, session: Any, client: Any, started: float
+        self,
+        auditor: Auditor,
+        app: Any,
+        session: Any,
+        client: Any,
+        started: float,
+        trace: Any = None,
     ) -> None:
         self._auditor = auditor
         self._started = started
+        self._trace = trace  # proxyd.tracing.RequestTrace when [tracing] is on
         self._fields: dict[str, Any] = {
             "user": session.identity.username,
             "username_claim": session.identity.username_claim,
@@ -85,13 +92,11 @@ class AuditContext:
         }
 
     def invalid(self, request: Any, err: Any) -> None:
-        self._auditor.emit(
-            "mcp.invalid_request",
-            **self._fields,
-            method=request.method,
-            reason=err.reason,
-            error=err.message,
-        )
+        fields = {**self._fields, "method": request.method, "reason": err.reason}
+        fields["error"] = err.message
+        if self._trace is not None:
+            fields["trace_id"] = self._trace.trace_id
+        self._auditor.record("mcp.invalid_request", fields)
 
     def exchange(
         self, http_method: str, exchange: Any, status: int, outcome: Any, allowed: bool
@@ -102,6 +107,8 @@ class AuditContext:
         if exchange.client_id is not None:
             fields["mcp_session"] = hashlib.sha256(exchange.client_id.encode()).hexdigest()[:16]
         fields["status"] = status
+        if self._trace is not None:
+            fields["trace_id"] = self._trace.trace_id
         fields["latency_ms"] = round((time.perf_counter() - self._started) * 1000, 2)
         failed = status >= 400 or not allowed
         auditor = self._auditor
