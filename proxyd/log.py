@@ -18,7 +18,7 @@ import json
 import logging
 import sys
 import time
-from collections.abc import MutableMapping
+from collections.abc import Callable, MutableMapping
 from typing import Any, TextIO
 
 import structlog
@@ -49,16 +49,18 @@ def _json(_: Any, __: str, event: MutableMapping[str, Any]) -> str:
 _WRITE_MAX = 4096
 
 
-class _Lines:
+class LineBatcher:
     """Whole lines, written together once per event-loop turn (issue 15): the access line and
     the audit record of each request were a write and a flush each, two system calls per
     request; a turn of the loop finishes several requests. Each write holds whole lines and at
     most _WRITE_MAX bytes (a longer line goes alone, as before). Outside a running loop a line
-    is written at once; what is pending at exit is written by atexit."""
+    is written at once; what is pending at exit is written by atexit (proxyd's own stream) or
+    by the owner's flush() before it closes its file."""
 
-    __slots__ = ("pending", "scheduled", "size")
+    __slots__ = ("_target", "pending", "scheduled", "size")
 
-    def __init__(self) -> None:
+    def __init__(self, target: Callable[[], TextIO | None]) -> None:
+        self._target = target
         self.pending: list[str] = []
         self.size = 0
         self.scheduled = False
@@ -83,7 +85,9 @@ class _Lines:
         if not self.pending:
             return
         lines, self.pending, self.size = self.pending, [], 0
-        stream = _routing.stream
+        stream = self._target()
+        if stream is None:
+            return
         chunk: list[str] = []
         size = 0
         for line in lines:
@@ -100,10 +104,6 @@ def _write(stream: TextIO, lines: list[str]) -> None:
     # buffer, 8 KiB, is larger than a chunk), never split across two.
     stream.write(lines[0] if len(lines) == 1 else "".join(lines))
     stream.flush()
-
-
-_lines = _Lines()
-atexit.register(_lines.flush)
 
 
 def flush() -> None:
@@ -126,10 +126,12 @@ class _Routing:
         return len(text)
 
     def flush(self) -> None:
-        pass  # the line is written with the others of this loop turn (_Lines)
+        pass  # the line is written with the others of this loop turn (LineBatcher)
 
 
 _routing = _Routing()
+_lines = LineBatcher(lambda: _routing.stream)
+atexit.register(_lines.flush)
 _LEVELS = {name.lower(): number for name, number in logging.getLevelNamesMapping().items()}
 
 
