@@ -570,18 +570,19 @@ class SecretHeaders:
 _EXPORTER_HEADERS = frozenset(
     {"content-type", "content-length", "content-encoding", "transfer-encoding", "host"}
 )
-_HEADER_VALUE_RE = re.compile(r"^[\x21-\x7e]([\x20-\x7e]*[\x21-\x7e])?$")
+_HEADER_VALUE_RE = re.compile(r"[\x21-\x7e]([\x20-\x7e]*[\x21-\x7e])?")
 
 
 def secret_header(name: str, value: object) -> tuple[str, str]:
     """One ``tracing.headers`` entry; a message names the header, never quotes the value."""
-    if not _HEADER_NAME_RE.match(name):
+    # fullmatch: "$" also matches before a final newline, which would end a header line.
+    if not _HEADER_NAME_RE.fullmatch(name):
         raise ValueError(f"{name!r} is not a valid HTTP header name")
     if name.lower() in _EXPORTER_HEADERS:
         raise ValueError(f"{name} is set by the exporter itself")
     if not isinstance(value, str):
         raise ValueError(f"{name}: the value must be a string")
-    if len(value) > 8192 or not _HEADER_VALUE_RE.match(value):
+    if len(value) > 8192 or not _HEADER_VALUE_RE.fullmatch(value):
         # RFC 9110 §5.5: visible ASCII, inner spaces; no CR/LF (header injection), no
         # leading or trailing whitespace. The value is a secret: never quoted.
         raise ValueError(

@@ -75,6 +75,7 @@ def test_the_golden_files_cover_every_section() -> None:
         "roles[1].",
         "audit.",
         "state.",
+        "tracing.",
     ):
         assert f"  {section}" in text, section
     assert (GOLDEN / "valid.out").exists() and not (GOLDEN / "valid.problems").exists()
