@@ -109,6 +109,10 @@ PANELS: dict[str, set[str]] = {
         "proxyd_state_backend_fallbacks_total",
     },
     "TLS certificate expiry": {"proxyd_tls_certificate_expiry_seconds"},
+    "Trace spans exported and dropped": {
+        "proxyd_trace_spans_exported_total",
+        "proxyd_trace_spans_dropped_total",
+    },
 }
 
 ALERTS: dict[str, set[str]] = {
