@@ -17,6 +17,10 @@ the order rotates every round) over several rounds:
   CLOCK_MONOTONIC stamp);
 - a 10 MiB response body: MB/s;
 
+plus, unless --no-tracing, a proxyd exporting a trace of every request (issue 14: sample_ratio
+1.0, OTLP/HTTP to bench/otlp_sink.py) measured at the same POST c=16 as the plain one: the CPU
+per request with tracing on and off;
+
 plus, unless --no-tls, nginx and proxyd both terminating TLS (a self-signed certificate made
 per run by bench/tlscert.py): the POST at c=16 and the 10 MiB body over https (keep-alive
 connections, so the handshake is amortized), printed as a separate TLS table;
@@ -162,6 +166,7 @@ class Plan:
     proxyd_workers: int  # 0: no multi-process proxyd target
     output: Path
     tls: bool = True  # also nginx_tls and proxyd_tls: POST c=16 and the 10 MiB body over https
+    tracing: bool = True  # also proxyd_traced: POST c=16 with [tracing] on, to a local sink
 
 
 def _env_int(name: str, default: int) -> int:
@@ -252,6 +257,11 @@ def parse_args(argv: Sequence[str] | None) -> Plan:
         action="store_true",
         help="skip the TLS targets (nginx and proxyd terminating TLS: POST c=16, 10 MiB body)",
     )
+    parser.add_argument(
+        "--no-tracing",
+        action="store_true",
+        help="skip proxyd_traced (proxyd exporting every request's trace: POST c=16)",
+    )
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="JSON results file")
     args = parser.parse_args(argv)
     quick = bool(args.quick)
@@ -288,6 +298,7 @@ def parse_args(argv: Sequence[str] | None) -> Plan:
         else (n if (n := len(os.sched_getaffinity(0))) >= 2 else 0),
         output=args.output,
         tls=not args.no_tls,
+        tracing=not args.no_tracing,
     )
     if plan.rounds < 1 or plan.duration < 1 or plan.sse_events < 1 or plan.big_repeat < 1:
         parser.error("rounds, duration, sse-events and big-repeat must be positive")
@@ -353,11 +364,14 @@ def proxyd_config(
     plan: Plan,
     workers: int = 1,
     tls: tuple[Path, Path] | None = None,
+    otlp_port: int | None = None,
 ) -> str:
     scheme = "https" if tls else "http"
     audit = "audit-w.jsonl" if workers > 1 else "audit.jsonl"
     if tls:
         audit = "audit-tls.jsonl"
+    if otlp_port is not None:
+        audit = "audit-traced.jsonl"
     lines = [
         "[server]",
         f"listen = {toml_str(f'{HOST}:{ports.listen}')}",
@@ -400,6 +414,14 @@ def proxyd_config(
         "[audit]",  # on: one tools/call record per POST, to a file and to the log
         f"file = {toml_str(str(workdir / audit))}",
     ]
+    if otlp_port is not None:
+        # Every request traced and exported (issue 14): the worst case of tracing's cost.
+        lines += [
+            "",
+            "[tracing]",
+            f"otlp_endpoint = {toml_str(f'http://{HOST}:{otlp_port}')}",
+            "sample_ratio = 1.0",
+        ]
     servers = {
         app: [f"http://{HOST}:{ports.upstream}{DIRECT_PATHS[scenario]}"]
         for scenario, app in APPS.items()
@@ -444,6 +466,12 @@ class Target:
     headers: Mapping[str, str]  # added to every request (credentials)
     proxy_pids: tuple[int, ...] = ()  # the proxy's processes charged per request; () = direct
     tls: bool = False  # https (the proxy terminates TLS with the run's self-signed certificate)
+    traced: bool = False  # proxyd with [tracing] on
+
+    @property
+    def one_level(self) -> bool:
+        """POST at TLS_CONCURRENCY only (the TLS and tracing comparisons)."""
+        return self.tls or self.traced
 
     def job(
         self, kind: str, scenario: str, headers: Mapping[str, str], **extra: Any
@@ -971,6 +999,22 @@ def _run(
         proxyd_tls = children.start(
             "proxyd-tls", [sys.executable, "-m", "proxyd", "run", "-c", str(tls_config)]
         )
+    proxyd_traced = sink = None
+    traced_port, sink_port = free_port(), free_port()
+    if plan.tracing:
+        # A fourth proxyd, the plain configuration plus [tracing], exporting to a local sink.
+        sink = children.start(
+            "otlp-sink", [sys.executable, str(BENCH_DIR / "otlp_sink.py"), str(sink_port)]
+        )
+        traced_ports = ProxydPorts(traced_port, free_port(), upstream_port, second_port, ())
+        traced_config = workdir / "proxyd-traced.toml"
+        traced_config.write_text(
+            proxyd_config(traced_ports, workdir, issuer, plan, otlp_port=sink_port),
+            encoding="utf-8",
+        )
+        proxyd_traced = children.start(
+            "proxyd-traced", [sys.executable, "-m", "proxyd", "run", "-c", str(traced_config)]
+        )
     nginx_child = None
     if nginx:
         conf = workdir / "nginx.conf"
@@ -1011,6 +1055,9 @@ def _run(
     wait_accepting(proxyd, proxyd_port, deadline)
     if proxyd_tls is not None:
         wait_accepting(proxyd_tls, proxyd_tls_port, deadline)
+    if proxyd_traced is not None and sink is not None:
+        wait_accepting(sink, sink_port, deadline)
+        wait_accepting(proxyd_traced, traced_port, deadline)
     multi_pids: tuple[int, ...] = ()
     if multi is not None:
         wait_accepting(multi, multi_port, deadline)
@@ -1025,6 +1072,9 @@ def _run(
         pin(descendants(proxyd.pid), layout.proxy)
         if proxyd_tls is not None:
             pin(descendants(proxyd_tls.pid), layout.proxy)
+        if proxyd_traced is not None and sink is not None:
+            pin(descendants(proxyd_traced.pid), layout.proxy)  # its export thread included
+            pin([sink.pid], layout.upstream)  # the collector's work is not proxyd's
         pin(multi_pids, layout.proxy)
         pin(nginx_pids, layout.proxy)
         pin([*upstream_pids, second.pid], layout.upstream)
@@ -1074,6 +1124,17 @@ def _run(
         targets.append(
             Target("proxyd_tls", proxyd_tls_port, tls_paths, bearer, (proxyd_tls.pid,), True)
         )
+    if proxyd_traced is not None:
+        targets.append(
+            Target(
+                "proxyd_traced",
+                traced_port,
+                {"post": proxyd_paths["post"]},
+                bearer,
+                (proxyd_traced.pid,),
+                traced=True,
+            )
+        )
     # Preflight: each proxyd app's first request verifies the token and creates the session,
     # so every measured request below rides a cached session. Exactly 200 or we stop.
     for target in targets:
@@ -1119,7 +1180,7 @@ def _run(
         log(f"round {round_no + 1}/{plan.rounds}: {' then '.join(t.name for t in order)}")
         for c in plan.concurrency:
             for target in order:
-                if target.tls and c != TLS_CONCURRENCY:
+                if target.one_level and c != TLS_CONCURRENCY:
                     continue
                 record(
                     f"post_c{c}",
@@ -1128,7 +1189,7 @@ def _run(
                 )
         if TLS_CONCURRENCY not in plan.concurrency:
             for target in order:
-                if target.tls:
+                if target.one_level:
                     record(
                         f"post_c{TLS_CONCURRENCY}",
                         target,
@@ -1147,6 +1208,7 @@ def _run(
             *([nginx_child] if nginx_child else []),
             *([multi] if multi else []),
             *([proxyd_tls] if proxyd_tls else []),
+            *([proxyd_traced] if proxyd_traced else []),
         ):
             child.check_alive()
 
@@ -1173,6 +1235,7 @@ def _run(
     rows = report.table_rows(summary, plan.concurrency, idle_results, plan.proxyd_workers)
     checks = report.checks(summary, plan.concurrency, idle_results, plan.idle_streams)
     tls_rows = report.tls_rows(summary, TLS_CONCURRENCY) if plan.tls else []
+    tracing = _tracing_cost(summary, sink_port) if proxyd_traced is not None else None
     audit_lines = _count_lines(workdir / "audit.jsonl")
     if audit_lines == 0:
         raise BenchError("proxyd wrote no audit record: audit is not on, the numbers would lie")
@@ -1217,12 +1280,50 @@ def _run(
         "targets": [c.as_json() for c in checks],
         # nginx_tls / proxyd_tls (their raw numbers are in summary and rounds too)
         "tls": [r.as_json() for r in tls_rows],
+        "tracing": tracing,
         "rounds": raw,
         "_rendered": report.render(rows)
         + ("\n\n" + report.render_tls(tls_rows) if tls_rows else "")
+        + ("\n\n" + _render_tracing(tracing) if tracing else "")
         + "\n\n"
         + report.render_checks(checks),
     }
+
+
+def _tracing_cost(summary: dict[str, dict[str, Any]], sink_port: int) -> dict[str, Any]:
+    """proxyd's CPU per POST at c=16 with every request traced and exported, and without."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://{HOST}:{sink_port}/count", timeout=5) as answer:
+        received = json.loads(answer.read())
+    if not received["requests"]:
+        raise BenchError("proxyd_traced exported no span: tracing is not on, the numbers would lie")
+    post = summary.get(f"post_c{TLS_CONCURRENCY}", {})
+    off = post.get("proxyd", {}).get("proxy_cpu_us_per_req")
+    on = post.get("proxyd_traced", {}).get("proxy_cpu_us_per_req")
+    return {
+        "concurrency": TLS_CONCURRENCY,
+        "cpu_us_per_req_off": off,
+        "cpu_us_per_req_on": on,
+        "cpu_us_per_req_added": None if off is None or on is None else on - off,
+        "rps_off": post.get("proxyd", {}).get("rps"),
+        "rps_on": post.get("proxyd_traced", {}).get("rps"),
+        "exports_received": received["requests"],
+        "export_bytes": received["bytes"],
+    }
+
+
+def _render_tracing(t: dict[str, Any]) -> str:
+    def num(value: float | None, fmt: str = "{:.0f}") -> str:
+        return "-" if value is None else fmt.format(value)
+
+    return (
+        f"tracing (sample 1.0, OTLP/HTTP to a local sink), POST c={t['concurrency']}: "
+        f"proxyd CPU µs/req off {num(t['cpu_us_per_req_off'])}, "
+        f"on {num(t['cpu_us_per_req_on'])} ({num(t['cpu_us_per_req_added'], '{:+.0f}')}); "
+        f"requests/s off {num(t['rps_off'])}, on {num(t['rps_on'])}; "
+        f"{t['exports_received']} exports received"
+    )
 
 
 def with_holder_reset(holder: PythonLoad) -> None:
