@@ -7,22 +7,31 @@ are quick (OTEL_BSP_SCHEDULE_DELAY), and every wait is on the spans arriving, ne
 
 from __future__ import annotations
 
+import asyncio
 import json
-from collections.abc import Iterator
+import threading
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp import web
 from mcp import MCPError
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
-from proxyd.app import RUNTIME
+from proxyd.app import RUNTIME, create_app
+from proxyd.auth.assertion import KeyFileError
+from proxyd.config import parse_settings
+from proxyd.metrics import Metrics
+from proxyd.tracing import MAX_QUEUE, BoundedProcessor, CountingExporter
 from tests.conftest import FakeClock, LogCapture, ProxyFactory
 from tests.kit.issuer import TestIssuer
 from tests.kit.mcpkit import LEGACY, mcp_client, upstream_server
 from tests.kit.otlp import CLIENT, SERVER, STATUS_ERROR, ReceivedSpan, otlp_receiver
 from tests.kit.proxy import Client, access_lines, bearer, config
 from tests.kit.recording import RawRequest, json_answer, recording_upstream
-from tests.kit.wait import until
+from tests.kit.wait import GUARD, until
 
 USER = "alice@example.com"
 ROLES = [
@@ -452,3 +461,89 @@ async def test_collector_headers_are_sent_and_never_logged(
     assert SECRET not in logs.text()
     assert SECRET not in metrics
     assert "proxyd_trace_spans_exported_total" in metrics
+
+
+# --------------------------------------------------------------------------------------------
+# The exporter's lifetime and its bounded queue
+
+
+def export_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "OtelBatchSpanRecordProcessor"]
+
+
+async def test_closing_flushes_the_last_spans(
+    issuer: TestIssuer,
+    make_proxy: ProxyFactory,
+    clock: FakeClock,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "600000")  # never on schedule: only at close
+    async with otlp_receiver() as collector, recording_upstream(ANSWER) as up:
+        proxy = await make_proxy(traced(issuer, up.url, tmp_path, collector.url))
+        assert await post_rpc(proxy, issuer.token(clock.wall())) == 200
+        assert collector.spans == []
+        await proxy.close()  # the exit stack closes the provider: a flush, then the worker
+        assert len(servers(collector.spans)) == 1
+    assert export_threads() == []
+
+
+async def test_a_start_that_fails_half_way_closes_the_exporter(
+    issuer: TestIssuer, tmp_path: Path
+) -> None:
+    """The provider is opened first; a bad identity.key_file fails the start later: the
+    provider's worker thread is stopped all the same."""
+    key_file = tmp_path / "key.pem"
+    key_file.write_bytes(b"-----BEGIN PRIVATE KEY-----\nnot a key\n")
+    key_file.chmod(0o600)
+    doc = traced(issuer, "http://127.0.0.1:1/mcp", tmp_path, "http://127.0.0.1:1")
+    doc["identity"] = {"key_file": str(key_file)}
+    runner = web.AppRunner(create_app(parse_settings(doc)))
+    with pytest.raises(KeyFileError):
+        await runner.setup()
+    await runner.cleanup()
+    assert export_threads() == []
+
+
+class BlockedExporter(SpanExporter):
+    """An exporter whose first export waits for the test: spans pile up behind it."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.entered = threading.Event()
+        self.exported = 0
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        self.entered.set()
+        self.release.wait(GUARD)
+        self.exported += len(spans)
+        return SpanExportResult.SUCCESS
+
+    def shutdown(self) -> None:
+        self.release.set()
+
+
+async def test_a_full_queue_drops_new_spans_and_counts_them() -> None:
+    metrics = Metrics()
+    blocked = BlockedExporter()
+    exporter = CountingExporter(blocked, metrics)
+    processor = BoundedProcessor(exporter, metrics)
+    provider = TracerProvider(shutdown_on_exit=False)
+    provider.add_span_processor(processor)
+    tracer = provider.get_tracer("test")
+    tracer.start_span("first").end()
+    await asyncio.to_thread(blocked.entered.wait, GUARD)  # the worker holds the first batch
+    extra = 25
+    for _ in range(MAX_QUEUE + extra):
+        tracer.start_span("more").end()
+    dropped = metrics.registry.get_sample_value(
+        "proxyd_trace_spans_dropped_total", {"reason": "queue_full"}
+    )
+    # The first span is in the exporter's hands: MAX_QUEUE more wait, the rest are counted.
+    assert dropped == extra
+    blocked.release.set()
+    await asyncio.to_thread(provider.shutdown)
+    # Every span not counted as dropped was exported: the SDK's own deque never overflowed.
+    assert blocked.exported == MAX_QUEUE + 1
+    exported = metrics.registry.get_sample_value("proxyd_trace_spans_exported_total")
+    assert exported == MAX_QUEUE + 1
