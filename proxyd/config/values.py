@@ -224,7 +224,7 @@ _SCOPE_RE = re.compile(r"^[\x21\x23-\x5B\x5D-\x7E]+$")
 def scope_token(value: object) -> str:
     """One OAuth scope token (RFC 6749 §3.3: printable ASCII without space, '"' and '\\')."""
     text = string(value)
-    if not _SCOPE_RE.match(text):
+    if not _SCOPE_RE.fullmatch(text):
         raise ValueError("not an OAuth scope token (no spaces, quotes or backslashes)")
     return text
 
@@ -275,7 +275,7 @@ def positive_duration(value: object) -> float:
 
 def config_name(value: object) -> str:
     text = string(value)
-    if not _NAME_RE.match(text):
+    if not _NAME_RE.fullmatch(text):
         raise ValueError("names are 1-63 characters of letters, digits, '.', '_' and '-'")
     return text
 
@@ -351,7 +351,7 @@ def log_format(value: object) -> str:
 
 def header_name(value: object) -> str:
     text = string(value)
-    if not _HEADER_NAME_RE.match(text):
+    if not _HEADER_NAME_RE.fullmatch(text):
         raise ValueError("not a valid HTTP header name")
     if text.lower() in ("authorization", "host", "cookie", "x-forwarded-for"):
         raise ValueError(f"{text} is reserved")

@@ -164,3 +164,16 @@ async def test_check_config_never_prints_a_header_value(tmp_path: Path) -> None:
     assert "tracing.headers: X-Bad: the value must be" in text
     assert "tracing.sample_ratio: expected a number from 0 to 1" in text
     assert SECRET not in text
+
+
+@pytest.mark.parametrize(
+    "doc",
+    [
+        {"identity": {"header": "X-Id\n"}},
+        {"apps": [{"name": "a\n", "servers": ["http://127.0.0.1:1/mcp"]}]},
+    ],
+)
+def test_a_trailing_newline_is_not_a_valid_name(doc: dict[str, Any]) -> None:
+    # re's "$" also matches before a final newline: names are checked whole (fullmatch).
+    with pytest.raises(ConfigError):
+        parse_settings(doc)
