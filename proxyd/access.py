@@ -55,8 +55,10 @@ def access_middleware(public_url: str, metrics: Metrics | None = None) -> Middle
     # labels() takes a lock and builds a tuple per call. Apps come from the config and
     # statuses from a small set; the bound only guards against a surprise.
     children: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
+    errors: dict[tuple[str, str], Counter] = {}
+    added: dict[str, Histogram] = {}
 
-    def observe(app: str, method: str, status: int, elapsed: float) -> None:
+    def observe(app: str, method: str, status: int, elapsed: float, record: AccessRecord) -> None:
         assert metrics is not None
         key = (app, method, status)
         child = children.get(key)
@@ -69,6 +71,21 @@ def access_middleware(public_url: str, metrics: Metrics | None = None) -> Middle
             )
         child[0].inc()
         child[1].observe(elapsed)
+        reason = record.reason
+        if reason is not None:
+            # Reasons are proxyd.errors' constants: a bounded set, like the apps.
+            error = errors.get((app, reason))
+            if error is None:
+                if len(errors) > 10_000:
+                    errors.clear()
+                error = errors[(app, reason)] = metrics.request_errors.labels(app, reason)
+            error.inc()
+        outcome = record.outcome
+        if outcome is not None and outcome.upstream_seconds:
+            histogram = added.get(app)
+            if histogram is None:
+                histogram = added[app] = metrics.added_latency.labels(app)
+            histogram.observe(max(0.0, elapsed - outcome.upstream_seconds))
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -111,7 +128,7 @@ def access_middleware(public_url: str, metrics: Metrics | None = None) -> Middle
                 record.trace.end(status, record, response)
             _log(request, record, status, elapsed)
             if metrics is not None and record.app is not None:
-                observe(record.app, request.method, status, elapsed)
+                observe(record.app, request.method, status, elapsed, record)
 
     return middleware
 

@@ -44,6 +44,7 @@ from proxyd.mcp.gate import McpGate
 from proxyd.mcp.pinning import SessionPinning
 from proxyd.mcp.policy import Policy
 from proxyd.mcp.sessionid import SessionIdCodec
+from proxyd.mcp.toolcalls import ToolCalls
 from proxyd.metrics import Metrics, counter, gauge
 from proxyd.ratelimit import Limiter, Limits, SharedLimiter
 from proxyd.registry import Registry
@@ -284,12 +285,18 @@ class Runtime:
             core.store, r.jwks, core.clocks.wall, settings.server.public_url
         )
         forwarder = Forwarder(r.upstreams, settings.upstream, core.metrics)
+        policy = Policy(settings.roles)
         handler = McpHandler(
             settings,
             registry,
             SessionGate(r.sessions, authenticator, limits, core.metrics, r.auditor, core.clocks),
             # New roles apply to live sessions from the next request.
-            McpGate(settings.server, Policy(settings.roles), pinning),
+            McpGate(
+                settings.server,
+                policy,
+                pinning,
+                ToolCalls(core.metrics.tool_calls, policy.named_tools),
+            ),
             UpstreamRouter(registry, forwarder, pinning, settings.upstream.max_attempts),
             signer,
             r.auditor,

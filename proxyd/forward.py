@@ -47,6 +47,7 @@ class Outcome:
     bytes_up: int = 0
     bytes_down: int = 0
     broken: str | None = None
+    upstream_seconds: float = 0.0  # the exchange with the app server, when it answered
 
 
 # Bodies up to this size with a known length are moved in one piece (see Forwarder.forward).

@@ -76,7 +76,7 @@ class McpHandler:
         exchange = await self.mcp.exchange(request, app, session, audit)
         if trace is not None:
             trace.read(exchange)  # MCP's _meta may carry the trace context
-        refusal = self.mcp.enforce_tools(exchange, access, audit)
+        refusal = self.mcp.enforce_tools(app, exchange, access, audit)
         if refusal is not None:
             if trace is not None:
                 trace.decision = "denied"

@@ -16,6 +16,8 @@ from prometheus_client.registry import Collector
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 # Request latency, from a cached small POST (~1 ms) to long streams.
+# Time added by proxyd: tens of microseconds to a few milliseconds.
+_ADDED_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1)
 _BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
 
 
@@ -34,6 +36,31 @@ class Metrics:
             "Time from request to the end of the answer.",
             ["app"],
             buckets=_BUCKETS,
+            registry=r,
+        )
+        # Issue 14 §2 (the dashboard): answers other than a success, by the stable reason code
+        # of proxyd's answer (a constant of proxyd.errors, so a bounded label set).
+        self.request_errors = Counter(
+            "proxyd_request_errors",
+            "Requests answered with a proxyd error (or cut), by app and reason code.",
+            ["app", "reason"],
+            registry=r,
+        )
+        # What proxyd adds: a forwarded request's time minus its exchange with the app server
+        # (from writing the request upstream to the end of the answer).
+        self.added_latency = Histogram(
+            "proxyd_added_latency_seconds",
+            "Time proxyd adds to a forwarded request (its duration minus the upstream exchange).",
+            ["app"],
+            buckets=_ADDED_BUCKETS,
+            registry=r,
+        )
+        self.tool_calls = Counter(
+            "proxyd_mcp_tool_calls",
+            "MCP tools/call requests by app, tool and decision (allowed, denied, step_up). Tool "
+            "names other than those the roles name are labelled as the first 64 seen per app, "
+            "then _other; names outside MCP's tool name rules are _invalid.",
+            ["app", "tool", "decision"],
             registry=r,
         )
         self.open_streams = Gauge(

@@ -7,6 +7,8 @@ health checks.
 
 from __future__ import annotations
 
+import time
+
 from aiohttp import web
 from multidict import CIMultiDict
 
@@ -61,9 +63,13 @@ class UpstreamRouter:
                 )
             with upstream_attempt(record, request.method, target, headers, outcome) as attempt:
                 try:
+                    sent = time.perf_counter()
                     response = await self.forwarder.forward(
                         request, target, headers, outcome, exchange.body, hook, tools_filter
                     )
+                    # The exchange with the app server (issue 14: proxyd's added latency is the
+                    # request's duration minus this).
+                    outcome.upstream_seconds = time.perf_counter() - sent
                 except ConnectFailed as exc:
                     health.passive_failure(app.name, target, exc.reason)
                     if pin is not None:

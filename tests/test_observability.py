@@ -113,6 +113,10 @@ PANELS: dict[str, set[str]] = {
         "proxyd_trace_spans_exported_total",
         "proxyd_trace_spans_dropped_total",
     },
+    "Tool calls by tool and decision": {"proxyd_mcp_tool_calls_total"},
+    "Errors by app and reason": {"proxyd_request_errors_total"},
+    "Added latency percentiles": {"proxyd_added_latency_seconds_bucket"},
+    "p99 added latency by app": {"proxyd_added_latency_seconds_bucket"},
 }
 
 ALERTS: dict[str, set[str]] = {

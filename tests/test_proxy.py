@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 
+from proxyd.app import RUNTIME
 from proxyd.auth.session import session_key
 from tests.conftest import FakeClock, LogCapture, ProxyFactory
 from tests.kit.echo import Echo, Upstreams
@@ -81,6 +82,40 @@ async def test_unknown_app_is_404(
     # Without a token too: the app's existence is checked before credentials.
     await rpc_error(await client.post("/mcp/apps/nope", json=RPC), 404)
     assert [line["reason"] for line in access_lines(logs)] == ["unknown_app", "unknown_app"]
+
+
+async def test_errors_are_counted_by_reason_and_added_latency_is_observed(
+    issuer: TestIssuer,
+    make_proxy: ProxyFactory,
+    upstreams: Upstreams,
+    clock: FakeClock,
+    tmp_path: Path,
+    logs: LogCapture,
+) -> None:
+    """proxyd_request_errors_total{app, reason} and proxyd_added_latency_seconds{app} (the
+    dashboard's errors by reason and added latency, issue 14 §2)."""
+    client = await make_proxy(config(issuer, {"a": await upstreams.start(Echo().app())}, tmp_path))
+    registry = client.app[RUNTIME].core.metrics.registry
+    token = issuer.token(clock.wall())
+    await rpc_error(await client.post("/mcp/apps/a", json=RPC), 401)
+    await rpc_error(await client.post("/mcp/apps/a", json=RPC, headers=bearer("x.y.z")), 401)
+    for _ in range(3):
+        resp = await client.post("/mcp/apps/a", json=RPC, headers=bearer(token))
+        assert resp.status == 200
+        await resp.read()
+    reasons = [line.get("reason") for line in access_lines(logs)]
+    assert reasons[:2] != [None, None] and reasons[2:] == [None] * 3
+    for reason in reasons[:2]:
+        value = registry.get_sample_value(
+            "proxyd_request_errors_total", {"app": "a", "reason": reason}
+        )
+        assert value == reasons.count(reason)
+    added = registry.get_sample_value("proxyd_added_latency_seconds_count", {"app": "a"})
+    assert added == 3  # the forwarded requests only
+    added_sum = registry.get_sample_value("proxyd_added_latency_seconds_sum", {"app": "a"})
+    total_sum = registry.get_sample_value("proxyd_request_duration_seconds_sum", {"app": "a"})
+    assert added_sum is not None and total_sum is not None
+    assert 0 < added_sum < total_sum
 
 
 @pytest.mark.parametrize(

@@ -27,14 +27,22 @@ from proxyd.mcp.exchange import Exchange
 from proxyd.mcp.filter import ToolsListFilter
 from proxyd.mcp.pinning import SESSION_HEADER, SessionPinning
 from proxyd.mcp.policy import Access, Policy
+from proxyd.mcp.toolcalls import ToolCalls
 from proxyd.registry import App
 
 
 class McpGate:
-    def __init__(self, server: ServerSettings, policy: Policy, pinning: SessionPinning) -> None:
+    def __init__(
+        self,
+        server: ServerSettings,
+        policy: Policy,
+        pinning: SessionPinning,
+        tool_calls: ToolCalls | None = None,
+    ) -> None:
         self.server = server
         self.policy = policy
         self.pinning = pinning
+        self.tool_calls = tool_calls
 
     def app_access(self, app: App, session: Session) -> Access:
         access = self.policy.access(session.key, session.identity, app.name, app.labels)
@@ -46,25 +54,29 @@ class McpGate:
         return access
 
     def enforce_tools(
-        self, exchange: Exchange, access: Access, audit: AuditContext
+        self, app: App, exchange: Exchange, access: Access, audit: AuditContext
     ) -> web.Response | None:
         """A tools/call for a tool the session may not use is answered here, never forwarded."""
-        if exchange.method != "tools/call" or access.unrestricted:
+        if exchange.method != "tools/call":
             return None
         name = exchange.param("name")
-        if isinstance(name, str) and access.tool_allowed(name):
+        if access.unrestricted or (isinstance(name, str) and access.tool_allowed(name)):
+            self._count(app, name, "allowed")
             return None
         assert exchange.message is not None
         if exchange.kind == "notification":
             # No id, so no answer to give (JSON-RPC §4.1): accepted, dropped, audited.
+            self._count(app, name, "denied")
             audit.exchange("POST", exchange, 202, None, allowed=False)
             return web.Response(status=202)
         scope = access.step_up_scope(name) if isinstance(name, str) else None
         if scope is not None:
             # A role granting by scope would allow it: 403 insufficient_scope, so the client
             # authorizes again with that scope (MCP 2025-11-25 step-up) and retries.
+            self._count(app, name, "step_up")
             audit.exchange("POST", exchange, 403, None, allowed=False)
             raise InsufficientScope(f"tool {name!r} needs a scope the token lacks", scope=scope)
+        self._count(app, name, "denied")
         audit.exchange("POST", exchange, 200, None, allowed=False)
         # Teleport's answer: HTTP 200, JSON-RPC -32602 with the same id, a clear message.
         return web.json_response(
@@ -77,6 +89,10 @@ class McpGate:
                 },
             }
         )
+
+    def _count(self, app: App, name: object, decision: str) -> None:
+        if self.tool_calls is not None:
+            self.tool_calls.count(app.name, name, decision)
 
     def tools_filter(
         self, exchange: Exchange, access: Access, headers: CIMultiDict[str]

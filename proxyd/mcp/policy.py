@@ -185,6 +185,11 @@ class Policy:
     def enabled(self) -> bool:
         return bool(self.roles)
 
+    @property
+    def named_tools(self) -> frozenset[str]:
+        """The tool names the roles name exactly (allowed or denied)."""
+        return frozenset(name for r in self.roles for m in (r.allow, r.deny) for name in m.exact)
+
     def access(
         self, session_key: str, identity: Identity, app: str, labels: Mapping[str, str]
     ) -> Access:

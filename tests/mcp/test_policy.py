@@ -255,6 +255,56 @@ async def test_refused_call_is_200_with_the_same_id_and_never_forwarded(env: Env
     assert env.up.requests == [], "a refused call reached the upstream"
 
 
+async def test_tool_calls_are_counted_by_app_tool_and_decision_with_bounded_names(
+    env: Env,
+) -> None:
+    """proxyd_mcp_tool_calls_total (issue 14 §2): allowed and denied calls by tool; names the
+    client invents cannot mint series without bound."""
+    proxy = await env.proxy([role("echo-only", users=[ALICE], allow=["echo", "get_*"])])
+    registry = proxy.app[RUNTIME].core.metrics.registry
+    token = env.token()
+
+    def count(tool: str, decision: str) -> float:
+        labels = {"app": "a", "tool": tool, "decision": decision}
+        return registry.get_sample_value("proxyd_mcp_tool_calls_total", labels) or 0.0
+
+    async def send(name: Any, request_id: int) -> None:
+        more = {}
+        if isinstance(name, str) and "\n" not in name:  # the stateless era: headers mirror
+            more = {"MCP-Protocol-Version": MODERN, "Mcp-Method": "tools/call", "Mcp-Name": name}
+        resp = await proxy.post(
+            "/mcp/apps/a", json=call(name, request_id), headers=headers(token, **more)
+        )
+        body = await resp.read()
+        if name != "echo":  # refused by proxyd: 200 with -32602 (echo is the app's to answer)
+            assert resp.status == 200 and json.loads(body)["error"]["code"] == DENIED_CODE
+
+    await send("echo", 1)
+    await send("add", 2)
+    await send("add", 3)
+    await send("bad\nname", 4)
+    await send(None, 5)
+    assert count("echo", "allowed") == 1
+    assert count("add", "denied") == 2
+    assert count("_invalid", "denied") == 2
+    # 64 invented names get their own label, then every further one is _other; a name the
+    # roles name exactly always keeps its own.
+    for i in range(70):
+        await send(f"invented_{i}", 100 + i)
+    labelled = {
+        sample.labels["tool"]
+        for family in registry.collect()
+        if family.name == "proxyd_mcp_tool_calls"
+        for sample in family.samples
+        if sample.name == "proxyd_mcp_tool_calls_total"
+    }
+    assert count("_other", "denied") == 70 - 63  # "add" took one of the 64
+    assert len([t for t in labelled if t.startswith("invented_")]) == 63
+    await send("echo", 200)
+    assert count("echo", "allowed") == 2
+    assert len(env.up.requests) == 2  # only the allowed calls went up
+
+
 @pytest.mark.parametrize("deny_first", [False, True], ids=["allow-first", "deny-first"])
 async def test_deny_of_one_role_beats_allow_of_another(env: Env, deny_first: bool) -> None:
     everything = role("everything", users=["*"], allow=["*"])

@@ -1,0 +1,50 @@
+"""``proxyd_mcp_tool_calls_total{app, tool, decision}``: tools/call decisions as a metric
+(issue 14 §2: the dashboard's tool calls allowed and denied by tool).
+
+The tool name is the client's: labelled as it is, it would let any client mint series without
+bound. So a name is its own label only when a role names it exactly (the tools a policy is
+about), or while fewer than ``per_app`` other names have been seen for the app (the tools of an
+unrestricted app are few); any later name is ``_other``, and a name outside MCP's tool name
+rules (2025-11-25 "Tool names") is ``_invalid``. The audit record keeps every name.
+"""
+
+from __future__ import annotations
+
+import re
+
+from prometheus_client import Counter
+
+DECISIONS = ("allowed", "denied", "step_up")
+OTHER = "_other"
+INVALID = "_invalid"
+_TOOL_NAME = re.compile(r"[A-Za-z0-9_\-./]{1,128}")
+
+
+class ToolCalls:
+    def __init__(self, counter: Counter, named: frozenset[str], per_app: int = 64) -> None:
+        self._counter = counter
+        self._named = named
+        self._per_app = per_app
+        self._seen: dict[str, set[str]] = {}
+        self._children: dict[tuple[str, str, str], Counter] = {}
+
+    def count(self, app: str, name: object, decision: str) -> None:
+        label = self.label(app, name)
+        key = (app, label, decision)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = self._counter.labels(app, label, decision)
+        child.inc()
+
+    def label(self, app: str, name: object) -> str:
+        if not isinstance(name, str) or _TOOL_NAME.fullmatch(name) is None:
+            return INVALID
+        if name in self._named:
+            return name
+        seen = self._seen.setdefault(app, set())
+        if name in seen:
+            return name
+        if len(seen) < self._per_app:
+            seen.add(name)
+            return name
+        return OTHER
