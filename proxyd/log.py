@@ -19,7 +19,7 @@ import logging
 import sys
 import time
 from collections.abc import Callable, MutableMapping
-from typing import Any, TextIO
+from typing import IO, Any, TextIO
 
 import structlog
 
@@ -59,7 +59,7 @@ class LineBatcher:
 
     __slots__ = ("_target", "pending", "scheduled", "size")
 
-    def __init__(self, target: Callable[[], TextIO | None]) -> None:
+    def __init__(self, target: Callable[[], IO[str] | None]) -> None:
         self._target = target
         self.pending: list[str] = []
         self.size = 0
@@ -99,7 +99,7 @@ class LineBatcher:
         _write(stream, chunk)
 
 
-def _write(stream: TextIO, lines: list[str]) -> None:
+def _write(stream: IO[str], lines: list[str]) -> None:
     # One write and a flush per chunk: the chunk leaves in one system call (the stream's
     # buffer, 8 KiB, is larger than a chunk), never split across two.
     stream.write(lines[0] if len(lines) == 1 else "".join(lines))

@@ -22,7 +22,9 @@ from aiohttp import web
 from mcp import MCPError
 from mcp.shared.exceptions import MCPDeprecationWarning
 
+from proxyd.config import AuditSettings
 from proxyd.log import configure
+from proxyd.mcp.audit import Auditor
 from tests.conftest import FakeClock, LogCapture, ProxyFactory, base_config
 from tests.kit.echo import Echo, Upstreams
 from tests.kit.issuer import MINTED, TestIssuer
@@ -544,3 +546,22 @@ async def test_app_auth_verify_failure_names_the_config(
     [failure] = audit.events("app_auth.verify.failure")
     assert failure["reason"] == "wrong_audience"
     assert failure["config"] == "test-idp"
+
+
+async def test_audit_file_lines_of_a_turn_are_written_together_and_all_by_close(
+    tmp_path: Path,
+) -> None:
+    """Issue 15: the file's records leave once per loop turn in whole-line writes; closing
+    writes what is pending (a SIGTERM drain closes the auditor last), so none is lost."""
+    path = tmp_path / "audit.jsonl"
+    auditor = Auditor(AuditSettings(file=str(path)))
+    for i in range(3):
+        auditor.emit("mcp.session.request", user="alice", n=i)
+    assert path.read_text() == ""  # pending until the turn ends
+    await asyncio.sleep(0)
+    assert [json.loads(line)["n"] for line in path.read_text().splitlines()] == [0, 1, 2]
+    for i in range(3, 200):  # more than one 4 KiB write's worth, then closed at once
+        auditor.emit("mcp.session.request", user="alice", n=i)
+    auditor.close()
+    lines = path.read_text().splitlines()
+    assert [json.loads(line)["n"] for line in lines] == list(range(200))
