@@ -152,6 +152,7 @@ class Forwarder:
         conn = client.pooled(origin) or await client.connect(origin, self._connect_timeout)
         try:
             conn.send(head, body.data or None, self._idle_timeout)
+            del head  # on the wire: not held by this frame for a stream's life (issue 15)
             await conn.head()
             outcome.status = conn.status
             outcome.bytes_up = body.sent
@@ -183,6 +184,9 @@ class Forwarder:
         if answer.sse:
             # Tell any buffering proxy in front of us (nginx) to pass events through at once.
             out.headers["X-Accel-Buffering"] = "no"
+        # The fields live on in ``out`` alone, not in a second copy held by this frame for a
+        # stream's life (issue 15: memory per idle SSE stream).
+        del answer
         return await self._stream(request, upstream, out, outcome)
 
     async def _stream(
@@ -194,6 +198,9 @@ class Forwarder:
         events: EventFilter | None = None,
     ) -> web.StreamResponse:
         """Relay the body chunk by chunk (through ``events`` when filtering), each flushed."""
+        # Relayed in ``out``: the upstream's own copy of its fields is not kept for as long as
+        # the body streams (issue 15: ~1 KiB per idle SSE stream).
+        upstream.drop_fields()
         gauge = self._streams.labels(outcome.app) if self._streams is not None else None
         if gauge is not None:
             gauge.inc()

@@ -57,12 +57,13 @@ CLOSE_REASONS = ("header_timeout", "headers_too_large")
 _DRAIN_SILENT_WAIT = 1.0
 _ACCEPT_TURNS = 2
 
-# GuardedHandler reads (never writes) two private attributes of aiohttp's RequestHandler:
-# ``_waiter``, the future start() awaits for the next message (aiohttp's _process_keepalive
-# tests it the same way to know a connection is idle), and ``_request_count``, incremented for
-# each message its parser produces. An aiohttp that renames them must fail here, at import,
-# not run on without a head timeout.
-if not {"_waiter", "_request_count"} <= set(RequestHandler.__slots__):
+# GuardedHandler reads two private attributes of aiohttp's RequestHandler: ``_waiter``, the
+# future start() awaits for the next message (aiohttp's _process_keepalive tests it the same
+# way to know a connection is idle), and ``_request_count``, incremented for each message its
+# parser produces; and drops a third, ``_keepalive_handle``, while a request is handled (see
+# _drop_keepalive_timer). An aiohttp that renames them must fail here, at import, not run on
+# without a head timeout.
+if not {"_waiter", "_request_count", "_keepalive_handle"} <= set(RequestHandler.__slots__):
     raise ImportError("aiohttp's RequestHandler changed: review proxyd.listener.GuardedHandler")
 
 
@@ -194,6 +195,7 @@ class GuardedHandler(RequestHandler):
                 # A whole head was parsed (or failed to parse, which answers and closes):
                 # the request is being handled, only the body and upstream timeouts apply.
                 self._cancel_head_timer()
+                self._drop_keepalive_timer()
                 if self._drain_first:
                     super().close()  # this request is answered, then the connection closes
                     self._first_head_settled()
@@ -209,7 +211,9 @@ class GuardedHandler(RequestHandler):
         next_head = bool(data) and self._idle()
         produced = self._request_count
         super().data_received(data)
-        if next_head and self._request_count == produced:
+        if self._request_count != produced:
+            self._drop_keepalive_timer()
+        elif next_head:
             # Only part of it came: timed from now, its first byte. (Arming only here spares
             # the usual case, a head in one write, a timer per request.)
             self._arm_head_timer()
@@ -375,6 +379,18 @@ class GuardedHandler(RequestHandler):
         if self._head_timer is not None:
             self._head_timer.cancel()
             self._head_timer = None
+
+    def _drop_keepalive_timer(self) -> None:
+        # A head was parsed: aiohttp's keep-alive timer, armed at the connection's start and
+        # at each response's end, stays pending while the request is handled, where its firing
+        # does nothing (it closes only a connection waiting for a message), and aiohttp arms a
+        # new one when the response ends if none is pending. So it is dropped for the request:
+        # a pending timer per open SSE stream was ~0.5 KiB of the memory per idle stream
+        # (issue 15), and 10,000 of them weighed on the loop's timer heap for nothing.
+        handle = self._keepalive_handle
+        if handle is not None:
+            handle.cancel()
+            self._keepalive_handle = None
 
     def _head_timed_out(self) -> None:
         self._head_timer = None

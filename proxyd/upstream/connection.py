@@ -300,6 +300,11 @@ class Connection(asyncio.Protocol):
                 raise answer.error
             await self._wait()
 
+    def drop_fields(self) -> None:
+        """The answer's fields were taken: ``headers`` is empty from now on. The framing they
+        decided is kept (``_Answer.head_in``); trailers are dropped anyway."""
+        self._answer.headers.clear()
+
     async def read(self) -> bytes:
         """The body as it arrives: what is buffered now, or b"" at its end."""
         answer = self._answer
