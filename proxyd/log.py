@@ -120,13 +120,18 @@ class _Routing:
         # Keys on every line of this process, e.g. {"worker": 2} under a supervisor.
         self.context: dict[str, Any] = {}
 
-    # The file-like object structlog's WriteLogger writes to: a whole line per call.
+    # The file-like object structlog's WriteLogger writes to: a whole line per call. Only the
+    # per-request records (access and audit, ``info`` below) wait for the end of the loop
+    # turn; any other line is written at once, after those pending (order kept), because
+    # something may act on it right away: a supervisor that reads a worker's state, a test
+    # or an operator that sees READY=1 after "config_reloaded".
     def write(self, text: str) -> int:
         _lines.add(text)
+        _lines.flush()
         return len(text)
 
     def flush(self) -> None:
-        pass  # the line is written with the others of this loop turn (LineBatcher)
+        pass  # written by write()
 
 
 _routing = _Routing()

@@ -144,3 +144,21 @@ def test_outside_a_loop_a_line_is_written_at_once() -> None:
         assert len(stream.writes) == 1 and '"status": 200' in stream.writes[0]
     finally:
         configure("debug", "json", io.StringIO())
+
+
+async def test_any_other_line_is_written_at_once_after_the_pending_records() -> None:
+    """Only access and audit records wait for the turn's end: a lifecycle line someone may act
+    on at once (config_reloaded before READY=1) is written now, after them, in order."""
+    stream = _Writes()
+    configure("debug", "json", stream)
+    try:
+        access = get_logger("proxyd.access")
+        info(access, "proxyd.access", "request", {"i": 1})
+        info(access, "proxyd.access", "request", {"i": 2})
+        assert stream.writes == []
+        get_logger("proxyd.app").info("config_reloaded", generation=2)
+        events = [json.loads(line)["event"] for w in stream.writes for line in w.splitlines()]
+        assert events == ["request", "request", "config_reloaded"]
+        assert len(stream.writes) == 1  # the pending pair and the line, in one write
+    finally:
+        configure("debug", "json", io.StringIO())
