@@ -254,6 +254,37 @@ async def test_keep_alive_connection_is_reused(raw: RawStart, client: UpstreamCl
     assert client.idle_connections(client.origin(url)) == 1
 
 
+async def test_upstream_connections_send_without_nagle_delay(
+    raw: RawStart, client: UpstreamClient
+) -> None:
+    # The loop sets TCP_NODELAY on its TCP transports; proxyd relies on it (connection_made).
+    _, url = await raw(answering(OK))
+    answer = await exchange(client, url)
+    transport = answer.conn.transport
+    assert transport is not None
+    sock = transport.get_extra_info("socket")
+    assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+
+
+def test_upstream_connections_send_without_nagle_delay_on_uvloop() -> None:
+    uvloop = pytest.importorskip("uvloop")  # proxyd's loop in production (process/loop.py)
+
+    async def nodelay() -> int:
+        server = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        client = UpstreamClient()
+        try:
+            conn = await client.connect(client.origin(f"http://127.0.0.1:{port}/mcp"), GUARD)
+            assert conn.transport is not None
+            sock = conn.transport.get_extra_info("socket")
+            return int(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+        finally:
+            await client.close()
+            server.close()
+
+    assert uvloop.run(nodelay()) != 0
+
+
 async def test_connection_closed_while_idle_is_never_used(
     raw: RawStart, client: UpstreamClient
 ) -> None:
