@@ -37,7 +37,8 @@ that an answer to HEAD has no body, so ``request_head`` refuses it.
 
 The parts, split by lifetime as uvicorn and httpcore split theirs: ``wire`` (what goes out),
 ``connection`` (one connection and its ``State``), ``answer`` (one response being read, made
-fresh per exchange), ``flow`` (read/write pause) and ``pool`` (``UpstreamClient``).
+fresh per exchange), ``flow`` (read/write pause), ``deadlines`` (the idle timeouts on shared
+loop timers) and ``pool`` (``UpstreamClient``).
 """
 
 from proxyd.upstream.answer import MAX_HEAD

@@ -16,6 +16,7 @@ from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
 
 from proxyd.errors import UpstreamError, UpstreamTimeout
 from proxyd.upstream.answer import MAX_HEAD, _Answer
+from proxyd.upstream.deadlines import Deadlines
 from proxyd.upstream.flow import HIGH_WATER, FlowControl
 from proxyd.upstream.wire import Origin
 
@@ -24,6 +25,7 @@ class Pool(Protocol):
     """What a connection tells the pool that made it (proxyd.upstream.pool.UpstreamClient)."""
 
     loop: asyncio.AbstractEventLoop
+    deadlines: Deadlines
 
     def release(self, conn: Connection) -> None: ...
 
@@ -77,10 +79,11 @@ class Connection(asyncio.Protocol):
     __slots__ = (
         "_answer",
         "_client",
+        "_deadlines",
+        "_due",
         "_flow",
         "_loop",
         "_parser",
-        "_timer",
         "_waiter",
         "idle_since",
         "origin",
@@ -94,6 +97,7 @@ class Connection(asyncio.Protocol):
         self._client = client
         self.origin = origin
         self._loop = client.loop
+        self._deadlines = client.deadlines
         self.transport: asyncio.Transport | None = None
         self.state = IDLE
         self.idle_since = 0.0
@@ -102,7 +106,7 @@ class Connection(asyncio.Protocol):
         self._answer = _Answer(0.0, 0.0)
         self._parser: HttpResponseParser | None = None
         self._waiter: asyncio.Future[None] | None = None
-        self._timer: asyncio.TimerHandle | None = None
+        self._due: float | None = None  # the idle timeout's slot (deadlines.py), if armed
 
     # -- the answer, for the forwarder
 
@@ -282,7 +286,7 @@ class Connection(asyncio.Protocol):
         self._answer = _Answer(timeout, now)
         self.state = READING
         self._parser = HttpResponseParser(self)  # a fresh parser: no state from the last one
-        self._timer = self._loop.call_at(now + timeout, self._on_timer)
+        self._due = self._deadlines.add(now + timeout, timeout, self)
         if body and len(body) > _COALESCE:
             transport.write(head)
             transport.write(body)
@@ -395,25 +399,25 @@ class Connection(asyncio.Protocol):
     def _too_big(self) -> UpstreamError:
         return UpstreamError(f"upstream {self.origin.label} sent too big a header")
 
-    def _on_timer(self) -> None:
-        # One timer per exchange, re-armed from the last read instead of reset on every read
-        # (a timer handle per chunk costs more than a clock read per chunk).
-        self._timer = None
+    def on_deadline(self) -> None:
+        # Armed once per exchange, re-armed from the last read instead of reset on every read
+        # (a timer per chunk costs more than a clock read per chunk).
+        self._due = None
         if self.state is not READING:
             return  # read whole, failed or finished: nothing to time out
         now = self._loop.time()
         answer = self._answer
         if self._flow.read_paused:
             # Not reading because the client is slow: the upstream is not the one silent.
-            self._timer = self._loop.call_at(now + answer.timeout, self._on_timer)
+            self._due = self._deadlines.add(now + answer.timeout, answer.timeout, self)
             return
         deadline = answer.last_read + answer.timeout
         if now < deadline:
-            self._timer = self._loop.call_at(deadline, self._on_timer)
+            self._due = self._deadlines.add(deadline, answer.timeout, self)
             return
         self._fail(UpstreamTimeout(f"upstream {self.origin.label} timed out"))
 
     def _cancel_timer(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        if self._due is not None:
+            self._deadlines.remove(self._due, self)
+            self._due = None

@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from proxyd.errors import ConnectFailed, UpstreamConnectTimeout, UpstreamTlsFailed
 from proxyd.log import get_logger
 from proxyd.upstream.connection import CLOSED, Connection
+from proxyd.upstream.deadlines import Deadlines
 from proxyd.upstream.tls import TlsProfile
 from proxyd.upstream.wire import Origin
 
@@ -26,6 +27,7 @@ class UpstreamClient:
         ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self.loop = asyncio.get_running_loop()
+        self.deadlines = Deadlines(self.loop)  # the exchanges' idle timeouts (issue 15)
         self.keepalive_timeout = keepalive_timeout
         self.max_idle = max_idle
         self._ssl = ssl_context
@@ -178,6 +180,7 @@ class UpstreamClient:
             self._sweep.cancel()
             self._sweep = None
         self._idle.clear()
+        self.deadlines.close()  # no exchange is timed any more: each is aborted below
         if not self._all:
             return
         self._drained = self.loop.create_future()
