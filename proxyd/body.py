@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping
 from typing import Final, Protocol
 
 from aiohttp import web
-from multidict import CIMultiDict, CIMultiDictProxy
+from multidict import CIMultiDict, CIMultiDictProxy, istr
 
 from proxyd.errors import PayloadTooLarge, RequestTimeout
 
@@ -46,6 +46,21 @@ _STRIP_REQUEST: Final = HOP_BY_HOP | {
 }
 
 
+# The names proxyd adds (X-Forwarded-*, the identity header) as istr, made once: a CIMultiDict
+# keeps a str key as given and makes (and keeps) an istr of it the first time its items are
+# read, in request_head. That was ~450 bytes per request held for a stream's life (issue 15).
+_NAMES: dict[str, istr] = {}
+
+
+def _name(name: str) -> istr:
+    key = _NAMES.get(name)
+    if key is None:
+        if len(_NAMES) > 256:  # the names come from the configuration: bounded anyway
+            _NAMES.clear()
+        key = _NAMES[name] = istr(name)
+    return key
+
+
 def connection_tokens(value: str | None) -> set[str]:
     return {t.strip().lower() for t in value.split(",")} if value else set()
 
@@ -59,7 +74,7 @@ def request_headers(
     for name, value in incoming.items():
         if name.lower() not in drop:
             out.add(name, value)
-    out.update(extra)
+    out.update({_name(name): value for name, value in extra.items()})
     return out
 
 
