@@ -22,6 +22,7 @@ from proxyd.body import (
     HeaderHook,
     RequestBody,
     connection_tokens,
+    field_name,
 )
 from proxyd.config import UpstreamSettings
 from proxyd.errors import (
@@ -35,6 +36,7 @@ from proxyd.upstream import Connection, UpstreamClient, request_head
 __all__ = ["ConnectFailed", "Forwarder", "Outcome"]
 
 _STRIP_RESPONSE: Final = HOP_BY_HOP | {"content-length"}
+_ACCEL: Final = field_name("X-Accel-Buffering")
 
 
 @dataclass(slots=True)
@@ -79,7 +81,7 @@ def response_headers(upstream: Iterable[tuple[str, str]]) -> AnswerHead:
         if lower.startswith("access-control-"):
             continue  # proxyd's CORS policy is the only one (proxyd/cors.py)
         if lower not in drop:
-            out.add(name, value)
+            out.add(field_name(name), value)  # issue 15: a name shared, not kept per answer
             if lower == "content-type":
                 sse = value.startswith("text/event-stream")
         elif lower == "content-length":
@@ -183,7 +185,7 @@ class Forwarder:
             out.content_length = length
         if answer.sse:
             # Tell any buffering proxy in front of us (nginx) to pass events through at once.
-            out.headers["X-Accel-Buffering"] = "no"
+            out.headers[_ACCEL] = "no"
         # The fields live on in ``out`` alone, not in a second copy held by this frame for a
         # stream's life (issue 15: memory per idle SSE stream).
         del answer
@@ -286,7 +288,7 @@ class Forwarder:
             return whole(body, body is not raw)
         out = web.StreamResponse(status=upstream.status, reason=upstream.reason or None)
         out.headers.extend(headers)
-        out.headers["X-Accel-Buffering"] = "no"
+        out.headers[_ACCEL] = "no"
         return await self._stream(request, upstream, out, outcome, tools_filter.sse())
 
     @staticmethod
