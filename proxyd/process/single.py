@@ -9,6 +9,7 @@ time (proxyd.process.reloader).
 from __future__ import annotations
 
 import asyncio
+import gc
 import resource
 import signal
 import sys
@@ -176,6 +177,7 @@ async def serve(
             apps=[a.name for a in settings.apps],
             app_auth_configs=[c.name for c in runtime.core.store.snapshot.configs],
             loop=type(loop).__module__.split(".")[0],
+            gc_thresholds=list(gc.get_threshold()),
             fd_limit=fd_limit,
         )
         notifier.ready(f"serving {len(settings.apps)} apps on {listening}")

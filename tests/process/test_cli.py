@@ -15,6 +15,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from proxyd.process.loop import GC_THRESHOLDS
 from tests.conftest import base_config
 from tests.kit.daemon import spawn_proxyd
 from tests.kit.issuer import TestIssuer
@@ -205,6 +206,8 @@ async def test_standard_event_loop_on_request(issuer: TestIssuer, tmp_path: Path
         assert proc.stdout is not None
         started = await asyncio.wait_for(_read_until(proc.stdout, "proxyd_started"), GUARD)
         assert json.loads(started[-1])["loop"] == "asyncio"
+        # Issue 15: the collector's thresholds for a serving process, on either loop.
+        assert json.loads(started[-1])["gc_thresholds"] == list(GC_THRESHOLDS)
         assert await _stop(proc, signal.SIGTERM) == 0
     finally:
         if proc.returncode is None:
