@@ -61,6 +61,7 @@ MAX_QUEUE: Final = 2048  # spans waiting for export; beyond it new ones are drop
 BATCH: Final = 512
 EXPORT_TIMEOUT: Final = 10.0  # one export with its retries (the SDK's default)
 CLOSE_TIMEOUT: Final = 5.0  # the final flush at shutdown, at most
+STOP_TIMEOUT: Final = 2.0  # then, retries stopped, for the worker thread to end
 FAILURE_LOG_INTERVAL: Final = 60.0
 # OTel HTTP semantic conventions: http.request.method is one of these, else "_OTHER".
 _KNOWN_METHODS: Final = frozenset(
@@ -109,7 +110,9 @@ class CountingExporter(SpanExporter):
         self._on_failure = on_failure
         self.handed = 0  # spans taken off the queue (written by the export thread only)
         self.closing = False
+        self.last_failed = False  # the latest export failed: the collector looks unreachable
         self._failed_while_closing = False
+        self._stopped = False
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
         count = len(spans)
@@ -122,6 +125,7 @@ class CountingExporter(SpanExporter):
             result = self._inner.export(spans)
         except Exception:  # noqa: BLE001 - an exporter bug must not stop the SDK's worker
             result = SpanExportResult.FAILURE
+        self.last_failed = result is not SpanExportResult.SUCCESS
         if result is SpanExportResult.SUCCESS:
             self._exported.inc(count)
         else:
@@ -132,7 +136,15 @@ class CountingExporter(SpanExporter):
         return result
 
     def shutdown(self) -> None:
-        self._inner.shutdown()
+        if not self._stopped:
+            self._stopped = True
+            self._inner.shutdown()
+
+    def stop_retries(self) -> None:
+        """From the closing thread: an export retrying with back-off (the OTLP exporter tries
+        for up to its timeout) gives up at once, and any later one fails at once; so the SDK's
+        worker thread ends now, not up to EXPORT_TIMEOUT after the close."""
+        self.shutdown()
 
     def force_flush(self, timeout_millis: int = 30000) -> bool:
         return self._inner.force_flush(timeout_millis)
@@ -253,12 +265,21 @@ class Tracing:
                 with contextlib.suppress(RuntimeError):  # closed already: we stopped waiting
                     loop.call_soon_threadsafe(settle)
 
+        if self.exporter.last_failed:
+            # The collector is unreachable: the queue cannot be flushed, and an export still
+            # retrying would keep the worker thread alive past the close.
+            self.exporter.stop_retries()
         # A daemon thread: one stuck on an unreachable collector never holds the exit up.
         threading.Thread(target=shutdown, name="proxyd-tracing-close", daemon=True).start()
         try:
             await asyncio.wait_for(asyncio.shield(done), CLOSE_TIMEOUT)
         except TimeoutError:
-            log.warning("tracing_close_timeout", waited=CLOSE_TIMEOUT)
+            # Still flushing (a slow collector): stop the retries, then the worker ends.
+            self.exporter.stop_retries()
+            try:
+                await asyncio.wait_for(asyncio.shield(done), STOP_TIMEOUT)
+            except TimeoutError:
+                log.warning("tracing_close_timeout", waited=CLOSE_TIMEOUT + STOP_TIMEOUT)
         left = self.processor.waiting()
         if left:
             self._dropped_at_shutdown.inc(left)

@@ -433,7 +433,19 @@ async def test_a_collector_down_costs_requests_nothing_and_drops_are_counted(
         await until(lambda: bool(logs.events("trace_export_failed")), "an export failure")
         assert dropped() >= 1
         assert len(up.requests) == 5
-    lines = access_lines(logs)
+        lines = access_lines(logs)
+        # Closing while an export retries against the collector that is down (one more
+        # request's spans, taken by the exporter: its back-off runs ~7 s, past the 5 s close
+        # wait) stops the retries: the SDK's worker thread is gone when the close returns.
+        # It outlived the close, and failed the next tests' thread checks.
+        tracing = proxy.app[RUNTIME].resources.tracing
+        assert tracing is not None
+        handed = tracing.exporter.handed
+        assert await post_rpc(proxy, token) == 200
+        await until(lambda: tracing.exporter.handed > handed, "the exporter took the new spans")
+        await proxy.close()
+        assert export_threads() == []
+        assert not logs.events("tracing_close_timeout")
     assert [line["status"] for line in lines] == [200] * 5
     assert all(len(line["trace_id"]) == 32 for line in lines)
     exported = metrics.registry.get_sample_value("proxyd_trace_spans_exported_total")
