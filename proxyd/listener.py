@@ -247,7 +247,7 @@ class GuardedHandler(RequestHandler):
             silent = loop.call_later(_DRAIN_SILENT_WAIT, self._silent_at_drain)
         started = loop.time()
         try:
-            await asyncio.wait_for(asyncio.shield(self._first_head), limit)
+            await asyncio.wait_for(self._first_head, limit)
         except TimeoutError:
             return
         finally:

@@ -31,7 +31,7 @@ SCOPE_CLAIM = "scope"
 # MCP tool names (2025-11-25 "Tool names"): 1-128 of these characters. Under restricting roles
 # any other name is denied like an unknown tool: a glob's "*" matched a NUL or a newline, and a
 # name one reader stops at a control character is another name to the next (issue 10).
-_TOOL_NAME = re.compile(r"[A-Za-z0-9_\-./]{1,128}")
+TOOL_NAME = re.compile(r"[A-Za-z0-9_\-./]{1,128}")
 
 
 class ToolMatcher:
@@ -157,7 +157,7 @@ class Access:
         known = self._tools.get(name)
         if known is None:
             known = (
-                _TOOL_NAME.fullmatch(name) is not None
+                TOOL_NAME.fullmatch(name) is not None
                 and self.app_allowed
                 and not any(m.matches(name) for m in self._deny)
                 and any(m.matches(name) for m in self._allow)

@@ -10,14 +10,12 @@ rules (2025-11-25 "Tool names") is ``_invalid``. The audit record keeps every na
 
 from __future__ import annotations
 
-import re
-
 from prometheus_client import Counter
 
-DECISIONS = ("allowed", "denied", "step_up")
+from proxyd.mcp.policy import TOOL_NAME
+
 OTHER = "_other"
 INVALID = "_invalid"
-_TOOL_NAME = re.compile(r"[A-Za-z0-9_\-./]{1,128}")
 
 
 class ToolCalls:
@@ -37,7 +35,7 @@ class ToolCalls:
         child.inc()
 
     def label(self, app: str, name: object) -> str:
-        if not isinstance(name, str) or _TOOL_NAME.fullmatch(name) is None:
+        if not isinstance(name, str) or TOOL_NAME.fullmatch(name) is None:
             return INVALID
         if name in self._named:
             return name
