@@ -270,7 +270,8 @@ async def test_tool_calls_are_counted_by_app_tool_and_decision_with_bounded_name
 
     async def send(name: Any, request_id: int) -> None:
         more = {}
-        if isinstance(name, str) and "\n" not in name:  # the stateless era: headers mirror
+        if isinstance(name, str) and re.fullmatch(r"[\x21-\x7e]{1,128}", name):
+            # The stateless era (headers mirror the body) where a header can carry the name.
             more = {"MCP-Protocol-Version": MODERN, "Mcp-Method": "tools/call", "Mcp-Name": name}
         resp = await proxy.post(
             "/mcp/apps/a", json=call(name, request_id), headers=headers(token, **more)
@@ -282,11 +283,24 @@ async def test_tool_calls_are_counted_by_app_tool_and_decision_with_bounded_name
     await send("echo", 1)
     await send("add", 2)
     await send("add", 3)
-    await send("bad\nname", 4)
-    await send(None, 5)
+    # Names outside MCP's tool name rules, of every kind: one label for all of them.
+    invalid: list[Any] = [
+        "bad\nname",
+        None,
+        ["echo"],
+        7,
+        "",
+        "a" * 129,
+        "\uff45cho",
+        "echo\u0000",
+        "echo ",
+        "e*",
+    ]
+    for i, name in enumerate(invalid):
+        await send(name, 4 + i)
     assert count("echo", "allowed") == 1
     assert count("add", "denied") == 2
-    assert count("_invalid", "denied") == 2
+    assert count("_invalid", "denied") == len(invalid)
     # 64 invented names get their own label, then every further one is _other; a name the
     # roles name exactly always keeps its own.
     for i in range(70):
