@@ -161,6 +161,21 @@ def table_rows(
                 fmt="{:.0f}",
             ),
         ]
+        if "lean" in s:
+            # bench/lean.py, the floor of proxyd's stack, in the proxyd column: ÷nginx reads
+            # "the stack alone costs N x nginx" (proxyd ÷ lean is printed below the table).
+            rows += [
+                row(f"POST c={c}  lean requests/s", s, "rps", proxyd="lean", fmt="{:.0f}"),
+                row(f"POST c={c}  lean p99 ms", s, "p99_ms", proxyd="lean", diff=True),
+                row(
+                    f"POST c={c}  lean CPU µs/req",
+                    s,
+                    "proxy_cpu_us_per_req",
+                    proxyd="lean",
+                    direct_key="upstream_cpu_us_per_req",
+                    fmt="{:.0f}",
+                ),
+            ]
         if "proxyd_2up" in s:
             # The same POST to an app with two servers (random healthy pick).
             rows += [
@@ -348,6 +363,57 @@ def render_tls(rows: Sequence[TlsRow]) -> str:
             f"{cell(r.nginx_tls_cost(), signed(r.fmt)):>15}"
         )
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# The lean reference: proxyd's CPU per request against its own stack's floor (informational)
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None or b == 0 else a / b
+
+
+def lean_rows(
+    summary: dict[str, dict[str, Any]], concurrency: Sequence[int]
+) -> list[dict[str, Any]]:
+    """Per POST level: lean's and proxyd's CPU per request (nginx's too) and their ratios."""
+    out: list[dict[str, Any]] = []
+    for c in concurrency:
+        s = summary.get(f"post_c{c}", {})
+        if "lean" not in s:
+            continue
+        lean = _get(s, "lean", "proxy_cpu_us_per_req")
+        proxyd = _get(s, "proxyd", "proxy_cpu_us_per_req")
+        nginx = _get(s, "nginx", "proxy_cpu_us_per_req")
+        out.append(
+            {
+                "concurrency": c,
+                "lean_cpu_us_per_req": lean,
+                "proxyd_cpu_us_per_req": proxyd,
+                "nginx_cpu_us_per_req": nginx,
+                "proxyd_div_lean": _ratio(proxyd, lean),
+                "lean_div_nginx": _ratio(lean, nginx),
+                "proxyd_div_nginx": _ratio(proxyd, nginx),
+                "lean_rps": _get(s, "lean", "rps"),
+                "proxyd_rps": _get(s, "proxyd", "rps"),
+            }
+        )
+    return out
+
+
+def render_lean(rows: Sequence[Mapping[str, Any]]) -> str:
+    """One informational line (no target): proxyd ÷ lean CPU per request at each level."""
+
+    def num(value: float | None, fmt: str) -> str:
+        return "—" if value is None else fmt.format(value)
+
+    parts = [
+        f"c={r['concurrency']} {num(r['proxyd_div_lean'], '{:.2f}')} "
+        f"({num(r['proxyd_cpu_us_per_req'], '{:.0f}')} / {num(r['lean_cpu_us_per_req'], '{:.0f}')}"
+        f" µs; lean ÷ nginx {num(r['lean_div_nginx'], '{:.2f}')})"
+        for r in rows
+    ]
+    return "proxyd ÷ lean CPU per request (informational, no target): " + ", ".join(parts)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -21,6 +21,11 @@ plus, unless --no-tracing, a proxyd exporting a trace of every request (issue 14
 1.0, OTLP/HTTP to bench/otlp_sink.py) measured at the same POST c=16 as the plain one: the CPU
 per request with tracing on and off;
 
+plus, unless --no-lean, "lean": bench/lean.py, an aiohttp low-level server relaying the same
+POST with proxyd's own upstream client and nothing else (no auth, no logs), at every
+concurrency: the floor of proxyd's stack on this machine, printed as proxyd ÷ lean CPU per
+request;
+
 plus, unless --no-tls, nginx and proxyd both terminating TLS (a self-signed certificate made
 per run by bench/tlscert.py): the POST at c=16 and the 10 MiB body over https (keep-alive
 connections, so the handshake is amortized), printed as a separate TLS table;
@@ -167,6 +172,7 @@ class Plan:
     output: Path
     tls: bool = True  # also nginx_tls and proxyd_tls: POST c=16 and the 10 MiB body over https
     tracing: bool = True  # also proxyd_traced: POST c=16 with [tracing] on, to a local sink
+    lean: bool = True  # also lean (bench/lean.py): the POST at every level, the stack's floor
 
 
 def _env_int(name: str, default: int) -> int:
@@ -262,6 +268,12 @@ def parse_args(argv: Sequence[str] | None) -> Plan:
         action="store_true",
         help="skip proxyd_traced (proxyd exporting every request's trace: POST c=16)",
     )
+    parser.add_argument(
+        "--no-lean",
+        action="store_true",
+        help="skip lean (bench/lean.py: aiohttp's low-level server + proxyd's upstream client, "
+        "nothing else; the small POST at every concurrency)",
+    )
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="JSON results file")
     args = parser.parse_args(argv)
     quick = bool(args.quick)
@@ -299,6 +311,7 @@ def parse_args(argv: Sequence[str] | None) -> Plan:
         output=args.output,
         tls=not args.no_tls,
         tracing=not args.no_tracing,
+        lean=not args.no_lean,
     )
     if plan.rounds < 1 or plan.duration < 1 or plan.sse_events < 1 or plan.big_repeat < 1:
         parser.error("rounds, duration, sse-events and big-repeat must be positive")
@@ -1015,6 +1028,14 @@ def _run(
         proxyd_traced = children.start(
             "proxyd-traced", [sys.executable, "-m", "proxyd", "run", "-c", str(traced_config)]
         )
+    lean = None
+    lean_port = free_port()
+    if plan.lean:
+        # The floor: aiohttp's low-level server and proxyd's upstream client, nothing else.
+        lean = children.start(
+            "lean",
+            [sys.executable, str(BENCH_DIR / "lean.py"), str(lean_port), str(upstream_port)],
+        )
     nginx_child = None
     if nginx:
         conf = workdir / "nginx.conf"
@@ -1058,6 +1079,8 @@ def _run(
     if proxyd_traced is not None and sink is not None:
         wait_accepting(sink, sink_port, deadline)
         wait_accepting(proxyd_traced, traced_port, deadline)
+    if lean is not None:
+        wait_accepting(lean, lean_port, deadline)
     multi_pids: tuple[int, ...] = ()
     if multi is not None:
         wait_accepting(multi, multi_port, deadline)
@@ -1075,6 +1098,8 @@ def _run(
         if proxyd_traced is not None and sink is not None:
             pin(descendants(proxyd_traced.pid), layout.proxy)  # its export thread included
             pin([sink.pid], layout.upstream)  # the collector's work is not proxyd's
+        if lean is not None:
+            pin([lean.pid], layout.proxy)  # where proxyd runs: the same core, the same floor
         pin(multi_pids, layout.proxy)
         pin(nginx_pids, layout.proxy)
         pin([*upstream_pids, second.pid], layout.upstream)
@@ -1101,6 +1126,12 @@ def _run(
     if nginx_pids:
         # The proxyd token goes along (same request bytes); nginx passes it through unread.
         targets.append(Target("nginx", nginx_port, proxyd_paths, bearer, nginx_pids))
+    if lean is not None:
+        # The same request bytes (token included, relayed unread as nginx does) to the same
+        # upstream path; the POST only, at every level.
+        targets.append(
+            Target("lean", lean_port, {"post": DIRECT_PATHS["post"]}, bearer, (lean.pid,))
+        )
     targets += [
         Target("proxyd", proxyd_port, proxyd_paths, bearer, (proxyd.pid,)),
         Target(
@@ -1209,6 +1240,7 @@ def _run(
             *([multi] if multi else []),
             *([proxyd_tls] if proxyd_tls else []),
             *([proxyd_traced] if proxyd_traced else []),
+            *([lean] if lean else []),
         ):
             child.check_alive()
 
@@ -1236,6 +1268,7 @@ def _run(
     checks = report.checks(summary, plan.concurrency, idle_results, plan.idle_streams)
     tls_rows = report.tls_rows(summary, TLS_CONCURRENCY) if plan.tls else []
     tracing = _tracing_cost(summary, sink_port) if proxyd_traced is not None else None
+    lean_rows = report.lean_rows(summary, plan.concurrency) if lean is not None else []
     audit_lines = _count_lines(workdir / "audit.jsonl")
     if audit_lines == 0:
         raise BenchError("proxyd wrote no audit record: audit is not on, the numbers would lie")
@@ -1268,6 +1301,7 @@ def _run(
                 "proxyd_workers": plan.proxyd_workers,
                 "tls": plan.tls,
                 "tls_concurrency": TLS_CONCURRENCY if plan.tls else None,
+                "lean": plan.lean,
             },
             "proxyd_log_lines": _count_lines(proxyd.log),
             "proxyd_audit_lines": audit_lines,
@@ -1281,10 +1315,14 @@ def _run(
         # nginx_tls / proxyd_tls (their raw numbers are in summary and rounds too)
         "tls": [r.as_json() for r in tls_rows],
         "tracing": tracing,
+        # lean (bench/lean.py) per POST level: its CPU µs/req and proxyd ÷ lean; None with
+        # --no-lean (its raw numbers are in summary and rounds too)
+        "lean": lean_rows or None,
         "rounds": raw,
         "_rendered": report.render(rows)
         + ("\n\n" + report.render_tls(tls_rows) if tls_rows else "")
         + ("\n\n" + _render_tracing(tracing) if tracing else "")
+        + ("\n\n" + report.render_lean(lean_rows) if lean_rows else "")
         + "\n\n"
         + report.render_checks(checks),
     }

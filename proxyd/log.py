@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable, MutableMapping
 from typing import IO, Any, TextIO
 
+import orjson
 import structlog
 
 AUDIT_LOGGER = "proxyd.audit"
@@ -35,13 +36,30 @@ def _fallback(value: Any) -> Any:
     return hook() if callable(hook) else repr(value)
 
 
-# What structlog's JSONRenderer does (json.dumps with that fallback), with the encoder built
-# once: json.dumps builds a new one on every call that passes ``default``.
-_ENCODER = json.JSONEncoder(default=_fallback)
+# orjson: a line costs ~0.4 µs where the json module's encoder took ~3.2 (issue 15: three
+# lines per tools/call). Dataclasses and datetimes go to the fallback, as structlog's
+# JSONRenderer does; str and int subclasses are written as their values, as json does.
+_OPTIONS = (
+    orjson.OPT_NON_STR_KEYS | orjson.OPT_PASSTHROUGH_DATACLASS | orjson.OPT_PASSTHROUGH_DATETIME
+)
+# What orjson refuses (an integer past 64 bits from a client's JSON-RPC id, a lone surrogate,
+# nesting past 254) is still written, never lost: the json module, ASCII only, so a lone
+# surrogate leaves escaped rather than failing the UTF-8 stream it is written to.
+_SLOW = json.JSONEncoder(default=_fallback, separators=(",", ":"))
+
+
+def encode_line(event: Any, default: Callable[[Any], Any] = _fallback) -> str:
+    """One compact JSON object, without the newline."""
+    try:
+        return orjson.dumps(event, default=default, option=_OPTIONS).decode()
+    except orjson.JSONEncodeError:
+        if default is _fallback:
+            return _SLOW.encode(event)
+        return json.JSONEncoder(default=default, separators=(",", ":")).encode(event)
 
 
 def _json(_: Any, __: str, event: MutableMapping[str, Any]) -> str:
-    return _ENCODER.encode(event)
+    return encode_line(event)
 
 
 # A write of at most this many bytes (PIPE_BUF on Linux) to a pipe is atomic: the workers of a
@@ -227,7 +245,7 @@ def info(logger: Any, name: str, event: str, fields: dict[str, Any]) -> None:
             line.setdefault(key, value)
     for key in SECRET_KEYS.intersection(fields):
         line[key] = "[redacted]"
-    _lines.add(_ENCODER.encode(line) + "\n")
+    _lines.add(encode_line(line) + "\n")
 
 
 def set_level(level: str) -> None:

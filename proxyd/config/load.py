@@ -16,6 +16,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
+# A module import, not names: proxyd.upstream.tls imports proxyd.config.model, and whichever
+# of the two is imported first finds the other half-initialized (bench/lean.py hit it).
+import proxyd.upstream.tls as upstream_tls
 from proxyd.auth.keys import KeySetError, parse_jwks
 from proxyd.config.model import (
     AdminSettings,
@@ -61,7 +64,6 @@ from proxyd.config.values import (
     user_entry,
 )
 from proxyd.labels import LabelSelector
-from proxyd.upstream.tls import TlsConfigError, client_context
 
 if TYPE_CHECKING:
     from _typeshed import DataclassInstance
@@ -367,8 +369,8 @@ def _check_tls_files(
     t: _Table, ca_file: str, cert_file: str = "", key_file: str = "", insecure: bool = False
 ) -> None:
     try:
-        client_context(ca_file, cert_file, key_file, insecure)
-    except TlsConfigError as exc:
+        upstream_tls.client_context(ca_file, cert_file, key_file, insecure)
+    except upstream_tls.TlsConfigError as exc:
         t.problem(exc.key, str(exc))
 
 

@@ -17,7 +17,7 @@ import time
 from typing import IO, Any
 
 from proxyd.config import AuditSettings
-from proxyd.log import AUDIT_LOGGER, LineBatcher, get_logger, info
+from proxyd.log import AUDIT_LOGGER, LineBatcher, encode_line, get_logger, info
 
 log = get_logger(AUDIT_LOGGER)
 
@@ -28,7 +28,6 @@ NOISY = frozenset(
 
 # Built once: json.dumps builds a new encoder on every call with non-default options.
 _CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-_FILE_LINE = json.JSONEncoder(separators=(",", ":"), default=str)
 
 
 def arguments_hash(arguments: Any) -> str:
@@ -62,7 +61,7 @@ class Auditor:
         info(log, AUDIT_LOGGER, event, fields)
         if self._file is not None:
             line = {"time": time.time(), "event": event, **fields}
-            self._lines.add(_FILE_LINE.encode(line) + "\n")
+            self._lines.add(encode_line(line, str) + "\n")
 
     def close(self) -> None:
         self._lines.flush()

@@ -565,3 +565,55 @@ async def test_audit_file_lines_of_a_turn_are_written_together_and_all_by_close(
     auditor.close()
     lines = path.read_text().splitlines()
     assert [json.loads(line)["n"] for line in lines] == list(range(200))
+
+
+# What the fast JSON encoder refuses, from a client (issue 15: log lines moved to orjson):
+# integers past 64 bits, a lone surrogate from a \u escape, deep nesting. The record must still
+# be written, in the log and in the file, and still be JSON that reads back to what was sent.
+REFUSED_BY_ORJSON: list[tuple[str, Any, Any]] = [
+    ("int past 64 bits", 2**70, {"n": 2**70}),
+    ("negative int past 64 bits", -(2**64) - 1, {"n": -(2**64) - 1}),
+    ("lone surrogate", "id-\ud800", {"text": "\udfff"}),
+    ("deep nesting", 7, {"x": json.loads("[" * 300 + "]" * 300)}),
+]
+
+
+async def test_records_orjson_refuses_are_still_written_whole(
+    audit: Audit,
+    issuer: TestIssuer,
+    make_proxy: ProxyFactory,
+    upstreams: Upstreams,
+    clock: FakeClock,
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "audit.jsonl"
+    echo = Echo()
+    config = audit_config(
+        issuer, await upstreams.start(echo.app()), tmp_path, file=str(path), include_arguments=True
+    )
+    proxy = await make_proxy(config)
+    headers = {
+        **bearer(issuer.token(clock.wall())),
+        **JSON_HEADERS,
+        "MCP-Protocol-Version": "2026-07-28",
+        "Mcp-Method": "tools/call",
+        "Mcp-Name": "echo",
+    }
+    sent = []
+    for _, rpc_id, arguments in REFUSED_BY_ORJSON:
+        rpc = {"jsonrpc": "2.0", "id": rpc_id, "method": "tools/call"}
+        rpc["params"] = {"name": "echo", "arguments": arguments}
+        # json.dumps escapes the lone surrogates (ASCII), as a client's JSON would carry them.
+        resp = await proxy.post("/mcp/apps/a", data=json.dumps(rpc), headers=headers)
+        if resp.status == 200:
+            sent.append((rpc_id, arguments))
+        else:  # refused by proxyd's own JSON rules: audited as an invalid request instead
+            await rpc_error(resp, 400)
+    assert sent, "every hostile value was refused before the audit: the test proves nothing"
+    logged = audit.events("mcp.session.request")
+    assert [(e["id"], e["arguments"]) for e in logged] == sent
+    assert [e["arguments_hash"] for e in logged] == [expected_hash(a) for _, a in sent]
+    access = [line for line in audit.logs.lines() if line.get("logger_name") == "proxyd.access"]
+    assert len([a for a in access if a["path"] == "/mcp/apps/a"]) == len(REFUSED_BY_ORJSON)
+    invalid = len(audit.events("mcp.invalid_request"))
+    assert len(sent) + invalid == len(REFUSED_BY_ORJSON)
