@@ -25,9 +25,6 @@ import sys
 import uvloop
 from aiohttp import web
 
-# First: imported on its own, proxyd.upstream.pool runs into a circular import through
-# proxyd.upstream.tls and proxyd.config (proxyd itself always loads its config first).
-import proxyd.config  # noqa: F401
 from proxyd.upstream.pool import UpstreamClient
 from proxyd.upstream.wire import request_head
 
