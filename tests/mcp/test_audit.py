@@ -613,6 +613,12 @@ async def test_records_orjson_refuses_are_still_written_whole(
     logged = audit.events("mcp.session.request")
     assert [(e["id"], e["arguments"]) for e in logged] == sent
     assert [e["arguments_hash"] for e in logged] == [expected_hash(a) for _, a in sent]
+    # The file's lines left with their loop turn, before the answers did.
+    filed = [json.loads(line) for line in path.read_text().splitlines()]
+    filed = [e for e in filed if e["event"] == "mcp.session.request"]
+    assert [(e["id"], e["arguments"], e["arguments_hash"]) for e in filed] == [
+        (e["id"], e["arguments"], e["arguments_hash"]) for e in logged
+    ]
     access = [line for line in audit.logs.lines() if line.get("logger_name") == "proxyd.access"]
     assert len([a for a in access if a["path"] == "/mcp/apps/a"]) == len(REFUSED_BY_ORJSON)
     invalid = len(audit.events("mcp.invalid_request"))
