@@ -25,32 +25,21 @@ import sys
 import uvloop
 from aiohttp import web
 
+from proxyd.body import HOP_BY_HOP
+from proxyd.forward import SMALL_BODY
 from proxyd.upstream.pool import UpstreamClient
 from proxyd.upstream.wire import request_head
 
 HOST = "127.0.0.1"
 # proxyd's defaults: [upstream] connect_timeout and idle_timeout, keepalive_timeout and
-# max_idle_connections, and forward.SMALL_BODY (an answer read whole up to this size).
+# max_idle_connections (SMALL_BODY: proxyd's own bound on an answer read whole).
 CONNECT_TIMEOUT = 5.0
 IDLE_TIMEOUT = 300.0
 KEEPALIVE_TIMEOUT = 4.0
 MAX_IDLE = 64
-SMALL_BODY = 64 * 1024
-# Not forwarded: hop-by-hop fields, Host (request_head writes the upstream's) and the framing
-# (written from the body read here).
-_DROP = frozenset(
-    {
-        "connection",
-        "keep-alive",
-        "proxy-connection",
-        "transfer-encoding",
-        "te",
-        "trailer",
-        "upgrade",
-        "host",
-        "content-length",
-    }
-)
+# Not forwarded: the hop-by-hop fields (proxyd's own set), Host (request_head writes the
+# upstream's) and the framing (written from the body read here).
+_DROP = HOP_BY_HOP | {"host", "content-length"}
 
 
 def make_server(client: UpstreamClient, base: str) -> web.Server:
