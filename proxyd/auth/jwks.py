@@ -27,8 +27,8 @@ import aiohttp
 from proxyd.auth.keys import ASYMMETRIC_ALGORITHMS, KeySet, KeySetError, RejectedKey, parse_jwks
 from proxyd.config import JwksSettings
 from proxyd.log import get_logger
+from proxyd.tls import client_context
 from proxyd.tracing import step
-from proxyd.upstream.tls import client_context
 
 log = get_logger("proxyd.jwks")
 

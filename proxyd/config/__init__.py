@@ -7,7 +7,6 @@ This package re-exports what importers used from the former ``proxyd/config.py``
 
 from proxyd.config.load import (
     RESTART_ONLY,
-    ConfigError,
     in_force,
     load_app_auth_dir,
     load_settings,
@@ -24,6 +23,7 @@ from proxyd.config.model import (
     AppAuthConfig,
     AppSettings,
     AuditSettings,
+    ConfigError,
     HealthCheckSettings,
     IdentitySettings,
     JwksSettings,

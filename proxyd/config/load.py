@@ -16,15 +16,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-# A module import, not names: proxyd.upstream.tls imports proxyd.config.model, and whichever
-# of the two is imported first finds the other half-initialized (bench/lean.py hit it).
-import proxyd.upstream.tls as upstream_tls
 from proxyd.auth.keys import KeySetError, parse_jwks
 from proxyd.config.model import (
     AdminSettings,
     AppAuthConfig,
     AppSettings,
     AuditSettings,
+    ConfigError,
     HealthCheckSettings,
     IdentitySettings,
     JwksSettings,
@@ -64,6 +62,7 @@ from proxyd.config.values import (
     user_entry,
 )
 from proxyd.labels import LabelSelector
+from proxyd.tls import TlsConfigError, client_context
 
 if TYPE_CHECKING:
     from _typeshed import DataclassInstance
@@ -73,14 +72,6 @@ D = TypeVar("D", bound="DataclassInstance")
 
 # Typed empty defaults for _Table.get (a bare () or {} would make mypy infer T too narrowly).
 _NO_STRS: tuple[str, ...] = ()
-
-
-class ConfigError(Exception):
-    """The configuration is invalid; ``problems`` lists every ``path: message``."""
-
-    def __init__(self, problems: list[str]) -> None:
-        super().__init__("\n".join(problems))
-        self.problems = problems
 
 
 # ---------------------------------------------------------------------------------------------
@@ -369,8 +360,8 @@ def _check_tls_files(
     t: _Table, ca_file: str, cert_file: str = "", key_file: str = "", insecure: bool = False
 ) -> None:
     try:
-        upstream_tls.client_context(ca_file, cert_file, key_file, insecure)
-    except upstream_tls.TlsConfigError as exc:
+        client_context(ca_file, cert_file, key_file, insecure)
+    except TlsConfigError as exc:
         t.problem(exc.key, str(exc))
 
 

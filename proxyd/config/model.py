@@ -61,6 +61,15 @@ from proxyd.config.values import (
 from proxyd.labels import LabelSelector
 
 
+class ConfigError(Exception):
+    """The configuration is invalid; ``problems`` lists every ``path: message`` (raised by
+    ``load``'s parsing and ``secrets``' reads alike)."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
 @dataclass(frozen=True, slots=True)
 class Parse:
     """How the generic reader reads a field: its parser, and whether the key must be written.

@@ -11,7 +11,7 @@ import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-from proxyd.config.model import AppSettings, UpstreamAuthSettings
+from proxyd.config.model import AppSettings, ConfigError, UpstreamAuthSettings
 
 CREDENTIALS_DIRECTORY = "CREDENTIALS_DIRECTORY"
 
@@ -78,8 +78,6 @@ def upstream_credentials(apps: Iterable[AppSettings]) -> Mapping[str, tuple[str,
 
     Raises ConfigError listing every app whose secret cannot be used.
     """
-    from proxyd.config.load import ConfigError  # load imports this module
-
     out: dict[str, tuple[str, str]] = {}
     problems: list[str] = []
     for index, app in enumerate(apps):

@@ -8,6 +8,7 @@ from collections.abc import Mapping
 
 from proxyd.errors import ConnectFailed, UpstreamConnectTimeout, UpstreamTlsFailed
 from proxyd.log import get_logger
+from proxyd.tls import client_context
 from proxyd.upstream.connection import CLOSED, Connection
 from proxyd.upstream.deadlines import Deadlines
 from proxyd.upstream.tls import TlsProfile
@@ -161,9 +162,7 @@ class UpstreamClient:
     def _tls(self) -> ssl.SSLContext:
         if self._ssl is None:
             # aiohttp's default verification: the system's CAs and hostname checks.
-            context = ssl.create_default_context()
-            context.set_alpn_protocols(["http/1.1"])
-            self._ssl = context
+            self._ssl = client_context()
         return self._ssl
 
     @property
