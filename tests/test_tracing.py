@@ -28,7 +28,7 @@ from proxyd.tracing import MAX_QUEUE, BoundedProcessor, CountingExporter
 from tests.conftest import FakeClock, LogCapture, ProxyFactory
 from tests.kit.issuer import TestIssuer
 from tests.kit.mcpkit import LEGACY, mcp_client, upstream_server
-from tests.kit.otlp import CLIENT, SERVER, STATUS_ERROR, ReceivedSpan, otlp_receiver
+from tests.kit.otlp import CLIENT, SERVER, STATUS_ERROR, OtlpReceiver, ReceivedSpan, otlp_receiver
 from tests.kit.proxy import Client, access_lines, bearer, config
 from tests.kit.recording import RawRequest, json_answer, recording_upstream
 from tests.kit.wait import GUARD, until
@@ -99,6 +99,19 @@ async def post_rpc(
     )
     await resp.read()
     return resp.status
+
+
+async def post_with_context(proxy: Client, token: str, where: str, fields: dict[str, str]) -> int:
+    """A request carrying the client's trace context ``fields`` in its HTTP headers
+    (``where == "header"``) or in its ``params._meta``."""
+    if where == "header":
+        return await post_rpc(proxy, token, fields)
+    return await post_rpc(proxy, token, params={"_meta": fields})
+
+
+async def first_servers(collector: OtlpReceiver) -> list[ReceivedSpan]:
+    """The server spans, once at least one has arrived."""
+    return servers(await collector.wait_for(lambda got: bool(servers(got))))
 
 
 # --------------------------------------------------------------------------------------------
@@ -194,7 +207,7 @@ async def test_include_user_records_the_user(
         doc = traced(issuer, up.url, tmp_path, collector.url, include_user=True)
         proxy = await make_proxy(doc)
         assert await post_rpc(proxy, issuer.token(clock.wall())) == 200
-        [span] = servers(await collector.wait_for(lambda got: bool(servers(got))))
+        [span] = await first_servers(collector)
     assert span.attributes["enduser.id"] == USER
     assert span.attributes["proxyd.decision"] == "allowed"
 
@@ -273,15 +286,9 @@ async def test_an_untrusted_client_context_starts_a_new_trace_with_a_link(
     async with otlp_receiver() as collector, recording_upstream(ANSWER) as up:
         proxy = await make_proxy(traced(issuer, up.url, tmp_path, collector.url))
         token = issuer.token(clock.wall())
-        if where == "header":
-            status = await post_rpc(
-                proxy, token, {"traceparent": CLIENT_PARENT, "tracestate": "client=1"}
-            )
-        else:
-            meta = {"_meta": {"traceparent": CLIENT_PARENT, "tracestate": "client=1"}}
-            status = await post_rpc(proxy, token, params=meta)
-        assert status == 200
-        [server] = servers(await collector.wait_for(lambda got: bool(servers(got))))
+        fields = {"traceparent": CLIENT_PARENT, "tracestate": "client=1"}
+        assert await post_with_context(proxy, token, where, fields) == 200
+        [server] = await first_servers(collector)
     assert server.trace_id != CLIENT_TRACE and server.parent_id == ""
     assert server.links == [(CLIENT_TRACE, CLIENT_SPAN)]
     [request] = up.requests
@@ -314,11 +321,7 @@ async def test_a_trusted_client_context_is_continued(
         proxy = await make_proxy(doc)
         token = issuer.token(clock.wall())
         fields = {"traceparent": CLIENT_PARENT, "tracestate": "client=1"}
-        if where == "header":
-            status = await post_rpc(proxy, token, fields)
-        else:
-            status = await post_rpc(proxy, token, params={"_meta": fields})
-        assert status == 200
+        assert await post_with_context(proxy, token, where, fields) == 200
         # A server span ends after its children: once it is in, they are.
         spans = await collector.wait_for(lambda got: bool(servers(got)))
     [server] = servers(spans)
@@ -342,7 +345,7 @@ async def test_the_header_context_comes_before_the_meta_one(
         token = issuer.token(clock.wall())
         meta = {"_meta": {"traceparent": other}}
         assert await post_rpc(proxy, token, {"traceparent": CLIENT_PARENT}, params=meta) == 200
-        [server] = servers(await collector.wait_for(lambda got: bool(servers(got))))
+        [server] = await first_servers(collector)
     assert server.trace_id == CLIENT_TRACE and server.parent_id == CLIENT_SPAN
 
 
@@ -371,12 +374,8 @@ async def test_a_malformed_traceparent_is_ignored(
         doc = traced(issuer, up.url, tmp_path, collector.url, trust_client_context=True)
         proxy = await make_proxy(doc)
         token = issuer.token(clock.wall())
-        if where == "header":
-            status = await post_rpc(proxy, token, {"traceparent": value})
-        else:
-            status = await post_rpc(proxy, token, params={"_meta": {"traceparent": value}})
-        assert status == 200
-        [server] = servers(await collector.wait_for(lambda got: bool(servers(got))))
+        assert await post_with_context(proxy, token, where, {"traceparent": value}) == 200
+        [server] = await first_servers(collector)
     assert server.parent_id == "" and server.links == []  # no parent, no link
     assert server.trace_id != CLIENT_TRACE
     [request] = up.requests

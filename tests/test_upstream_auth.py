@@ -56,6 +56,14 @@ def write_secret(path: Path, value: str) -> Path:
     return path
 
 
+def set_credential(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, name: str, value: str) -> None:
+    """A real ``$CREDENTIALS_DIRECTORY`` (as systemd's LoadCredential= makes) holding ``name``."""
+    credentials = tmp_path / "credentials"
+    credentials.mkdir()
+    write_secret(credentials / name, value)
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(credentials))
+
+
 def with_auth(doc: dict[str, Any], auth: dict[str, Any], app: int = 0) -> dict[str, Any]:
     doc["apps"][app]["upstream_auth"] = auth
     return doc
@@ -128,11 +136,8 @@ async def test_header_type_from_credentials_directory(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    credentials = tmp_path / "credentials"
-    credentials.mkdir()
     value = secret("credential")
-    write_secret(credentials / "api-key", value)
-    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(credentials))
+    set_credential(monkeypatch, tmp_path, "api-key", value)
     auth = {"type": "header", "header": "X-Api-Key", "credential": "api-key"}
     async with recording_upstream(OK) as up:
         client = await make_proxy(with_auth(config(issuer, {"a": up.url}, tmp_path), auth))
@@ -244,11 +249,8 @@ async def test_credentials_directory_gone_on_reload_keeps_the_old_secret(
     logs: LogCapture,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    credentials = tmp_path / "credentials"
-    credentials.mkdir()
     old = secret("cred-kept")
-    write_secret(credentials / "token", old)
-    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(credentials))
+    set_credential(monkeypatch, tmp_path, "token", old)
     conf = tmp_path / "proxyd.toml"
     async with recording_upstream(OK) as up:
         doc = with_auth(config(issuer, {"a": up.url}, tmp_path), {"credential": "token"})

@@ -11,13 +11,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aiohttp import web
+from aiohttp import ClientResponse, web
 
 from proxyd.app import RUNTIME
 from proxyd.config import ConfigError, parse_settings
 from tests.conftest import FakeClock, LogCapture, ProxyFactory
 from tests.kit.issuer import TestIssuer
-from tests.kit.proxy import RPC, access_lines, bearer, config, rpc_error
+from tests.kit.proxy import RPC, Client, access_lines, bearer, config, rpc_error
 from tests.kit.tlscerts import TestCA
 from tests.kit.wait import until
 
@@ -83,6 +83,32 @@ def _with_tls(doc: dict[str, Any], tls: dict[str, dict[str, Any]]) -> dict[str, 
     return doc
 
 
+async def _tls_server(
+    ca: TestCA,
+    serve: Serve,
+    name: str = "app-a",
+    *,
+    hosts: list[str] | None = None,
+    client_ca: Path | None = None,
+    app: web.Application | None = None,
+) -> str:
+    """A server with a certificate of ``ca`` for ``name``; returns its https base URL."""
+    cert, key = ca.issue(name, hosts=hosts)
+    return await serve(server_context(cert, key, client_ca=client_ca), app)
+
+
+def _app_a(
+    issuer: TestIssuer, url: str, tmp_path: Path, tls: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """A config with app "a" on ``url``/mcp, ``tls`` (if any) as its ``[apps.tls]``."""
+    doc = config(issuer, {"a": f"{url}/mcp"}, tmp_path)
+    return doc if tls is None else _with_tls(doc, {"a": tls})
+
+
+async def _call(client: Client, token: str, app: str = "a") -> ClientResponse:
+    return await client.post(f"/mcp/apps/{app}", json=RPC, headers=bearer(token))
+
+
 async def test_private_ca_and_client_certificate(
     ca: TestCA,
     serve: Serve,
@@ -92,10 +118,8 @@ async def test_private_ca_and_client_certificate(
     tmp_path: Path,
     logs: LogCapture,
 ) -> None:
-    cert, key = ca.issue("app-a")
-    plain = await serve(server_context(cert, key))
-    cert_b, key_b = ca.issue("app-b")
-    mtls = await serve(server_context(cert_b, key_b, client_ca=ca.ca_file))
+    plain = await _tls_server(ca, serve)
+    mtls = await _tls_server(ca, serve, "app-b", client_ca=ca.ca_file)
     client_cert, client_key = ca.issue("proxyd-client", hosts=[], client=True)
     doc = config(issuer, {"a": f"{plain}/mcp", "b": f"{mtls}/mcp"}, tmp_path)
     _with_tls(
@@ -112,7 +136,7 @@ async def test_private_ca_and_client_certificate(
     client = await make_proxy(doc)
     token = issuer.token(clock.wall())
     for app, peer in (("a", "none"), ("b", "proxyd-client")):
-        resp = await client.post(f"/mcp/apps/{app}", json=RPC, headers=bearer(token))
+        resp = await _call(client, token, app)
         assert resp.status == 200, await resp.text()
         assert await resp.json() == ANSWER
         assert resp.headers["X-Peer"] == peer
@@ -128,15 +152,10 @@ async def test_wrong_ca_is_502_upstream_tls_with_one_log_line(
     tmp_path: Path,
     logs: LogCapture,
 ) -> None:
-    cert, key = ca.issue("app-a")
-    url = await serve(server_context(cert, key))
+    url = await _tls_server(ca, serve)
     other = TestCA(tmp_path / "other", name="another CA")
-    doc = _with_tls(
-        config(issuer, {"a": f"{url}/mcp"}, tmp_path), {"a": {"ca_file": str(other.ca_file)}}
-    )
-    client = await make_proxy(doc)
-    token = issuer.token(clock.wall())
-    body = await rpc_error(await client.post("/mcp/apps/a", json=RPC, headers=bearer(token)), 502)
+    client = await make_proxy(_app_a(issuer, url, tmp_path, {"ca_file": str(other.ca_file)}))
+    body = await rpc_error(await _call(client, issuer.token(clock.wall())), 502)
     assert body["error"]["data"]["reason"] == "upstream_tls"
     [line] = logs.events("upstream_tls_failed")
     assert line["server"] == url.removeprefix("https://")
@@ -155,11 +174,9 @@ async def test_system_trust_store_refuses_a_private_ca(
     logs: LogCapture,
 ) -> None:
     # No [apps.tls]: the system's CAs, never a silent fallback to no verification.
-    cert, key = ca.issue("app-a")
-    url = await serve(server_context(cert, key))
-    client = await make_proxy(config(issuer, {"a": f"{url}/mcp"}, tmp_path))
-    token = issuer.token(clock.wall())
-    body = await rpc_error(await client.post("/mcp/apps/a", json=RPC, headers=bearer(token)), 502)
+    url = await _tls_server(ca, serve)
+    client = await make_proxy(_app_a(issuer, url, tmp_path))
+    body = await rpc_error(await _call(client, issuer.token(clock.wall())), 502)
     assert body["error"]["data"]["reason"] == "upstream_tls"
     assert len(logs.events("upstream_tls_failed")) == 1
 
@@ -172,13 +189,10 @@ async def test_server_name_is_the_verified_name(
     clock: FakeClock,
     tmp_path: Path,
 ) -> None:
-    cert, key = ca.issue("app-a", hosts=["mcp.internal.test"])
-    url = await serve(server_context(cert, key))
+    url = await _tls_server(ca, serve, hosts=["mcp.internal.test"])
     tls = {"ca_file": str(ca.ca_file), "server_name": "mcp.internal.test"}
-    doc = _with_tls(config(issuer, {"a": f"{url}/mcp"}, tmp_path), {"a": tls})
-    client = await make_proxy(doc)
-    token = issuer.token(clock.wall())
-    resp = await client.post("/mcp/apps/a", json=RPC, headers=bearer(token))
+    client = await make_proxy(_app_a(issuer, url, tmp_path, tls))
+    resp = await _call(client, issuer.token(clock.wall()))
     assert resp.status == 200, await resp.text()
 
 
@@ -191,16 +205,11 @@ async def test_insecure_skip_verify_works_and_is_warned(
     tmp_path: Path,
     logs: LogCapture,
 ) -> None:
-    cert, key = ca.issue("app-a")
-    url = await serve(server_context(cert, key))
-    doc = _with_tls(
-        config(issuer, {"a": f"{url}/mcp"}, tmp_path), {"a": {"insecure_skip_verify": True}}
-    )
-    client = await make_proxy(doc)
+    url = await _tls_server(ca, serve)
+    client = await make_proxy(_app_a(issuer, url, tmp_path, {"insecure_skip_verify": True}))
     [warning] = logs.events("upstream_tls_insecure")
     assert warning["app"] == "a"
-    token = issuer.token(clock.wall())
-    resp = await client.post("/mcp/apps/a", json=RPC, headers=bearer(token))
+    resp = await _call(client, issuer.token(clock.wall()))
     assert resp.status == 200, await resp.text()
     text = client.app[RUNTIME].core.metrics.render().decode()
     assert 'proxyd_upstream_tls_insecure{app="a"} 1.0' in text
@@ -213,11 +222,9 @@ async def test_health_checks_over_tls(
     make_proxy: ProxyFactory,
     tmp_path: Path,
 ) -> None:
-    cert, key = ca.issue("app-a")
-    good = await serve(server_context(cert, key))
+    good = await _tls_server(ca, serve)
     bad_ca = TestCA(tmp_path / "other", name="another CA")
-    bad_cert, bad_key = bad_ca.issue("app-x")
-    bad = await serve(server_context(bad_cert, bad_key))
+    bad = await _tls_server(bad_ca, serve, "app-x")
     check = {
         "type": "http",
         "path": "/health",
@@ -245,26 +252,22 @@ async def test_jwks_over_tls_with_a_private_ca(
     tmp_path: Path,
     logs: LogCapture,
 ) -> None:
-    cert, key = ca.issue("idp")
-    idp = await serve(server_context(cert, key), issuer.app())
-    app_cert, app_key = ca.issue("app-a")
-    app_url = await serve(server_context(app_cert, app_key))
-    doc = _with_tls(
-        config(issuer, {"a": f"{app_url}/mcp"}, tmp_path), {"a": {"ca_file": str(ca.ca_file)}}
-    )
+    idp = await _tls_server(ca, serve, "idp", app=issuer.app())
+    app_url = await _tls_server(ca, serve)
+    doc = _app_a(issuer, app_url, tmp_path, {"ca_file": str(ca.ca_file)})
     jwt = doc["app_auth_configs"][0]["jwt"]
     jwt["jwks_url"] = f"{idp}/jwks.json"
     jwt["tls"] = {"ca_file": str(ca.ca_file)}
     client = await make_proxy(doc)
     token = issuer.token(clock.wall())
-    resp = await client.post("/mcp/apps/a", json=RPC, headers=bearer(token))
+    resp = await _call(client, token)
     assert resp.status == 200, await resp.text()
     assert issuer.fetches == 1
 
     # Without the CA: the system's store refuses the IdP, the token cannot be verified.
     del jwt["tls"]
     other = await make_proxy(doc)
-    resp = await other.post("/mcp/apps/a", json=RPC, headers=bearer(token))
+    resp = await _call(other, token)
     assert resp.status in (401, 503), await resp.text()
     failed = [e for e in logs.events("jwks_fetch_failed") if "upstream_tls" in e["error"]]
     assert failed
