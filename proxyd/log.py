@@ -95,11 +95,19 @@ class LineBatcher:
             except RuntimeError:
                 self.flush()
                 return
-            loop.call_soon(self.flush)
+            loop.call_soon(self._turn_ended)
             self.scheduled = True
 
+    def write_now(self, line: str) -> None:
+        """``line`` now, after what is pending (order kept), with no end-of-turn callback."""
+        self.pending.append(line)
+        self.flush()
+
+    def _turn_ended(self) -> None:
+        self.scheduled = False  # only here: a flush in between leaves this callback pending
+        self.flush()
+
     def flush(self) -> None:
-        self.scheduled = False
         if not self.pending:
             return
         lines, self.pending, self.size = self.pending, [], 0
@@ -144,8 +152,7 @@ class _Routing:
     # something may act on it right away: a supervisor that reads a worker's state, a test
     # or an operator that sees READY=1 after "config_reloaded".
     def write(self, text: str) -> int:
-        _lines.add(text)
-        _lines.flush()
+        _lines.write_now(text)
         return len(text)
 
     def flush(self) -> None:

@@ -380,6 +380,7 @@ class RequestTrace:
         "_owner",
         "_request",
         "_token",
+        "_trace_id",
         "attempted",
         "decision",
         "ended",
@@ -400,6 +401,7 @@ class RequestTrace:
         self.attempted = False
         self.ended = False
         self.steps: list[Step] = []
+        self._trace_id: str | None = None
         self._token = _CURRENT.set(self)
 
     # -- the server span ----------------------------------------------------------------------
@@ -414,7 +416,9 @@ class RequestTrace:
     @property
     def trace_id(self) -> str:
         """32 hex digits (W3C Trace Context §3.2.2.3), for the access line and the audit."""
-        return format(self._started().get_span_context().trace_id, "032x")
+        if self._trace_id is None:  # read by the access line and each audit record
+            self._trace_id = format(self._started().get_span_context().trace_id, "032x")
+        return self._trace_id
 
     def _started(self) -> Span:
         if self.span is None:

@@ -33,23 +33,18 @@ def slot_width(timeout: float) -> float:
 class Deadlines:
     """Callbacks due at a time, one loop timer per slot in use (module doc)."""
 
-    __slots__ = ("_loop", "_slots", "_widths")
+    __slots__ = ("_loop", "_slots")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
         # A slot's end → its timer and the items due then. The end is the key: slots of
         # different widths that end at the same time are one slot.
         self._slots: dict[float, tuple[asyncio.TimerHandle, set[Timed]]] = {}
-        self._widths: dict[float, float] = {}
 
     def add(self, when: float, timeout: float, item: Timed) -> float:
         """Call ``item.on_deadline()`` at ``when`` or up to a slot later; returns the slot's
         end, for ``remove``."""
-        width = self._widths.get(timeout)
-        if width is None:
-            if len(self._widths) > 64:  # timeouts come from the configuration: bounded anyway
-                self._widths.clear()
-            width = self._widths[timeout] = slot_width(timeout)
+        width = slot_width(timeout)
         due = math.ceil(when / width) * width
         slot = self._slots.get(due)
         if slot is None:
