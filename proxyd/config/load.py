@@ -63,6 +63,7 @@ from proxyd.config.values import (
 )
 from proxyd.labels import LabelSelector
 from proxyd.tls import TlsConfigError, client_context
+from proxyd.upstream.wire import Origin
 
 if TYPE_CHECKING:
     from _typeshed import DataclassInstance
@@ -366,15 +367,20 @@ def _check_tls_files(
 
 
 def _check_shared_servers(root: _Table, apps: list[AppSettings]) -> None:
-    # Connections are pooled per server: one server in two apps needs one TLS setting.
+    # Connections are pooled, and TLS profiles chosen, per origin (scheme, host, port: the
+    # pool's Origin.key), not per URL: two URLs on one origin in two apps need one TLS setting,
+    # or one app's verification would silently be the other's.
     seen: dict[str, AppSettings] = {}
     for index, app in enumerate(apps):
         for server in app.servers:
-            other = seen.setdefault(server, app)
-            if other is not app and other.tls != app.tls and server.startswith("https://"):
+            if not server.startswith("https://"):
+                continue
+            other = seen.setdefault(Origin.parse(server).key, app)
+            if other is not app and other.tls != app.tls:
                 root.problem(
                     f"apps[{index}].tls",
-                    f"server {server} is also in app {other.name!r} with other TLS settings",
+                    f"server {server} is also in app {other.name!r} (the same scheme, host and"
+                    " port) with other TLS settings",
                 )
 
 

@@ -319,6 +319,24 @@ def test_config_errors_name_their_key(ca: TestCA, issuer: TestIssuer, tmp_path: 
     doc["apps"][1]["tls"] = {"ca_file": str(ca.ca_file)}
     [p] = problems(doc)
     assert p.startswith("apps[1].tls: server https://127.0.0.1:1/mcp is also in app 'a'")
+    # The same origin under other URLs (another path, the default port written out, the host in
+    # capitals) is the same pool and the same TLS profile: one setting too, never the last
+    # app's profile silently used for both.
+    base = "https://mcp.internal.test"
+    for first, second in [
+        (f"{base}/a", f"{base}/b"),
+        (f"{base}/mcp", f"{base}:443/mcp"),
+        (f"{base}/mcp", "https://MCP.Internal.TEST/mcp"),
+    ]:
+        doc = config(issuer, {"a": first, "b": second}, tmp_path)
+        doc["apps"][0]["tls"] = {"insecure_skip_verify": True}
+        doc["apps"][1]["tls"] = {"ca_file": str(ca.ca_file)}
+        [p] = problems(doc)
+        assert p.startswith(f"apps[1].tls: server {second} is also in app 'a'"), p
+    # Other ports or plain http are other origins: no conflict.
+    doc = config(issuer, {"a": f"{base}/mcp", "b": f"{base}:8443/mcp"}, tmp_path)
+    doc["apps"][1]["tls"] = {"ca_file": str(ca.ca_file)}
+    assert parse_settings(doc).apps[1].tls.ca_file == str(ca.ca_file)
 
     good = parse_settings(_with_tls(config(issuer, {"a": url}, tmp_path), {"a": {}}))
     assert good.apps[0].tls.ca_file == ""
