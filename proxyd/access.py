@@ -5,17 +5,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
-from prometheus_client import Counter, Histogram
 
 from proxyd.errors import ProxydError, error_response
 from proxyd.forward import Outcome
 from proxyd.log import get_logger, info, is_enabled
-from proxyd.metrics import Metrics
+from proxyd.metrics import Children, Metrics
 
 if TYPE_CHECKING:
     from proxyd.tracing import RequestTrace
@@ -50,42 +50,27 @@ def resource_metadata_url(public_url: str, request: web.Request) -> str | None:
     return f"{public_url}/.well-known/oauth-protected-resource/mcp/apps/{app}"
 
 
-def access_middleware(public_url: str, metrics: Metrics | None = None) -> Middleware:
-    # The metric children of each (app, method, status), looked up once: prometheus-client's
-    # labels() takes a lock and builds a tuple per call. Apps come from the config and
-    # statuses from a small set; the bound only guards against a surprise.
-    children: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
-    errors: dict[tuple[str, str], Counter] = {}
-    added: dict[str, Histogram] = {}
+def _observer(metrics: Metrics) -> Callable[[str, str, int, float, AccessRecord], None]:
+    requests = Children(metrics.requests)
+    duration = Children(metrics.duration)
+    errors = Children(metrics.request_errors)
+    added = Children(metrics.added_latency)
 
     def observe(app: str, method: str, status: int, elapsed: float, record: AccessRecord) -> None:
-        assert metrics is not None
-        key = (app, method, status)
-        child = children.get(key)
-        if child is None:
-            if len(children) > 10_000:
-                children.clear()
-            child = children[key] = (
-                metrics.requests.labels(app, method, str(status)),
-                metrics.duration.labels(app),
-            )
-        child[0].inc()
-        child[1].observe(elapsed)
-        reason = record.reason
-        if reason is not None:
+        requests.get(app, method, status).inc()
+        duration.get(app).observe(elapsed)
+        if record.reason is not None:
             # Reasons are proxyd.errors' constants: a bounded set, like the apps.
-            error = errors.get((app, reason))
-            if error is None:
-                if len(errors) > 10_000:
-                    errors.clear()
-                error = errors[(app, reason)] = metrics.request_errors.labels(app, reason)
-            error.inc()
+            errors.get(app, record.reason).inc()
         outcome = record.outcome
         if outcome is not None and outcome.upstream_seconds:
-            histogram = added.get(app)
-            if histogram is None:
-                histogram = added[app] = metrics.added_latency.labels(app)
-            histogram.observe(max(0.0, elapsed - outcome.upstream_seconds))
+            added.get(app).observe(max(0.0, elapsed - outcome.upstream_seconds))
+
+    return observe
+
+
+def access_middleware(public_url: str, metrics: Metrics | None = None) -> Middleware:
+    observe = _observer(metrics) if metrics is not None else None
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -127,7 +112,7 @@ def access_middleware(public_url: str, metrics: Metrics | None = None) -> Middle
             if record.trace is not None:
                 record.trace.end(status, record, response)
             _log(request, record, status, elapsed)
-            if metrics is not None and record.app is not None:
+            if observe is not None and record.app is not None:
                 observe(record.app, request.method, status, elapsed, record)
 
     return middleware

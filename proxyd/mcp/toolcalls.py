@@ -13,6 +13,7 @@ from __future__ import annotations
 from prometheus_client import Counter
 
 from proxyd.mcp.policy import TOOL_NAME
+from proxyd.metrics import Children
 
 OTHER = "_other"
 INVALID = "_invalid"
@@ -20,19 +21,13 @@ INVALID = "_invalid"
 
 class ToolCalls:
     def __init__(self, counter: Counter, named: frozenset[str], per_app: int = 64) -> None:
-        self._counter = counter
+        self._counter = Children(counter)
         self._named = named
         self._per_app = per_app
         self._seen: dict[str, set[str]] = {}
-        self._children: dict[tuple[str, str, str], Counter] = {}
 
     def count(self, app: str, name: object, decision: str) -> None:
-        label = self.label(app, name)
-        key = (app, label, decision)
-        child = self._children.get(key)
-        if child is None:
-            child = self._children[key] = self._counter.labels(app, label, decision)
-        child.inc()
+        self._counter.get(app, self.label(app, name), decision).inc()
 
     def label(self, app: str, name: object) -> str:
         if not isinstance(name, str) or TOOL_NAME.fullmatch(name) is None:
